@@ -1,0 +1,711 @@
+"""
+Chapter 02: the Llama 2 transformer (paper Sec. 2.2, Table 1).
+
+Llama 2 keeps Llama 1's architecture: a decoder-only transformer with
+pre-normalisation by RMSNorm, the SwiGLU feed-forward, rotary position
+embeddings (RoPE), no biases, and an output head not tied to the input
+embedding. New in Llama 2: context 4096 and grouped-query attention (GQA) in
+the 34B and 70B models. The names below are Meta's (llama/model.py), so a
+reader can diff the two files and Meta's weights load with no key map.
+
+Run it:
+    python 02_model.py                        # presets: params and FLOPs, then a random toy model generates
+    python 02_model.py --ckpt llama-2-7b --tokenizer llama-2-7b/tokenizer.model \
+        --prompt "The capital of France is" --device cuda --dtype bf16
+    python 02_model.py --ckpt runs/toy/pretrain.pt --export-hf out/hf   # opens with transformers
+
+Meta's folders (params.json + consolidated.*.pth), Hugging Face folders
+(config.json + *.safetensors or *.bin) and our own .pt checkpoints all load
+through `Transformer.from_pretrained(path)`.
+"""
+import argparse
+import glob
+import importlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+tokenizer_chapter = importlib.import_module("01_tokenizer")
+UserError, run_cli = tokenizer_chapter.UserError, tokenizer_chapter.run_cli
+
+
+# ----------------------------------------------------------------------------
+# Sizes (Table 1). Field names and defaults are those of Meta's ModelArgs and
+# params.json, so `ModelArgs(**json.load(open("params.json")))` just works.
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None      # None = n_heads (plain multi-head attention)
+    vocab_size: int = 32000
+    multiple_of: int = 256                # FFN width is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096               # Llama 2 doubled Llama 1's 2048
+
+
+PRESETS = {
+    # toy sizes for a CPU (vocab_size is replaced by the tokenizer's at run time)
+    "micro": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
+                       multiple_of=32, max_seq_len=256),
+    "toy": ModelArgs(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, vocab_size=4096,
+                     multiple_of=64, max_seq_len=512),
+    "small": ModelArgs(dim=384, n_layers=8, n_heads=6, n_kv_heads=2, vocab_size=4096,
+                       multiple_of=64, max_seq_len=1024),
+    # ~1B for one GPU (TinyLlama's shape: 22 layers, GQA with 4 kv heads)
+    "1B": ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, multiple_of=256),
+    # the released Llama 2 shapes (Table 1 and Meta's params.json)
+    "7B": ModelArgs(dim=4096, n_layers=32, n_heads=32),
+    "13B": ModelArgs(dim=5120, n_layers=40, n_heads=40),
+    "34B": ModelArgs(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.0),
+    "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
+                     ffn_dim_multiplier=1.3),
+}
+
+
+def ffn_hidden_dim(args: ModelArgs) -> int:
+    # SwiGLU has three matrices instead of two, so the width 4*dim shrinks by
+    # 2/3 to keep the parameter count (Shazeer 2020); Meta then scales it and
+    # rounds it up to a multiple that suits the hardware: 7B -> 11008.
+    hidden = int(2 * (4 * args.dim) / 3)
+    if args.ffn_dim_multiplier is not None:
+        hidden = int(args.ffn_dim_multiplier * hidden)
+    return args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
+
+
+# ----------------------------------------------------------------------------
+# RMSNorm: LayerNorm without the mean subtraction and the bias. Cheaper, and
+# it works as well (Zhang & Sennrich 2019). Computed in float32 for stability.
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+# ----------------------------------------------------------------------------
+# RoPE (Su et al. 2021). Each pair of channels (2i, 2i+1) of a query or key at
+# position m is rotated by the angle m * theta^(-2i/d). A dot product of two
+# rotated vectors then depends only on the offset between their positions,
+# which is all attention needs. Meta writes the rotation with complex numbers;
+# we write it with cos and sin, which bf16 and torch.compile handle better.
+# Pairs are interleaved (2i, 2i+1) as in Meta's weights; Hugging Face rotates
+# halves instead, which is why its q/k rows are permuted (see load_hf below).
+
+def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0):
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu").float() / head_dim))
+    angles = torch.outer(torch.arange(end, device="cpu").float(), freqs)   # (end, head_dim/2)
+    return torch.stack([angles.cos(), angles.sin()])             # (2, end, head_dim/2)
+
+
+def apply_rotary_emb(x, freqs_cis):
+    """x: (batch, seq, heads, head_dim); freqs_cis: (2, seq, head_dim/2)."""
+    cos, sin = freqs_cis[0][:, None, :], freqs_cis[1][:, None, :]
+    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+# ----------------------------------------------------------------------------
+# Attention with grouped-query attention (GQA, Ainslie et al. 2023; paper
+# Sec. 2.2 and A.2.1): n_heads query heads share n_kv_heads key/value heads,
+# so the KV cache is n_heads/n_kv_heads times smaller at inference.
+
+def repeat_kv(x, n_rep: int):
+    """(batch, seq, n_kv_heads, head_dim) -> (batch, seq, n_kv_heads * n_rep, head_dim)."""
+    if n_rep == 1:
+        return x
+    b, s, n_kv, d = x.shape
+    return x[:, :, :, None, :].expand(b, s, n_kv, n_rep, d).reshape(b, s, n_kv * n_rep, d)
+
+
+def plain_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(d)) v, written out: the same maths as SDPA, for reading and tests.
+    q, k, v: (batch, heads, seq, head_dim); mask: bool, True where attending is allowed."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return F.softmax(scores.float(), dim=-1).type_as(q) @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads or args.n_heads
+        self.n_rep = self.n_heads // self.n_kv_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.use_sdpa = True          # False: plain_attention (same result, slower)
+        self.cache_k = self.cache_v = None   # set by Transformer.setup_cache for generation
+
+    def forward(self, x, start_pos, freqs_cis, mask):
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+
+        if self.cache_k is not None:
+            # KV cache: keys and values of earlier positions are kept, so each
+            # new token costs one row of attention instead of a full forward.
+            self.cache_k[:bsz, start_pos:start_pos + seqlen] = k
+            self.cache_v[:bsz, start_pos:start_pos + seqlen] = v
+            k = self.cache_k[:bsz, :start_pos + seqlen]
+            v = self.cache_v[:bsz, :start_pos + seqlen]
+
+        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))       # (bsz, heads, seq, head_dim)
+        if not self.use_sdpa:
+            out = plain_attention(q, k, v, mask)
+        elif mask is None:                                       # plain causal: fused kernels
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden = ffn_hidden_dim(args)
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)   # gate
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)   # down
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)   # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        # pre-normalisation (GPT-3): normalise each sub-layer's input, not its
+        # output, which keeps the residual stream clean and training stable
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, start_pos, freqs_cis, mask):
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def causal_mask(seqlen: int, start_pos: int, device):
+    """(seqlen, start_pos + seqlen) bool: query i (at position start_pos + i) sees keys <= its position."""
+    q_pos = torch.arange(start_pos, start_pos + seqlen, device=device)[:, None]
+    k_pos = torch.arange(start_pos + seqlen, device=device)[None, :]
+    return k_pos <= q_pos
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)   # not tied to the embedding
+        # Meta precomputes twice the context, so generation can run a little past it.
+        # A plain attribute, not a buffer: it stays float32 when the weights go to
+        # bf16 (bf16 angles lose precision at long positions), and out of checkpoints.
+        self.freqs_cis = precompute_freqs_cis(args.dim // args.n_heads, args.max_seq_len * 2,
+                                              args.rope_theta)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # The paper does not give its initialisation; this is GPT-2's: N(0, 0.02),
+        # with the projections into the residual stream (wo, w2) scaled down by
+        # sqrt(2 * n_layers) so the stream's variance does not grow with depth.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, TransformerBlock):
+            for w in (module.attention.wo.weight, module.feed_forward.w2.weight):
+                nn.init.normal_(w, mean=0.0, std=0.02 / math.sqrt(2 * self.args.n_layers))
+
+    def features(self, tokens, start_pos: int = 0, mask=None):
+        """Final hidden states (after the last RMSNorm): what the LM head, and
+        later the reward model's scalar head (chapter 05), read."""
+        bsz, seqlen = tokens.shape
+        if start_pos + seqlen > self.freqs_cis.shape[1]:
+            raise UserError(f"sequence of {start_pos + seqlen} tokens exceeds the model's "
+                            f"RoPE table ({self.freqs_cis.shape[1]}); raise max_seq_len")
+        if self.freqs_cis.device != tokens.device:
+            self.freqs_cis = self.freqs_cis.to(tokens.device)
+        h = self.tok_embeddings(tokens)
+        freqs_cis = self.freqs_cis[:, start_pos:start_pos + seqlen]
+        if mask is None and (start_pos > 0 and seqlen > 1 or not self.layers[0].attention.use_sdpa):
+            mask = causal_mask(seqlen, start_pos, tokens.device)
+        for layer in self.layers:
+            h = layer(h, start_pos, freqs_cis, mask)
+        return self.norm(h)
+
+    def forward(self, tokens, start_pos: int = 0, mask=None):
+        """tokens (batch, seq) -> logits (batch, seq, vocab), float32.
+        start_pos: position of tokens[:, 0] (with the KV cache, the tokens already seen).
+        mask: optional bool (seq, start_pos + seq) or (batch, 1, seq, start_pos + seq),
+        True where attending is allowed; default causal."""
+        return self.output(self.features(tokens, start_pos, mask)).float()
+
+    # -- the KV cache, only while generating --------------------------------
+    def setup_cache(self, max_batch_size: int, max_seq_len: int):
+        p = self.output.weight
+        for layer in self.layers:
+            a = layer.attention
+            shape = (max_batch_size, max_seq_len, a.n_kv_heads, a.head_dim)
+            a.cache_k = torch.zeros(shape, device=p.device, dtype=p.dtype)
+            a.cache_v = torch.zeros(shape, device=p.device, dtype=p.dtype)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.cache_k = layer.attention.cache_v = None
+
+    def set_attention(self, impl: str):
+        """'sdpa' (F.scaled_dot_product_attention, fast) or 'plain' (plain_attention, to read)."""
+        for layer in self.layers:
+            layer.attention.use_sdpa = impl == "sdpa"
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
+        """Load Meta's folder, a Hugging Face folder, or our own .pt checkpoint."""
+        args, state = load_weights(path)
+        with torch.device("meta"):
+            model = cls(args)
+        check_state_dict(model, state, path)
+        model.load_state_dict(state, assign=True)
+        return model.to(device=device, dtype=dtype).eval()
+
+
+def meta_model(args: ModelArgs) -> Transformer:
+    """A model on the meta device: shapes only, no memory, so even 70B builds in a blink."""
+    with torch.device("meta"):
+        return Transformer(args)
+
+
+def count_params(args: ModelArgs) -> int:
+    return sum(p.numel() for p in meta_model(args).parameters())
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token, forward and backward (PaLM, Appendix B):
+    6 per weight that multiplies (all but the embedding lookup) plus attention's
+    12 * layers * dim * seq_len for the q.k and attention.v products."""
+    n_matmul = count_params(args) - args.vocab_size * args.dim
+    return 6 * n_matmul + 12 * args.n_layers * args.dim * seq_len
+
+
+# ----------------------------------------------------------------------------
+# Generation (Meta's generation.py): prompts of different lengths are
+# left-aligned; decoding starts at the shortest prompt's end, and a row whose
+# prompt is longer keeps its own token there instead of the sampled one. So
+# no padding ever enters attention, and the KV cache makes each step cheap.
+
+def sample_top_p(probs, p: float, generator=None):
+    """Nucleus sampling: keep the smallest set of tokens whose mass reaches p."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
+    probs_sort[mass_before > p] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, choice).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, prompt_tokens, max_gen_len: int, temperature: float = 0.6,
+             top_p: float = 0.9, eos_id: Optional[int] = None, generator=None):
+    """prompt_tokens: list of token-id lists. Returns the generated ids of each
+    prompt (prompt excluded), cut after the first eos_id. temperature 0 = greedy."""
+    bsz = len(prompt_tokens)
+    device = model.output.weight.device
+    min_len = min(len(t) for t in prompt_tokens)
+    max_len = max(len(t) for t in prompt_tokens)
+    total_len = min(model.args.max_seq_len, max_len + max_gen_len)
+    if min_len == 0 or max_len >= total_len:
+        raise UserError(f"prompts must hold 1 to {model.args.max_seq_len - 1} tokens (got {min_len}-{max_len})")
+    tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)
+    is_prompt = torch.zeros((bsz, total_len), dtype=torch.bool, device=device)
+    for i, t in enumerate(prompt_tokens):
+        tokens[i, :len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+        is_prompt[i, :len(t)] = True
+
+    eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
+    model.setup_cache(bsz, total_len)
+    try:
+        prev_pos = 0
+        for cur_pos in range(min_len, total_len):
+            logits = model(tokens[:, prev_pos:cur_pos], prev_pos)[:, -1]
+            if temperature > 0:
+                next_token = sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
+            else:
+                next_token = logits.argmax(dim=-1)
+            next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if eos_id is not None:
+                eos_reached |= ~is_prompt[:, cur_pos] & (next_token == eos_id)
+                if eos_reached.all():
+                    break
+            prev_pos = cur_pos
+    finally:
+        model.clear_cache()
+
+    out = []
+    for i, t in enumerate(prompt_tokens):
+        gen = tokens[i, len(t):min(len(t) + max_gen_len, cur_pos + 1)].tolist()
+        if eos_id is not None and eos_id in gen:
+            gen = gen[:gen.index(eos_id)]
+        out.append(gen)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints. Every load goes through torch.load(weights_only=True): a .pth
+# file is a pickle, and a hostile pickle could run code.
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, mmap: bool = False):
+    """Read a checkpoint file, turning the usual failures into one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:   # truncated file, not a checkpoint, or pickled code we refuse to run
+        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+
+
+def save_model(model: Transformer, path, **extra):
+    """Our format: one .pt file with the args (a plain dict) and the weights."""
+    save_atomic({"model_args": asdict(model.args), "model": model.state_dict(), **extra}, path)
+
+
+def args_from_dict(d: dict) -> ModelArgs:
+    known = {f.name for f in fields(ModelArgs)}
+    return ModelArgs(**{k: v for k, v in d.items() if k in known})
+
+
+def check_state_dict(model: nn.Module, state: dict, path):
+    """A checkpoint for another shape gets a one-line error, not a page of size mismatches."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise UserError(f"{path}: {k} has shape {tuple(state[k].shape)}, the model expects "
+                            f"{tuple(v.shape)} (a checkpoint of another size?)")
+
+
+# Meta's model-parallel shards split each matrix along one dimension
+# (fairscale's ColumnParallelLinear splits outputs, RowParallelLinear inputs);
+# norms are copied into every shard. 13B comes in 2 shards, 70B in 8.
+META_SHARD_DIM = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1,
+                  "w1": 0, "w3": 0, "w2": 1}
+
+
+def meta_shard_dim(key: str):
+    return META_SHARD_DIM.get(key.split(".")[-2])   # None: a norm, the same in every shard
+
+
+def load_meta(folder: Path):
+    params = json.loads((folder / "params.json").read_text())
+    shard_paths = sorted(folder.glob("consolidated.*.pth"))
+    if not shard_paths:
+        raise UserError(f"{folder} has params.json but no consolidated.*.pth")
+    shards = [load_checkpoint(p, mmap=True) for p in shard_paths]
+    state = {}
+    for key in shards[0]:
+        if key == "rope.freqs":                 # Meta stores its RoPE table; we recompute ours
+            continue
+        dim = meta_shard_dim(key)
+        state[key] = shards[0][key] if dim is None or len(shards) == 1 else \
+            torch.cat([s[key] for s in shards], dim=dim)
+    if params.get("vocab_size", -1) == -1:       # Meta's params.json says -1; the embedding knows
+        params["vocab_size"] = state["tok_embeddings.weight"].shape[0]
+    return args_from_dict(params), state
+
+
+def save_meta(model: Transformer, folder, num_shards: int = 1):
+    """Write Meta's format (params.json + consolidated.NN.pth), split into model-parallel shards."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    for i in range(num_shards):
+        shard = {k: v.chunk(num_shards, dim=meta_shard_dim(k))[i].clone()
+                 if meta_shard_dim(k) is not None else v for k, v in state.items()}
+        save_atomic(shard, folder / f"consolidated.{i:02d}.pth")
+    tokenizer_chapter.write_json(folder / "params.json", asdict(model.args))
+
+
+# Hugging Face's names for Meta's weights (the layer index is the same).
+HF_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight",
+            "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+            "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+            "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
+            "feed_forward.w2.weight": "mlp.down_proj.weight",
+            "attention_norm.weight": "input_layernorm.weight",
+            "ffn_norm.weight": "post_attention_layernorm.weight"}
+
+
+def meta_key_to_hf(key: str) -> str:
+    if key in HF_NAMES:
+        return HF_NAMES[key]
+    _, i, rest = key.split(".", 2)            # layers.N.attention.wq.weight
+    return f"model.layers.{i}.{HF_NAMES[rest]}"
+
+
+def permute_for_hf(w, n_heads: int):
+    """Meta rotates interleaved channel pairs (0,1), (2,3)...; HF rotates the two
+    halves of each head (i, i + d/2). Reordering q/k rows per head makes the two agree."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def unpermute_from_hf(w, n_heads: int):
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def args_from_hf_config(cfg: dict) -> ModelArgs:
+    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+                     n_heads=cfg["num_attention_heads"],
+                     n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+                     vocab_size=cfg["vocab_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
+                     rope_theta=cfg.get("rope_theta", 10000.0),
+                     max_seq_len=cfg.get("max_position_embeddings", 4096))
+    # HF stores the FFN width itself; Meta derives it from multiple_of and
+    # ffn_dim_multiplier. Find the Table 1 rule that gives it (the 70B's for
+    # the 70B), else let multiple_of round 8/3*dim up to exactly that width.
+    width = cfg["intermediate_size"]
+    for multiple_of, mult in [(256, None), (4096, 1.3), (256, 1.0), (width, None)]:
+        candidate = replace(args, multiple_of=multiple_of, ffn_dim_multiplier=mult)
+        if ffn_hidden_dim(candidate) == width:
+            return candidate
+    raise UserError(f"intermediate_size {width} is narrower than Llama's rule allows for dim {args.dim}")
+
+
+def hf_config(args: ModelArgs, dtype: str = "float32") -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "hidden_size": args.dim, "intermediate_size": ffn_hidden_dim(args),
+            "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+            "num_key_value_heads": args.n_kv_heads or args.n_heads, "vocab_size": args.vocab_size,
+            "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+            "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": False,
+            "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2,
+            "torch_dtype": dtype}
+
+
+def load_hf(folder: Path):
+    args = args_from_hf_config(json.loads((folder / "config.json").read_text()))
+    hf_state = {}
+    safetensor_files = sorted(folder.glob("*.safetensors"))
+    if safetensor_files:
+        try:
+            from safetensors.torch import load_file   # optional: only Hugging Face folders need it
+        except ImportError:
+            raise UserError("reading .safetensors needs the safetensors package: pip install safetensors") from None
+        for f in safetensor_files:
+            hf_state.update(load_file(str(f)))
+    else:
+        bins = sorted(folder.glob("pytorch_model*.bin"))
+        if not bins:
+            raise UserError(f"{folder} has config.json but no *.safetensors or pytorch_model*.bin")
+        for f in bins:
+            hf_state.update(load_checkpoint(f))
+    hf_to_meta = {meta_key_to_hf(k): k for k in meta_model(args).state_dict()}
+    state = {}
+    for hf_key, meta_key in hf_to_meta.items():
+        if hf_key not in hf_state:
+            raise UserError(f"{folder} lacks {hf_key}")
+        w = hf_state[hf_key]
+        if meta_key.endswith("wq.weight"):
+            w = unpermute_from_hf(w, args.n_heads)
+        elif meta_key.endswith("wk.weight"):
+            w = unpermute_from_hf(w, args.n_kv_heads or args.n_heads)
+        state[meta_key] = w
+    return args, state
+
+
+def save_hf(model: Transformer, folder):
+    """Export to Hugging Face's layout: opens with transformers' LlamaForCausalLM.from_pretrained."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    args, hf_state = model.args, {}
+    for k, w in model.state_dict().items():
+        if k.endswith("wq.weight"):
+            w = permute_for_hf(w, args.n_heads)
+        elif k.endswith("wk.weight"):
+            w = permute_for_hf(w, args.n_kv_heads or args.n_heads)
+        hf_state[meta_key_to_hf(k)] = w.contiguous()
+    dtype = str(model.output.weight.dtype).removeprefix("torch.")
+    try:
+        from safetensors.torch import save_file
+        tmp = folder / "model.safetensors.tmp"
+        save_file(hf_state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, folder / "model.safetensors")
+    except ImportError:                       # transformers reads the older .bin form too
+        save_atomic(hf_state, folder / "pytorch_model.bin")
+    tokenizer_chapter.write_json(folder / "config.json", hf_config(args, dtype))
+
+
+def load_weights(path):
+    """(ModelArgs, state dict with Meta's key names) from any of the three formats."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "params.json").is_file():
+            return load_meta(path)
+        if (path / "config.json").is_file():
+            return load_hf(path)
+        raise UserError(f"{path} holds neither params.json (Meta) nor config.json (Hugging Face)")
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
+        raise UserError(f"{path} is not a model checkpoint of this project (no model_args/model)")
+    return args_from_dict(ckpt["model_args"]), ckpt["model"]
+
+
+# ----------------------------------------------------------------------------
+# Devices. CUDA, then Apple's MPS, then the CPU; bf16 where the GPU has it.
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} (try auto, cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine has no CUDA GPU visible to torch")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r} (choose auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------
+# The command line: the size table, or a loaded model completing a prompt.
+
+def print_presets():
+    print(f"{'preset':>6} {'dim':>5} {'layers':>6} {'heads':>5} {'kv':>3} {'ffn':>6} "
+          f"{'params':>15} {'train GFLOP/token':>18}")
+    for name, a in PRESETS.items():
+        print(f"{name:>6} {a.dim:>5} {a.n_layers:>6} {a.n_heads:>5} {a.n_kv_heads or a.n_heads:>3} "
+              f"{ffn_hidden_dim(a):>6} {count_params(a):>15,} "
+              f"{flops_per_token(a, a.max_seq_len) / 1e9:>18.3f}")
+    print("(toy presets take the tokenizer's vocabulary at run time; FLOPs are forward + backward "
+          "at each preset's max_seq_len)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="The Llama 2 model (paper Sec. 2.2): sizes, loading, generation.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", help="Meta folder, Hugging Face folder or our .pt file "
+                                  "(default: a randomly initialised --preset model)")
+    p.add_argument("--preset", default="toy", choices=PRESETS, help="size of the random model")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: CKPT/tokenizer.model, else the toy run's)")
+    p.add_argument("--prompt", action="append", help="text to complete (repeat the flag for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy; Meta's example uses 0.6")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16, fp16")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "plain"])
+    p.add_argument("--export-hf", metavar="DIR", help="write the model in Hugging Face's format and stop")
+    p.add_argument("--export-meta", metavar="DIR", help="write the model in Meta's format and stop")
+    args = p.parse_args(argv)
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    torch.manual_seed(args.seed)
+    tok_path = args.tokenizer
+    if args.ckpt:
+        t0 = time.time()
+        model = Transformer.from_pretrained(args.ckpt, device=device, dtype=dtype)
+        print(f"loaded {args.ckpt} ({count_params(model.args):,} parameters) in {time.time() - t0:.1f}s")
+        if tok_path is None and (Path(args.ckpt) / "tokenizer.model").is_file():
+            tok_path = Path(args.ckpt) / "tokenizer.model"
+    else:
+        print_presets()
+        model_args = PRESETS[args.preset]
+        if tok_path is None and (tokenizer_chapter.DEFAULT_RUN_DIR / "tokenizer.model").is_file():
+            tok_path = tokenizer_chapter.DEFAULT_RUN_DIR / "tokenizer.model"
+        if tok_path is not None:
+            model_args = replace(model_args, vocab_size=tokenizer_chapter.Tokenizer(tok_path).n_words)
+        model = Transformer(model_args).to(device=device, dtype=dtype).eval()
+        print(f"\nA random {args.preset} model ({count_params(model_args):,} parameters) on {device}, "
+              "untrained, so expect noise:")
+    model.set_attention(args.attention)
+    if args.export_hf:
+        save_hf(model, args.export_hf)
+        print(f"wrote Hugging Face format to {args.export_hf}")
+    if args.export_meta:
+        save_meta(model, args.export_meta)
+        print(f"wrote Meta format to {args.export_meta}")
+    if args.export_hf or args.export_meta:
+        return
+
+    tokenizer = tokenizer_chapter.Tokenizer(tok_path) if tok_path else None
+    if tokenizer is not None and tokenizer.n_words != model.args.vocab_size:
+        raise UserError(f"tokenizer {tok_path} has {tokenizer.n_words} pieces, the model "
+                        f"{model.args.vocab_size}: they do not belong together")
+    prompts = args.prompt or ["To be, or not to be"]
+    # Meta's text completion: BOS, then the prompt; stop at EOS
+    prompt_tokens = [tokenizer.encode(s, bos=True, eos=False) if tokenizer else [1] for s in prompts]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    t0 = time.time()
+    outputs = generate(model, prompt_tokens, args.max_new_tokens, args.temperature, args.top_p,
+                       eos_id=tokenizer.eos_id if tokenizer else 2, generator=generator)
+    seconds = time.time() - t0
+    for prompt, out in zip(prompts, outputs):
+        print(f"\n> {prompt}\n{tokenizer.decode(out) if tokenizer else out}")
+    n_new = sum(len(o) for o in outputs)
+    print(f"\n{n_new} new tokens in {seconds:.2f}s: {n_new / seconds:.1f} tokens/s "
+          f"(batch {len(prompts)}, KV cache, {device}, {str(dtype).removeprefix('torch.')})")
+
+
+if __name__ == "__main__":
+    run_cli(main)

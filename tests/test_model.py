@@ -1,0 +1,264 @@
+"""Chapter 02: the architecture's properties, generation, and checkpoint formats."""
+import importlib
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+M = importlib.import_module("02_model")
+UserError = importlib.import_module("01_tokenizer").UserError
+
+MICRO = M.PRESETS["micro"]
+
+
+def micro_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return M.Transformer(replace(MICRO, **overrides)).eval()
+
+
+def test_rope_dot_product_depends_only_on_offset():
+    head_dim = 16
+    freqs = M.precompute_freqs_cis(head_dim, 64)
+    q = torch.randn(1, 1, 1, head_dim)
+    k = torch.randn(1, 1, 1, head_dim)
+
+    def rotated_dot(m, n):
+        qm = M.apply_rotary_emb(q, freqs[:, m:m + 1])
+        kn = M.apply_rotary_emb(k, freqs[:, n:n + 1])
+        return (qm * kn).sum().item()
+
+    assert rotated_dot(3, 1) == pytest.approx(rotated_dot(40, 38), abs=1e-5)
+    assert rotated_dot(10, 10) == pytest.approx(rotated_dot(0, 0), abs=1e-5)
+    assert rotated_dot(0, 0) == pytest.approx((q * k).sum().item(), abs=1e-5)   # position 0: no rotation
+    assert abs(rotated_dot(5, 1) - rotated_dot(5, 4)) > 1e-3                     # other offsets differ
+
+
+def test_rope_keeps_norm():
+    freqs = M.precompute_freqs_cis(8, 32)
+    x = torch.randn(2, 32, 3, 8)
+    assert torch.allclose(M.apply_rotary_emb(x, freqs).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+
+
+def test_gqa_equals_multi_head_with_repeated_kv_heads():
+    gqa = micro_model(n_heads=4, n_kv_heads=2)
+    mha = M.Transformer(replace(MICRO, n_heads=4, n_kv_heads=4)).eval()
+    state = gqa.state_dict()
+    head_dim = MICRO.dim // 4
+    for key in list(state):
+        if key.endswith(("wk.weight", "wv.weight")):
+            # each kv head serves 2 query heads: copy its rows for each of them
+            w = state[key].view(2, head_dim, -1)
+            state[key] = w.repeat_interleave(2, dim=0).reshape(4 * head_dim, -1)
+    mha.load_state_dict(state)
+    tokens = torch.randint(0, MICRO.vocab_size, (2, 20))
+    assert torch.allclose(gqa(tokens), mha(tokens), atol=1e-5)
+
+
+def test_repeat_kv_layout():
+    x = torch.arange(2 * 3).float().view(1, 1, 2, 3)       # 2 kv heads
+    y = M.repeat_kv(x, 3)
+    assert y.shape == (1, 1, 6, 3)
+    assert torch.equal(y[0, 0, 0], y[0, 0, 2]) and torch.equal(y[0, 0, 3], x[0, 0, 1])
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    model = micro_model()
+    tokens = torch.randint(0, MICRO.vocab_size, (3, 24))
+    full = model(tokens)
+    model.setup_cache(3, 24)
+    pieces = [model(tokens[:, :10], 0)]                       # prefill 10 tokens
+    pieces += [model(tokens[:, i:i + 1], i) for i in range(10, 17)]
+    pieces.append(model(tokens[:, 17:], 17))                  # a multi-token chunk after the cache
+    model.clear_cache()
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+
+
+def test_causality():
+    model = micro_model()
+    tokens = torch.randint(0, MICRO.vocab_size, (1, 16))
+    changed = tokens.clone()
+    changed[0, 10] = (changed[0, 10] + 1) % MICRO.vocab_size
+    a, b = model(tokens), model(changed)
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:], atol=1e-4)
+
+
+def test_sdpa_equals_plain_attention():
+    model = micro_model()
+    tokens = torch.randint(0, MICRO.vocab_size, (2, 32))
+    fast = model(tokens)
+    model.set_attention("plain")
+    slow = model(tokens)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    mask = torch.ones(32, 32, dtype=torch.bool).tril()
+    mask[20:, :5] = False                                     # a custom mask goes through both paths
+    slow_masked = model(tokens, mask=mask)
+    model.set_attention("sdpa")
+    assert torch.allclose(model(tokens, mask=mask), slow_masked, atol=1e-5)
+    assert not torch.allclose(slow_masked, slow, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,params,ffn", [("7B", 6_738_415_616, 11008), ("13B", 13_015_864_320, 13824),
+                                             ("70B", 68_976_648_192, 28672), ("34B", None, 22016)])
+def test_preset_shapes_match_the_paper(name, params, ffn):
+    args = M.PRESETS[name]
+    assert M.ffn_hidden_dim(args) == ffn
+    if params is not None:
+        assert M.count_params(args) == params
+
+
+def test_flops_per_token_counts_matmul_weights():
+    args = M.PRESETS["7B"]
+    n = M.count_params(args) - args.vocab_size * args.dim
+    assert M.flops_per_token(args, 0) == 6 * n
+    assert M.flops_per_token(args, 4096) - M.flops_per_token(args, 0) == 12 * 32 * 4096 * 4096
+
+
+def test_generate_batched_prompts_match_single_prompts():
+    model = micro_model()
+    prompts = [[1, 5, 9, 33], [1, 7], [1, 2 + 40, 11, 12, 13, 14]]
+    batched = M.generate(model, prompts, 12, temperature=0.0)
+    singles = [M.generate(model, [p], 12, temperature=0.0)[0] for p in prompts]
+    assert batched == singles
+    assert all(len(o) == 12 for o in batched)
+    # greedy = argmax of a full forward at every step
+    seq = prompts[0] + batched[0]
+    logits = model(torch.tensor([seq]))[0]
+    for i in range(len(prompts[0]), len(seq)):
+        assert seq[i] == logits[i - 1].argmax().item()
+
+
+def test_generate_stops_at_eos_and_sampling_is_seeded():
+    model = micro_model()
+    prompt = [[1, 5, 9]]
+    greedy = M.generate(model, prompt, 10, temperature=0.0)[0]
+    cut = M.generate(model, prompt, 10, temperature=0.0, eos_id=greedy[3])[0]
+    assert cut == greedy[:greedy.index(greedy[3])]
+    g1 = M.generate(model, prompt, 10, 1.0, 0.9, generator=torch.Generator().manual_seed(1))
+    g2 = M.generate(model, prompt, 10, 1.0, 0.9, generator=torch.Generator().manual_seed(1))
+    assert g1 == g2
+
+
+def test_top_p_keeps_only_the_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    gen = torch.Generator().manual_seed(0)
+    draws = {M.sample_top_p(probs.clone(), 0.7, gen).item() for _ in range(200)}
+    assert draws == {0, 1}      # 0.5 < 0.7, so the second token is needed; the third is not
+
+
+def test_our_checkpoint_round_trip(tmp_path):
+    model = micro_model()
+    M.save_model(model, tmp_path / "m.pt", step=3)
+    loaded = M.Transformer.from_pretrained(tmp_path / "m.pt")
+    tokens = torch.randint(0, MICRO.vocab_size, (2, 16))
+    assert torch.equal(model(tokens), loaded(tokens))
+    assert not (tmp_path / "m.pt.tmp").exists()
+
+
+@pytest.mark.parametrize("num_shards", [1, 2])
+def test_meta_format_round_trip(tmp_path, num_shards):
+    model = micro_model()
+    M.save_meta(model, tmp_path, num_shards=num_shards)
+    assert len(list(tmp_path.glob("consolidated.*.pth"))) == num_shards
+    params = json.loads((tmp_path / "params.json").read_text())
+    params["vocab_size"] = -1                                 # as in Meta's released params.json
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    loaded = M.Transformer.from_pretrained(tmp_path)
+    tokens = torch.randint(0, MICRO.vocab_size, (2, 16))
+    assert torch.equal(model(tokens), loaded(tokens))
+
+
+def test_hf_format_round_trip(tmp_path):
+    model = micro_model()
+    M.save_hf(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["intermediate_size"] == M.ffn_hidden_dim(MICRO)
+    loaded = M.Transformer.from_pretrained(tmp_path)
+    tokens = torch.randint(0, MICRO.vocab_size, (2, 16))
+    assert torch.allclose(model(tokens), loaded(tokens), atol=1e-6)
+
+
+def test_hf_permutation_turns_interleaved_rope_into_rotate_half():
+    """HF rotates halves (x_i, x_{i+d/2}). With q/k rows permuted by permute_for_hf,
+    HF's rotation gives Meta's rotated channels, reordered (even ones first):
+    the same dot products, so the same attention."""
+    head_dim, n_heads, dim = 8, 2, 16
+    freqs = M.precompute_freqs_cis(head_dim, 10)
+    wq = torch.randn(n_heads * head_dim, dim)
+    x = torch.randn(1, 10, dim)
+    meta = M.apply_rotary_emb((x @ wq.T).view(1, 10, n_heads, head_dim), freqs)
+    hf_q = (x @ M.permute_for_hf(wq, n_heads).T).view(1, 10, n_heads, head_dim)
+    cos = torch.cat([freqs[0], freqs[0]], -1)[:, None, :]
+    sin = torch.cat([freqs[1], freqs[1]], -1)[:, None, :]
+    rotate_half = torch.cat([-hf_q[..., head_dim // 2:], hf_q[..., :head_dim // 2]], -1)
+    hf = hf_q * cos + rotate_half * sin
+    assert torch.allclose(hf, torch.cat([meta[..., 0::2], meta[..., 1::2]], -1), atol=1e-5)
+    assert torch.equal(M.unpermute_from_hf(M.permute_for_hf(wq, n_heads), n_heads), wq)
+
+
+def test_hf_config_finds_the_70b_ffn_rule():
+    cfg = M.hf_config(M.PRESETS["70B"])
+    assert cfg["intermediate_size"] == 28672
+    back = M.args_from_hf_config(cfg)
+    assert M.ffn_hidden_dim(back) == 28672 and back.n_kv_heads == 8
+
+
+def test_transformers_loads_our_export(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = micro_model()
+    M.save_hf(model, tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    tokens = torch.randint(0, MICRO.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(hf(tokens).logits, model(tokens), atol=1e-4)
+
+
+def test_clear_errors_for_bad_checkpoints(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        M.Transformer.from_pretrained(tmp_path / "nope.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"this is not a checkpoint")
+    with pytest.raises(UserError, match="cannot read"):
+        M.Transformer.from_pretrained(tmp_path / "corrupt.pt")
+    bigger = M.Transformer(replace(MICRO, dim=96))
+    M.save_model(bigger, tmp_path / "big.pt")
+    ckpt = torch.load(tmp_path / "big.pt", weights_only=True)
+    ckpt["model_args"] = M.asdict(MICRO)                      # args say micro, weights say dim 96
+    torch.save(ckpt, tmp_path / "mismatch.pt")
+    with pytest.raises(UserError, match="shape"):
+        M.Transformer.from_pretrained(tmp_path / "mismatch.pt")
+    with pytest.raises(UserError, match="neither"):
+        M.Transformer.from_pretrained(tmp_path)
+
+
+def test_hostile_pickle_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"model_args": {}, "model": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="cannot read"):
+        M.load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_we_load_a_checkpoint_that_transformers_wrote(tmp_path):
+    """The loader against an independent writer: a random LlamaForCausalLM (with GQA)
+    saved by transformers, read by from_pretrained, must give the same logits."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                                   max_position_embeddings=128, rms_norm_eps=1e-5)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    ours = M.Transformer.from_pretrained(tmp_path)
+    assert ours.args.n_kv_heads == 2 and M.ffn_hidden_dim(ours.args) == 192
+    tokens = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(ours(tokens), hf(tokens).logits, atol=1e-4)
+
+
+def test_rope_table_stays_float32_in_bf16():
+    model = micro_model().to(torch.bfloat16)
+    tokens = torch.randint(0, MICRO.vocab_size, (1, 8))
+    assert model(tokens).dtype == torch.float32
+    assert model.freqs_cis.dtype == torch.float32
