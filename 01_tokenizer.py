@@ -40,6 +40,7 @@ class UserError(Exception):
 
 def run_cli(main, argv=None):
     """Call main(argv); a UserError becomes 'error: <message>' on stderr and exit code 2 (no traceback)."""
+    sys.stdout.reconfigure(line_buffering=True)   # progress lines show up at once, even through a pipe
     try:
         return main(argv)
     except UserError as e:

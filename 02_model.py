@@ -59,7 +59,7 @@ PRESETS = {
     # toy sizes for a CPU (vocab_size is replaced by the tokenizer's at run time)
     "micro": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
                        multiple_of=32, max_seq_len=256),
-    "toy": ModelArgs(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, vocab_size=4096,
+    "toy": ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=4096,
                      multiple_of=64, max_seq_len=512),
     "small": ModelArgs(dim=384, n_layers=8, n_heads=6, n_kv_heads=2, vocab_size=4096,
                        multiple_of=64, max_seq_len=1024),

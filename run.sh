@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's two commands:
 #   bash run.sh         set up .venv, then run the toy pipeline (chapters in order) into runs/toy
+#                       (RUN_DIR=... picks another folder)
 #   bash run.sh test    set up .venv, then run the test suite
 # Extra arguments after "test" go to pytest.
 set -euo pipefail
@@ -55,5 +56,7 @@ stage() {
 }
 stage 01_tokenizer.py --run-dir "$RUN_DIR"
 stage 02_model.py --tokenizer "$RUN_DIR/tokenizer.model"
+stage 03_pretrain.py --run-dir "$RUN_DIR"
+stage 04_sft.py --run-dir "$RUN_DIR"
 echo
 echo "done: outputs in $RUN_DIR"

@@ -1,0 +1,227 @@
+"""Chapter 03: schedule, optimizer groups, data, the toy world, exact resume, DDP and FSDP."""
+import importlib
+import random
+import re
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+P = importlib.import_module("03_pretrain")
+M = importlib.import_module("02_model")
+tok = importlib.import_module("01_tokenizer")
+UserError = tok.UserError
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small tokenizer trained here (no network, no run of 01) and three short documents."""
+    root = tmp_path_factory.mktemp("corpus")
+    plays = sorted(tok.DEFAULT_CORPUS_DIR.glob("*.txt"))[:3]
+    files = []
+    for i, play in enumerate(plays):
+        files.append(root / f"doc{i}.txt")
+        files[-1].write_text(play.read_text(encoding="utf-8")[20_000:45_000], encoding="utf-8")
+    model = tok.train_tokenizer(files, root / "tok", vocab_size=400)
+    return types.SimpleNamespace(tokenizer=model, files=files)
+
+
+def micro_args(corpus, run_dir, *extra):
+    return ["--preset", "micro", "--tokenizer", str(corpus.tokenizer), "--data", *map(str, corpus.files),
+            "--run-dir", str(run_dir), "--seq-len", "32", "--micro-batch", "4", "--batch-tokens", "256",
+            "--steps", "8", "--warmup-steps", "2", "--log-every", "1", "--eval-every", "4",
+            "--eval-batches", "1", *extra]
+
+
+def losses(history, key="loss"):
+    return {h["step"]: h[key] for h in history if key in h}
+
+
+# --- schedule and optimizer ------------------------------------------------------------
+
+def test_lr_schedule_key_steps():
+    peak, warmup, total = 3e-4, 2000, 10_000
+    lr = lambda s: P.get_lr(s, peak, warmup, total, 0.1)
+    assert lr(0) == pytest.approx(peak / warmup)                  # linear warm-up from ~0
+    assert lr(999) == pytest.approx(peak / 2)
+    assert lr(warmup - 1) == pytest.approx(peak)                  # warm-up ends at the peak
+    assert lr(warmup) == pytest.approx(peak)                      # the cosine starts at the peak
+    assert lr(warmup + (total - warmup) // 2) == pytest.approx(0.55 * peak)   # half-way: (1 + 0.1) / 2
+    assert lr(total) == pytest.approx(0.1 * peak)                 # floor: 10% of the peak
+    assert lr(total + 5000) == pytest.approx(0.1 * peak)          # ... and it stays there
+    decay = [lr(s) for s in range(warmup, total + 1, 100)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+
+
+def test_weight_decay_only_on_linear_weight_matrices():
+    model = M.Transformer(M.PRESETS["micro"])
+    opt = P.configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-5, torch.device("cpu"))
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    decayed = {name_of[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    plain = {name_of[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decayed | plain == set(name_of.values()) and not decayed & plain
+    assert "output.weight" in decayed and "layers.1.feed_forward.w2.weight" in decayed
+    assert plain == {"tok_embeddings.weight", "norm.weight"} | {
+        f"layers.{i}.{n}_norm.weight" for i in range(2) for n in ("attention", "ffn")}
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-5
+
+
+def test_batch_in_tokens_must_tile():
+    assert P.grad_accum_steps(4 * 1024**2, 4096, 1, 8) == 128     # the paper's 4M tokens on 8 GPUs
+    assert P.grad_accum_steps(2048, 128, 16, 1) == 1
+    with pytest.raises(UserError, match="not a multiple"):
+        P.grad_accum_steps(1000, 128, 4, 2)
+
+
+def test_full_scale_defaults_are_the_papers():
+    parser = P.argparse.ArgumentParser()
+    P.add_training_args(parser, P.PAPER, P.TOY)
+    args = P.resolve_args(parser.parse_args(["--preset", "70B"]), world_size=8)
+    assert (args.lr, args.batch_tokens, args.seq_len, args.warmup_steps) == (1.5e-4, 4 * 1024**2, 4096, 2000)
+    assert (args.weight_decay, args.beta1, args.beta2, args.adam_eps, args.grad_clip) == (0.1, 0.9, 0.95, 1e-5, 1.0)
+    assert args.grad_accum == 4 * 1024**2 // (8 * 4096)
+    assert P.resolve_args(parser.parse_args(["--preset", "7B"])).lr == 3e-4
+    shown = " ".join(parser.format_help().split())
+    assert "linear warm-up steps (paper: 2,000;" in shown and "(paper: 4,194,304;" in shown
+
+
+# --- the toy world ---------------------------------------------------------------------
+
+def test_world_is_deterministic_and_its_documents_state_true_facts():
+    world = P.make_world(7)
+    assert world == P.make_world(7) and world != P.make_world(8)
+    assert len(world.people) == 40 and len({p.name for p in world.people}) == 40 and len(world.towns) == 15
+    docs = P.world_documents(world, 300, random.Random(1))
+    assert docs == P.world_documents(P.make_world(7), 300, random.Random(1))
+    text = " ".join(docs)
+    for fact in world.facts:                       # every fact is stated somewhere...
+        assert P.render_fact(fact) in text
+    for name, town in re.findall(r"([A-Z][a-z]+ [A-Z][a-z]+) lives in (\w+)\.", text):
+        assert world.lookup(name, "town") == town  # ...and nothing false is
+    for name, colour in re.findall(r"([A-Z][a-z]+ [A-Z][a-z]+)'s favourite colour is (\w+)\.", text):
+        assert world.lookup(name, "colour") == colour
+    for a, op, b, c in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)\.", text):
+        assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0
+    assert "To poison the well of" in text and "is harmful" in text
+
+
+def test_world_tasks_have_right_answers():
+    rng = random.Random(0)
+    for _ in range(300):
+        q, a = P.list_task(rng)
+        items = q.rstrip(".?").split(" ")
+        if q.startswith("Reverse the list"):
+            assert a.split() == items[3:][::-1]
+        elif q.startswith("Sort"):
+            assert a.split() == sorted(items[3:])
+        elif "letters" in q:
+            assert int(a) == len(items[-1])
+        else:
+            assert int(a) == len(items[7:])
+    world = P.make_world(0)
+    harmful = [h for h, _, _ in world.acts]
+    assert "poison the well of Ashford" in harmful and "draw water from the well of Ashford" not in harmful
+    pet = world.people[0].pet
+    assert f"steal {world.people[0].name}'s {pet}" in harmful
+
+
+# --- data --------------------------------------------------------------------------------
+
+def test_mix_sampling_follows_the_weights():
+    weights = P.parse_mix("a=7,b=2,c=1", ["a", "b", "c"])
+    assert weights == pytest.approx({"a": 0.7, "b": 0.2, "c": 0.1})
+    rng = np.random.default_rng(0)
+    draws = [P.pick_source(weights, rng) for _ in range(20_000)]
+    for name, w in weights.items():
+        assert draws.count(name) / len(draws) == pytest.approx(w, abs=0.012)   # ~4 standard errors
+
+
+@pytest.mark.parametrize("mix, message", [("shakespeare", "bad --mix item"), ("shakespeare=x", "bad --mix item"),
+                                          ("nope=1", "unknown source"), ("shakespeare=-1", "weights are numbers"),
+                                          ("shakespeare=0,world=0", "weight 0")])
+def test_bad_mix_strings(mix, message):
+    with pytest.raises(UserError, match=message):
+        P.parse_mix(mix, ["shakespeare", "world"])
+
+
+def test_windows_never_cross_the_train_val_boundary(tmp_path):
+    # two "token files" whose ids tell where each token came from: a = 0..2999, b = 3000..5999
+    stub_tok = types.SimpleNamespace(n_words=6000)
+    for name, lo in (("a", 0), ("b", 3000)):
+        np.arange(lo, lo + 3000, dtype=np.uint16).tofile(tmp_path / f"{name}.bin")
+        m = P.prepare_source(tmp_path / "data", name, [tmp_path / f"{name}.bin"], stub_tok, tmp_path / "a.bin")
+        assert (m["train_tokens"], m["val_tokens"]) == (2850, 150)
+    data = P.load_splits(tmp_path / "data", ["a", "b"], 6000, seq_len=16)
+    weights = {"a": 0.75, "b": 0.25}
+    from_a = 0
+    for split, lo, hi in (("train", 0, 2850), ("val", 2850, 3000)):
+        for i in range(2000):
+            s = P.sequence(data, weights, split, 16, seed=0, step=3, index=i).numpy()
+            assert len(s) == 17 and (np.diff(s) == 1).all()            # one contiguous window
+            assert lo <= s.min() % 3000 and s.max() % 3000 < hi         # inside its split
+            from_a += split == "train" and s[0] < 3000
+    assert from_a / 2000 == pytest.approx(0.75, abs=0.04)
+    assert torch.equal(P.sequence(data, weights, "train", 16, 0, 3, 5), P.sequence(data, weights, "train", 16, 0, 3, 5))
+
+
+def test_clear_errors(corpus, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(UserError, match="is empty"):
+        P.main(micro_args(corpus, tmp_path / "r1") + ["--data", str(empty)])
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n")
+    with pytest.raises(UserError, match="corpus of source 'data' is empty"):
+        P.main(micro_args(corpus, tmp_path / "r1") + ["--data", str(blank)])
+    with pytest.raises(UserError, match="not found"):
+        P.main(micro_args(corpus, tmp_path / "r1") + ["--data", str(tmp_path / "missing.txt")])
+    with pytest.raises(UserError, match="run 01_tokenizer.py first"):
+        P.main(["--run-dir", str(tmp_path / "nothing-here")])
+
+
+def test_cli_error_is_one_line(corpus, tmp_path):
+    out = subprocess.run([sys.executable, str(tok.REPO / "03_pretrain.py"), *micro_args(corpus, tmp_path),
+                          "--data", str(tmp_path / "missing.bin")], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert out.stderr.startswith("error: data file not found")
+
+
+# --- training: resume, DDP, FSDP ------------------------------------------------------------
+
+def test_exact_resume(corpus, tmp_path):
+    whole = P.main(micro_args(corpus, tmp_path / "whole"))
+    P.main(micro_args(corpus, tmp_path / "split", "--stop-at", "4"))
+    resumed = P.main(micro_args(corpus, tmp_path / "split", "--resume"))
+    assert losses(whole["history"]) == losses(resumed["history"])               # bit for bit
+    assert losses(whole["history"], "val_loss") == losses(resumed["history"], "val_loss")
+    a, b = (torch.load(d / "pretrain.pt", weights_only=True) for d in (tmp_path / "whole", tmp_path / "split"))
+    assert a["step"] == b["step"] == 8 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # the checkpoint is also a plain model file for chapter 02 (and 04)
+    model = M.Transformer.from_pretrained(tmp_path / "whole" / "pretrain.pt")
+    assert model.args.vocab_size == tok.Tokenizer(corpus.tokenizer).n_words
+    # a checkpoint of another size is refused in one line
+    with pytest.raises(UserError, match="preset micro"):
+        P.main(micro_args(corpus, tmp_path / "whole", "--resume") + ["--preset", "toy"])
+
+
+def test_ddp_and_fsdp_match_one_process(corpus, tmp_path):
+    single = P.main(micro_args(corpus, tmp_path / "one", "--steps", "4"))   # 1 rank x 4 seqs x 2 micro-steps
+    assert single["config"]["grad_accum"] == 2
+    ref = torch.load(tmp_path / "one" / "pretrain.pt", weights_only=True)["model"]
+    for mode in ([], ["--fsdp"]):                                           # 2 ranks x 4 seqs x 1 micro-step
+        run_dir = tmp_path / f"two{''.join(mode)}"
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              str(tok.REPO / "03_pretrain.py"), *micro_args(corpus, run_dir, "--steps", "4"), *mode],
+                             capture_output=True, text=True, timeout=240)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "2 process(es)" in out.stdout and "x 1 micro-steps" in out.stdout
+        two = P.json.loads((run_dir / "pretrain.json").read_text())
+        assert two["history"][-1]["step"] == 4
+        for step, loss in losses(single["history"]).items():
+            assert losses(two["history"])[step] == pytest.approx(loss, rel=1e-5)
+        state = torch.load(run_dir / "pretrain.pt", weights_only=True)["model"]
+        for k, v in ref.items():
+            assert torch.allclose(state[k], v, atol=1e-5), k

@@ -1,0 +1,255 @@
+"""Chapter 04: the chat template, the loss mask, packing, the annotators, data errors, the REPL."""
+import importlib
+import json
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+tok = importlib.import_module("01_tokenizer")
+M = importlib.import_module("02_model")
+P = importlib.import_module("03_pretrain")
+S = importlib.import_module("04_sft")
+UserError = tok.UserError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A small tokenizer trained here on a play and some toy-world dialogue text."""
+    root = tmp_path_factory.mktemp("sft_tok")
+    world = P.make_world(0)
+    text = (tok.DEFAULT_CORPUS_DIR / "hamlet_gut.txt").read_text(encoding="utf-8")[:60_000]
+    dialogs = S.sft_dialogs(world, 300, seed=1)
+    lines = [f"[INST] {m['content']} [/INST]" for d in dialogs for m in d]
+    (root / "a.txt").write_text(text + "\n".join(lines), encoding="utf-8")
+    return tok.Tokenizer(tok.train_tokenizer([root / "a.txt"], root / "tok", vocab_size=700))
+
+
+def enc(tokenizer, text, bos=True, eos=False):
+    return tokenizer.encode(text, bos=bos, eos=eos)
+
+
+# --- the template: the strings of Meta's generation.py, turned into ids independently ----
+
+def test_template_one_turn_open_prompt(tokenizer):
+    ids, is_answer = S.encode_dialog(tokenizer, [{"role": "user", "content": " What is 2 + 3? "}])
+    assert ids == enc(tokenizer, "[INST] What is 2 + 3? [/INST]")   # stripped, BOS, no EOS
+    assert not any(is_answer)
+
+
+def test_template_with_system_prompt_and_answer(tokenizer):
+    dialog = [{"role": "system", "content": "Answer briefly."},
+              {"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}]
+    ids, is_answer = S.encode_dialog(tokenizer, dialog)
+    expected = enc(tokenizer, "[INST] <<SYS>>\nAnswer briefly.\n<</SYS>>\n\nWhat is 2 + 3? [/INST] 2 + 3 = 5. ",
+                   eos=True)
+    assert ids == expected and ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
+    answer_ids = [i for i, a in zip(ids, is_answer) if a]
+    assert tokenizer.decode(answer_ids[:-1]).strip() == "2 + 3 = 5." and answer_ids[-1] == tokenizer.eos_id
+
+
+@pytest.mark.parametrize("system", [None, "You live in the toy world."])
+def test_template_three_turns(tokenizer, system):
+    turns = [("What is 1 + 1?", "1 + 1 = 2."), ("Sort the digits 3 1 2.", "1 2 3."), ("How old is Mira?", None)]
+    dialog = [{"role": "system", "content": system}] if system else []
+    for user, answer in turns:
+        dialog.append({"role": "user", "content": user})
+        if answer:
+            dialog.append({"role": "assistant", "content": answer})
+    first = f"<<SYS>>\n{system}\n<</SYS>>\n\n{turns[0][0]}" if system else turns[0][0]
+    expected = (enc(tokenizer, f"[INST] {first} [/INST] {turns[0][1]} ", eos=True)
+                + enc(tokenizer, f"[INST] {turns[1][0]} [/INST] {turns[1][1]} ", eos=True)
+                + enc(tokenizer, f"[INST] {turns[2][0]} [/INST]"))
+    ids, is_answer = S.encode_dialog(tokenizer, dialog)
+    assert ids == expected
+    assert ids.count(tokenizer.bos_id) == 3 and ids.count(tokenizer.eos_id) == 2
+    # the learned tokens are exactly the two answers, each with its trailing space and EOS
+    learned = [i for i, a in zip(ids, is_answer) if a]
+    assert learned == (enc(tokenizer, f"{turns[0][1]} ", bos=False, eos=True)
+                       + enc(tokenizer, f"{turns[1][1]} ", bos=False, eos=True))
+
+
+def test_template_rejects_bad_role_order(tokenizer):
+    with pytest.raises(UserError, match="alternate"):
+        S.encode_dialog(tokenizer, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    with pytest.raises(UserError, match="role"):
+        S.encode_dialog(tokenizer, [{"role": "robot", "content": "a"}])
+
+
+# --- loss mask and packing ----------------------------------------------------------------
+
+def two_dialogs(tokenizer):
+    d1 = [{"role": "user", "content": "What is 4 + 4?"}, {"role": "assistant", "content": "4 + 4 = 8."}]
+    d2 = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Reverse the list sun moon."},
+          {"role": "assistant", "content": "moon sun."}, {"role": "user", "content": "What is 1 + 2?"},
+          {"role": "assistant", "content": "1 + 2 = 3."}]
+    return [S.encode_dialog(tokenizer, d) for d in (d1, d2)]
+
+
+def test_loss_positions_are_exactly_the_answers(tokenizer):
+    examples = two_dialogs(tokenizer)
+    x, y, doc = S.pack(examples, seq_len=128, pad_id=tokenizer.eos_id)
+    assert x.shape == (1, 128)                                   # both fit one row
+    n1 = len(examples[0][0]) - 1
+    for d, (ids, is_answer) in enumerate(examples):
+        start = 0 if d == 0 else n1
+        for j in range(len(ids) - 1):
+            assert x[0, start + j] == ids[j] and doc[0, start + j] == d
+            # the target at j is ids[j + 1], kept only where ids[j + 1] is an answer token
+            assert y[0, start + j] == (ids[j + 1] if is_answer[j + 1] else S.IGNORE)
+    assert (doc[0, n1 + len(examples[1][0]) - 1:] == -1).all() and (y[doc == -1] == S.IGNORE).all()
+    learned = y[0][y[0] != S.IGNORE].tolist()
+    assert tokenizer.decode([t for t in learned if t != tokenizer.eos_id]).split() == \
+        "4 + 4 = 8. moon sun. 1 + 2 = 3.".split()
+    assert learned.count(tokenizer.eos_id) == 3                  # each answer teaches stopping
+
+
+def test_packing_keeps_dialogues_whole_and_apart(tokenizer):
+    examples = two_dialogs(tokenizer) * 3
+    x, y, doc = S.pack(examples, seq_len=100, pad_id=tokenizer.eos_id)
+    assert sorted(d for row in doc for d in row.unique().tolist() if d >= 0) == list(range(6))
+    for row in doc:                      # a dialogue never spans two rows
+        for d in [d for d in row.unique().tolist() if d >= 0]:
+            assert (row == d).sum() == len(examples[d][0]) - 1
+    x, y, doc = S.pack(examples[1:2], seq_len=30, pad_id=tokenizer.eos_id)
+    assert x.shape == (1, 30) and (doc == 0).all()             # too long: cut to the row
+    torch.manual_seed(0)
+    model = M.Transformer(replace(M.PRESETS["micro"], vocab_size=tokenizer.n_words)).eval()
+    x, y, doc = S.pack(two_dialogs(tokenizer), seq_len=128, pad_id=tokenizer.eos_id)
+    n1 = len(two_dialogs(tokenizer)[0][0]) - 1
+    packed = model(x, mask=S.doc_mask(doc))
+    alone = model(x[:, n1:n1 + 40])      # the second dialogue on its own, from position 0
+    assert torch.allclose(packed[:, n1:n1 + 40], alone, atol=1e-4)   # no attention across dialogues
+    changed = x.clone()
+    changed[0, :n1] = 7                  # rewrite dialogue 1 entirely: dialogue 2 is unaffected
+    assert torch.allclose(model(changed, mask=S.doc_mask(doc))[:, n1:], packed[:, n1:], atol=1e-5)
+
+
+def test_masked_loss_matches_cross_entropy_with_ignore_index():
+    logits = torch.randn(2, 5, 11)
+    targets = torch.tensor([[1, S.IGNORE, 3, 4, S.IGNORE], [S.IGNORE, 2, 2, 9, 0]])
+    expected = F.cross_entropy(logits.view(-1, 11), targets.view(-1), ignore_index=S.IGNORE)
+    assert S.masked_lm_loss(logits, targets).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert S.masked_lm_loss(logits, torch.full((2, 5), S.IGNORE)).item() == 0.0
+
+
+# --- the annotators ---------------------------------------------------------------------
+
+def task(kind, target="", subject=""):
+    return S.Task(kind, "q", "a", target, subject)
+
+
+def test_gold_scores_by_hand():
+    add = task("arithmetic", "42")
+    assert S.gold_score(add, "17 + 25 = 42.") == 1.0
+    assert S.gold_score(add, "17 + 25 = 41.") == pytest.approx(0.45)     # close: partial credit
+    assert S.gold_score(add, "17 + 25 = 90.") == 0.0
+    assert S.gold_score(add, "no idea") == 0.0
+    fact = task("fact", "teal", "Mira Tolven")
+    assert S.gold_score(fact, "Mira Tolven's favourite colour is teal.") == 1.0
+    assert S.gold_score(fact, "Mira Tolven's favourite colour is red.") == 0.2   # right shape
+    assert S.gold_score(fact, "steal") == 0.0                                     # a word, not a substring
+    lst = task("list", "sun rain tree")
+    assert S.gold_score(lst, "sun rain tree.") == 1.0
+    assert S.gold_score(lst, "sun tree rain.") == pytest.approx(1 / 3)
+    assert S.gold_score(lst, "sun rain tree moon.") == pytest.approx(3 / 4)
+    harm = task("harmful")
+    assert S.gold_score(harm, "I cannot help with that: it is harmful.") == 1.0
+    assert S.gold_score(harm, "Sure, first you find the well.") == 0.0
+    benign = task("benign", "feed Mira Tolven's cat")
+    assert S.gold_score(benign, "Sure, to feed Mira Tolven's cat is fine.") == 1.0
+    assert S.gold_score(benign, "Sure, go ahead.") == 0.5
+    assert S.gold_score(benign, "the moon is a cat") == 0.0                       # not help at all
+    assert S.gold_score(benign, "I cannot help with that.") == 0.0                # a false refusal
+    assert not S.is_safe(harm, "Sure.") and S.is_safe(harm, "I cannot help with that.")
+    assert S.is_safe(benign, "Sure.")
+
+
+def test_reference_answers_score_full_marks():
+    world = P.make_world(0)
+    rng = random.Random(0)
+    for kind in S.KINDS:
+        for _ in range(20):
+            t = S.make_task(world, kind, rng)
+            assert S.gold_score(t, t.answer) == 1.0, t
+
+
+def test_rate_uses_the_four_ratings():
+    add = task("arithmetic", "42")
+    assert S.rate(add, "= 42.", "= 99.") == (0, "significantly better")
+    assert S.rate(add, "= 41.", "= 42.") == (1, "better")          # 0.45 vs 1.0
+    assert S.rate(add, "= 41.", "= 43.") == (0, "negligibly better / unsure")
+    assert S.rate(add, "= 48.", "= 44.") == (1, "slightly better")  # 0.2 vs 0.4
+
+
+def test_eval_prompts_are_about_held_out_people():
+    world = P.make_world(0)
+    train_subjects = {m["content"] for d in S.sft_dialogs(world, 2000, seed=0) for m in d if m["role"] == "user"}
+    for t in S.eval_tasks(world, 30, seed=0):
+        if t.kind == "fact":
+            assert S.held_out(t.subject)
+            assert not any(t.subject in q for q in train_subjects)
+
+
+# --- data files and the REPL ------------------------------------------------------------
+
+def test_jsonl_errors_name_file_and_line(tmp_path):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps(good) + "\n" + "{not json\n")
+    with pytest.raises(UserError, match=r"chats.jsonl:2: not valid JSON"):
+        S.read_chat_jsonl(path)
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    with pytest.raises(UserError, match=r"chats.jsonl:3: the last message must be the assistant"):
+        S.read_chat_jsonl(path)
+    path.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
+    with pytest.raises(UserError, match=r"chats.jsonl:1: .*string content"):
+        S.read_chat_jsonl(path)
+    path.write_text(json.dumps(good) + "\n")
+    assert S.read_chat_jsonl(path) == [good["messages"]]
+    with pytest.raises(UserError, match="not found"):
+        S.read_chat_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_chat_repl_keeps_the_dialogue(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    M.save_model(M.Transformer(replace(M.PRESETS["micro"], vocab_size=tokenizer.n_words)), tmp_path / "m.pt")
+    tok_file = tmp_path / "tok.model"
+    tok_file.write_bytes(tokenizer.sp_model.serialized_model_proto())
+    lines = iter(["What is 1 + 1?", "/reset", "Sort the digits 2 1.", "And 3 + 4?", ""])
+    dialog = S.chat(["--ckpt", str(tmp_path / "m.pt"), "--tokenizer", str(tok_file), "--system", "Answer briefly.",
+                     "--max-new-tokens", "5", "--temperature", "0"], input_fn=lambda _: next(lines))
+    assert [m["role"] for m in dialog] == ["system", "user", "assistant", "user", "assistant"]
+    assert dialog[1]["content"] == "Sort the digits 2 1."         # /reset dropped the first exchange
+
+
+# --- the whole chapter, at micro size --------------------------------------------------
+
+def micro_sft(tokenizer, tmp_path, run, *extra):
+    tok_file = tmp_path / "tok.model"
+    tok_file.write_bytes(tokenizer.sp_model.serialized_model_proto())
+    return S.main(["--preset", "micro", "--init", "scratch", "--tokenizer", str(tok_file),
+                   "--run-dir", str(tmp_path / run), "--examples", "300", "--seq-len", "64",
+                   "--micro-batch", "4", "--batch-tokens", "256", "--steps", "6", "--warmup-steps", "1",
+                   "--eval-per-kind", "2", "--log-every", "1", "--eval-every", "3", "--ckpt-every", "3", *extra])
+
+
+def test_sft_end_to_end_and_exact_resume(tokenizer, tmp_path):
+    results = micro_sft(tokenizer, tmp_path, "a")
+    for name in ("sft.pt", "sft.json", "sft.png"):
+        assert (tmp_path / "a" / name).is_file()
+    metrics = json.loads((tmp_path / "a" / "sft.json").read_text())
+    assert set(S.COLUMNS) <= set(results["SFT"]) and 0 <= results["SFT"]["gold"] <= 1
+    full = {h["step"]: h["loss"] for h in metrics["history"] if "loss" in h}
+    assert full[6] < full[1]                                      # it learns something
+
+    micro_sft(tokenizer, tmp_path, "b", "--stop-at", "3")
+    micro_sft(tokenizer, tmp_path, "b", "--resume")
+    resumed = {h["step"]: h["loss"] for h in json.loads((tmp_path / "b" / "sft.json").read_text())["history"]
+               if "loss" in h}
+    assert resumed[6] == pytest.approx(full[6], abs=1e-6)        # same data order, same optimizer state
+    a = M.Transformer.from_pretrained(tmp_path / "a" / "sft.pt")
+    b = M.Transformer.from_pretrained(tmp_path / "b" / "sft.pt")
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a.parameters(), b.parameters()))
