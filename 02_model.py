@@ -19,7 +19,6 @@ Meta's folders (params.json + consolidated.*.pth), Hugging Face folders
 through `Transformer.from_pretrained(path)`.
 """
 import argparse
-import glob
 import importlib
 import json
 import math

@@ -50,25 +50,30 @@ def test_template_with_system_prompt_and_answer(tokenizer):
     assert tokenizer.decode(answer_ids[:-1]).strip() == "2 + 3 = 5." and answer_ids[-1] == tokenizer.eos_id
 
 
+@pytest.mark.parametrize("n_turns", [1, 2, 3])
 @pytest.mark.parametrize("system", [None, "You live in the toy world."])
-def test_template_three_turns(tokenizer, system):
+def test_template_multi_turn(tokenizer, system, n_turns):
+    """n_turns user messages, all answered but the last: the format written out by hand."""
     turns = [("What is 1 + 1?", "1 + 1 = 2."), ("Sort the digits 3 1 2.", "1 2 3."), ("How old is Mira?", None)]
+    turns = turns[:n_turns - 1] + [(turns[n_turns - 1][0], None)]
     dialog = [{"role": "system", "content": system}] if system else []
     for user, answer in turns:
         dialog.append({"role": "user", "content": user})
         if answer:
             dialog.append({"role": "assistant", "content": answer})
-    first = f"<<SYS>>\n{system}\n<</SYS>>\n\n{turns[0][0]}" if system else turns[0][0]
-    expected = (enc(tokenizer, f"[INST] {first} [/INST] {turns[0][1]} ", eos=True)
-                + enc(tokenizer, f"[INST] {turns[1][0]} [/INST] {turns[1][1]} ", eos=True)
-                + enc(tokenizer, f"[INST] {turns[2][0]} [/INST]"))
+    users = [u for u, _ in turns]
+    if system:
+        users[0] = f"<<SYS>>\n{system}\n<</SYS>>\n\n{users[0]}"
+    expected = []
+    for user, (_, answer) in zip(users, turns):
+        expected += enc(tokenizer, f"[INST] {user} [/INST] {answer} ", eos=True) if answer else \
+            enc(tokenizer, f"[INST] {user} [/INST]")
     ids, is_answer = S.encode_dialog(tokenizer, dialog)
     assert ids == expected
-    assert ids.count(tokenizer.bos_id) == 3 and ids.count(tokenizer.eos_id) == 2
-    # the learned tokens are exactly the two answers, each with its trailing space and EOS
+    assert ids.count(tokenizer.bos_id) == n_turns and ids.count(tokenizer.eos_id) == n_turns - 1
+    # the learned tokens are exactly the answers, each with its trailing space and EOS
     learned = [i for i, a in zip(ids, is_answer) if a]
-    assert learned == (enc(tokenizer, f"{turns[0][1]} ", bos=False, eos=True)
-                       + enc(tokenizer, f"{turns[1][1]} ", bos=False, eos=True))
+    assert learned == sum((enc(tokenizer, f"{a} ", bos=False, eos=True) for _, a in turns if a), [])
 
 
 def test_template_rejects_bad_role_order(tokenizer):
