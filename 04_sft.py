@@ -337,7 +337,8 @@ def plot_sft(path, history, results):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 2 if results else 1, figsize=(12 if results else 6, 4.2), squeeze=False)
+    left = axes[0, 0]
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
     left.plot(*zip(*train), alpha=0.5, label="train (answer tokens)")
@@ -345,7 +346,12 @@ def plot_sft(path, history, results):
         left.plot(*zip(*val), marker="o", lw=2, label="held-out dialogues")
     left.set(xlabel="step", ylabel="masked loss (nats per answer token)", title="SFT loss")
     left.legend()
-    width = 0.8 / len(results)
+    if not results:   # your own data: no toy-world prompts to grade
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
+    right, width = axes[0, 1], 0.8 / len(results)
     for i, (name, r) in enumerate(results.items()):
         right.bar([c + i * width for c in range(len(COLUMNS))], [r[c] for c in COLUMNS], width, label=name)
     right.set_xticks([c + 0.4 - width / 2 for c in range(len(COLUMNS))],
@@ -466,6 +472,8 @@ def main(argv=None):
             n_dialogues=len(dialogs), n_rows=len(rows[0]), wall_s=time.time() - t_start))
         log(f"\nwall {P.fmt_time(time.time() - t_start)} | wrote {ckpt_path}, {args.run_dir / 'sft.json'}, "
             f"{args.run_dir / 'sft.png'}")
+    if P.dist.is_initialized():
+        P.dist.destroy_process_group()
     return results
 
 

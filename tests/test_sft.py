@@ -258,3 +258,13 @@ def test_sft_end_to_end_and_exact_resume(tokenizer, tmp_path):
     a = M.Transformer.from_pretrained(tmp_path / "a" / "sft.pt")
     b = M.Transformer.from_pretrained(tmp_path / "b" / "sft.pt")
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_sft_on_a_users_jsonl(tokenizer, tmp_path):
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                                                        {"role": "assistant", "content": f"{i} + 1 = {i + 1}."}]})
+                               for i in range(40)))
+    results = micro_sft(tokenizer, tmp_path, "c", "--data", str(chats), "--steps", "2")
+    assert results == {}                          # no toy-world grading on a user's data
+    assert (tmp_path / "c" / "sft.pt").is_file() and (tmp_path / "c" / "sft.png").is_file()
