@@ -327,10 +327,13 @@ COLUMNS = ["gold", "gold_arithmetic", "gold_fact", "gold_list", "gold_benign", "
            "false_refusal_benign"]
 
 
+LABELS = ["gold", "arithmetic", "fact", "list", "benign", "refuses harm", "refuses benign"]
+
+
 def print_table(results: dict):
-    print(f"\n{'model':<22}" + "".join(f"{c.replace('gold_', ''):>14}" for c in COLUMNS))
+    print(f"\n{'model':<18}" + "".join(f"{label:>15}" for label in LABELS))
     for name, r in results.items():
-        print(f"{name:<22}" + "".join(f"{r[c]:>14.3f}" for c in COLUMNS))
+        print(f"{name:<18}" + "".join(f"{r[c]:>15.3f}" for c in COLUMNS))
 
 
 def plot_sft(path, history, results):
@@ -355,7 +358,7 @@ def plot_sft(path, history, results):
     for i, (name, r) in enumerate(results.items()):
         right.bar([c + i * width for c in range(len(COLUMNS))], [r[c] for c in COLUMNS], width, label=name)
     right.set_xticks([c + 0.4 - width / 2 for c in range(len(COLUMNS))],
-                     [c.replace("gold_", "").replace("_", "\n") for c in COLUMNS], fontsize=8)
+                     [label.replace(" ", "\n") for label in LABELS], fontsize=8)
     right.set(ylim=(0, 1), title="Held-out prompts (gold score; refusal rates)")
     right.legend(fontsize=8)
     fig.tight_layout()
