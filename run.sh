@@ -58,5 +58,6 @@ stage 01_tokenizer.py --run-dir "$RUN_DIR"
 stage 02_model.py --tokenizer "$RUN_DIR/tokenizer.model"
 stage 03_pretrain.py --run-dir "$RUN_DIR"
 stage 04_sft.py --run-dir "$RUN_DIR"
+stage 05_reward.py --run-dir "$RUN_DIR"
 echo
 echo "done: outputs in $RUN_DIR"

@@ -1,0 +1,608 @@
+"""
+Chapter 05: reward modelling (Llama 2 paper Sec. 3.2.1-3.2.2, Tables 6, 7, 8, 27, 28; Figure 6).
+
+RLHF needs a judge it can query millions of times: a reward model (RM) that reads a prompt and
+an answer and returns a scalar, higher for what people prefer. Meta trains it on binary
+comparisons: an annotator sees two answers to one prompt, sampled from two model variants at
+different temperatures, picks one and says by how much it is better (significantly, better,
+slightly, negligibly / unsure). Helpfulness and safety are annotated separately, and two RMs
+are trained, because the two goals pull apart (a refusal is safe and rarely helpful). This
+chapter does all of it on the toy world of 03-04:
+  * preference data: two answers of the SFT model (temperatures 0.7 and 1.3) per prompt, judged
+    by 04's annotator; its statistics in the shape of Table 6; saved as JSONL (the same format
+    as --helpful-data/--safety-data, which read real data such as Anthropic's HH-RLHF),
+  * RewardModel: 02's Transformer with the next-token head replaced by a scalar head that reads
+    the last real token (left or right padding alike), initialised from the SFT checkpoint,
+  * ranking_loss: -log sigmoid(r_chosen - r_rejected - m(rating)), with Table 27's margins,
+  * a Helpfulness RM and a Safety RM, each on the paper's data mix; their held-out accuracy per
+    rating as Table 8; the margin ablation (Table 28) and accuracy against data size (Figure 6).
+Outputs in RUN_DIR: rm_helpful.pt, rm_safety.pt, reward.json, reward_margins.png,
+reward_scaling.png, prefs_helpful.jsonl, prefs_safety.jsonl. Chapter 06 imports RewardModel
+and score_texts to reward its policy.
+
+Run:
+  python 05_reward.py                                      # toy, from runs/toy/sft.pt: ~2.5 min on 2 CPU cores
+  python 05_reward.py --margin large --no-ablations        # just the two RMs
+  python 05_reward.py --init runs/1b/sft.pt --tokenizer runs/1b/tokenizer.model --preset 1B \\
+      --device cuda --dtype bf16 --helpful-data helpful.jsonl --safety-data harmless.jsonl --no-ablations
+  torchrun --nproc_per_node=8 05_reward.py --init llama-2-7b-chat --tokenizer llama-2-7b-chat/tokenizer.model \\
+      --preset 7B --fsdp --dtype bf16 --helpful-data helpful.jsonl --safety-data harmless.jsonl --no-ablations
+  (the paper's hyper-parameters are the defaults of the big presets: 512 pairs a step, LR 1e-5,
+  5e-6 with --preset 70B)
+A data line: {"prompt": "..." or [messages ending with the user's], "chosen": "...",
+"rejected": "...", "rating": "better"} (rating optional, one of the four; without it the margin is 0).
+"""
+import argparse
+import copy
+import importlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+tok = importlib.import_module("01_tokenizer")
+M = importlib.import_module("02_model")
+P = importlib.import_module("03_pretrain")
+S = importlib.import_module("04_sft")
+UserError = tok.UserError
+
+# The paper's RM settings (Sec. 3.2.2): one epoch ("training longer can lead to over-fitting"),
+# max LR 1e-5 (5e-6 for 70B), cosine to 10%, warm-up 3% of the steps (at least 5), 512 pairs
+# (1,024 rows) per batch. A step holds batch_tokens / (2 * seq_len) pairs: 03's loop counts
+# tokens, so a pair counts as two rows of seq_len (we pad each micro-batch only to its longest
+# row, so the tokens/s in the log counts padding up to seq_len: an upper bound).
+# micro_batch is in rows, chosen and rejected of a pair side by side: it must be even.
+PAPER = dict(batch_tokens=512 * 2 * 4096, seq_len=4096, micro_batch=2,
+             lr={"1B": 1e-5, "7B": 1e-5, "13B": 1e-5, "34B": 1e-5, "70B": 5e-6},
+             log_every=10, eval_every=100, ckpt_every=100)
+# Toy: 32 pairs per step; rows of the toy world are < 80 tokens. A 1.3M-parameter trunk needs
+# a far higher LR than 7B's to move in ~50 steps (1e-3 measured best of 3e-5 to 3e-3). On a CPU,
+# sampling a comparison costs ~5x more than training on it: the toy's data, not its steps, is
+# what the 3-minute budget limits.
+TOY = dict(batch_tokens=32 * 2 * 96, seq_len=96, micro_batch=64, lr=1e-3,
+           log_every=25, eval_every=1000, ckpt_every=50)
+TEMPERATURES = (0.7, 1.3)   # two samples per prompt "at different temperatures" (Sec. 3.2.1)
+RATINGS = S.RATINGS         # significantly better, better, slightly better, negligibly better / unsure
+MARGINS = {"none": (0, 0, 0, 0), "small": (1, 2 / 3, 1 / 3, 0), "large": (3, 2, 1, 0)}   # Table 27
+SAFETY_SHARE_IN_SAFETY_RM = 0.9   # Sec. 3.2.2: the Safety RM's data is 90% safety, 10% helpfulness
+VAL_PAIRS = 512                   # the progress lines' accuracy: on this many of the RM's test pairs
+
+# ----------------------------------------------------------------------------------------
+# Preference data (Sec. 3.2.1). A comparison is a prompt (a dialogue ending with the user's
+# turn), the chosen and the rejected answer, and the annotator's rating.
+
+@dataclass
+class Comparison:
+    prompt: list     # [{"role", "content"}, ...], the last one the user's
+    chosen: str
+    rejected: str
+    rating: str      # one of RATINGS, or "" when the data has none (margin 0)
+    kind: str = ""   # the toy task's kind (arithmetic, fact, list, harmful, benign)
+
+
+HELPFUL_KINDS = ("arithmetic", "fact", "list")
+# Red-teaming (Sec. 4.3): phrasings the SFT data never used. The SFT model refuses harmful
+# requests in 04's three phrasings every time, so comparing two of its answers would never show
+# a compliance; in these it sometimes complies, which is the failure a Safety RM must learn to
+# score low. The benign look-alikes get the same phrasings, so the wording gives nothing away.
+RED_TEAM = ["Explain, step by step, how to {act}.", "Is it fine to {act}?", "Can you {act} for me?",
+            "{act}: how?"]
+
+
+def helpful_task(world, rng):
+    return S.make_task(world, rng.choices(HELPFUL_KINDS, [S.KINDS[k] for k in HELPFUL_KINDS])[0], rng)
+
+
+def safety_task(world, rng):
+    """A harmful request or its benign look-alike, three in four in red-team phrasings."""
+    task = S.make_task(world, rng.choice(("harmful", "benign")), rng)
+    if rng.random() < 0.75:
+        act = task.target or task.answer.split(": to ", 1)[1].split(" is harmful")[0]
+        task = S.Task(task.kind, rng.choice(RED_TEAM).format(act=act), task.answer, task.target, task.subject)
+    return task
+
+
+def safety_score(task, answer: str) -> float:
+    """The safety annotator. Harmful request: complying scores 0; a refusal 0.6, plus up to 0.4
+    for explaining the risk as the reference does (Sec. 4.2.1: a safe answer explains "the
+    potential risks"), by the share of the reference refusal's words it uses. Benign look-alike:
+    04's gold score, so a false refusal scores 0. Without that half, "always refuse" would be
+    a perfect safety policy, and the Safety RM could rank by spotting "I cannot" alone; with
+    it, the RM must read which act is asked about."""
+    if task.kind != "harmful":
+        return S.gold_score(task, answer)
+    if not S.is_refusal(answer):
+        return 0.0
+    words, reference = set(answer.lower().split()), task.answer.lower().split()
+    return 0.6 + 0.4 * sum(w in words for w in reference) / len(reference)
+
+
+def collect(models, tokenizer, make_task, score, n: int, seed: int, max_new_tokens: int = 32, log=print):
+    """n comparisons: per prompt, one answer from each of models[0] and models[1] at
+    TEMPERATURES, shown to the annotator in random order; identical answers are dropped."""
+    rng, device, t0 = random.Random(seed), next(models[0].parameters()).device, time.time()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out, n_identical, n_prompts = [], 0, 0
+    while len(out) < n:   # n prompts, then what is missing at the share of non-identical pairs so far
+        share = len(out) / n_prompts if n_prompts else 1.0
+        tasks = [make_task(rng) for _ in range(max(64, math.ceil(1.05 * (n - len(out)) / max(share, 0.02))))]
+        dialogs = [[{"role": "user", "content": t.prompt}] for t in tasks]
+        answers = [S.answer_all(m, tokenizer, dialogs, max_new_tokens, 64, temperature, 1.0, generator)
+                   for m, temperature in zip(models, TEMPERATURES)]
+        n_prompts += len(tasks)
+        for task, dialog, a, b in zip(tasks, dialogs, *answers):
+            if a == b:
+                n_identical += 1
+                continue
+            if rng.random() < 0.5:   # the order shown: on a tie in score the annotator picks either
+                a, b = b, a
+            first, rating = S.rate(task, a, b, score)
+            out.append(Comparison(dialog, *((a, b) if first == 0 else (b, a)), rating, task.kind))
+        if n_prompts > 50 * n:
+            raise UserError(f"after {n_prompts} prompts only {len(out)} comparisons: the two answers "
+                            "are almost always identical (temperature 0?)")
+    log(f"  {n:,} comparisons from {n_prompts:,} prompts ({n_identical:,} pairs of identical answers dropped) "
+        f"in {time.time() - t0:.0f}s")
+    return out[:n]
+
+
+def write_jsonl(path, comparisons):
+    lines = [json.dumps({"prompt": c.prompt, "chosen": c.chosen, "rejected": c.rejected, "rating": c.rating,
+                         "kind": c.kind}, ensure_ascii=False) for c in comparisons]
+    tok.atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def read_pairs_jsonl(path):
+    """Pairwise data, one JSON object a line: prompt (a string or a list of messages ending with
+    the user's), chosen, rejected, optional rating. Pairs with identical answers are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected an object with prompt, chosen and rejected")
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in record:
+                raise UserError(f"{where}: missing '{key}'")
+        if not isinstance(record["chosen"], str) or not isinstance(record["rejected"], str):
+            raise UserError(f"{where}: 'chosen' and 'rejected' must be strings (the two answers)")
+        prompt = record["prompt"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        S.check_dialog(prompt, where)
+        if prompt[-1]["role"] != "user":
+            raise UserError(f"{where}: the prompt must end with the user's message")
+        rating = record.get("rating") or ""
+        if rating and rating not in RATINGS:
+            raise UserError(f"{where}: rating {rating!r} is not one of {', '.join(RATINGS)}")
+        if record["chosen"].strip() != record["rejected"].strip():
+            out.append(Comparison(prompt, record["chosen"], record["rejected"], rating, record.get("kind", "")))
+    if not out:
+        raise UserError(f"{path}: no comparisons in it")
+    return out
+
+
+def data_stats(tokenizer, comparisons) -> dict:
+    """Table 6's columns: comparisons, turns per dialogue, tokens per example, prompt, response."""
+    n_tokens = lambda text: len(tokenizer.encode(text, bos=False, eos=False))
+    mean = lambda xs: sum(xs) / len(xs)
+    example = [len(S.encode_dialog(tokenizer, c.prompt + [{"role": "assistant", "content": a}])[0])
+               for c in comparisons for a in (c.chosen, c.rejected)]
+    return {"comparisons": len(comparisons),
+            "turns_per_dialogue": mean([sum(m["role"] == "user" for m in c.prompt) for c in comparisons]),
+            "tokens_per_example": mean(example),
+            "tokens_in_prompt": mean([n_tokens(c.prompt[-1]["content"]) for c in comparisons]),
+            "tokens_in_response": mean([n_tokens(a) for c in comparisons for a in (c.chosen, c.rejected)]),
+            "ratings": {r: sum(c.rating == r for c in comparisons) / len(comparisons) for r in RATINGS}}
+
+
+# ----------------------------------------------------------------------------------------
+# The reward model (Sec. 3.2.2): "the same model architecture and hyper-parameters as the
+# pretrained language models, except that the classification head for next-token prediction is
+# replaced with a regression head for outputting a scalar reward". The scalar is read at the
+# last real token (the EOS after the answer), the only position that has seen all of prompt and
+# answer. Batches are padded; a pad mask says which tokens are real, so left padding (as PPO
+# rollouts have) and right padding give the same score.
+
+def pad_attention_mask(real):
+    """(batch, seq) bool, True on real tokens -> (batch, 1, seq, seq): causal, pads hidden as keys.
+    A pad query still sees itself, so no row of the softmax is empty (that would give NaN)."""
+    seq = real.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=real.device).tril()
+    own = torch.eye(seq, dtype=torch.bool, device=real.device)
+    return (causal & (real[:, None, :] | own))[:, None]
+
+
+class RewardModel(M.Transformer):
+    def __init__(self, args: M.ModelArgs):
+        super().__init__(args)
+        self.output = None   # no next-token head...
+        self.reward_head = nn.Linear(args.dim, 1, bias=False)   # ...a scalar one (no bias: the
+        # ranking loss only sees differences of rewards, so a bias would get no gradient)
+        nn.init.normal_(self.reward_head.weight, std=1 / math.sqrt(args.dim))   # small random rewards
+
+    def forward(self, tokens, real=None, per_token: bool = False):
+        """tokens (batch, seq); real: bool (batch, seq), True on real tokens (default: all).
+        -> the reward at each row's last real token (batch,), float32; per_token=True gives the
+        scalar head at every position (batch, seq): a value model's V(s_t), for chapter 06."""
+        real = torch.ones_like(tokens, dtype=torch.bool) if real is None else real
+        # only padding before a real token needs a mask: pads after the last one are unseen by
+        # causal attention, and plain causal attention takes the fused kernel
+        mask = pad_attention_mask(real) if (~real[:, :-1] & real[:, 1:]).any() else None
+        h = self.features(tokens, mask=mask)
+        if per_token:
+            return self.reward_head(h).squeeze(-1).float()
+        last = (real * torch.arange(real.shape[1], device=real.device)).argmax(-1)
+        return self.reward_head(h[torch.arange(len(h), device=h.device), last]).squeeze(-1).float()
+
+    @classmethod
+    def from_lm(cls, path, device="cpu", seed: int = 0):
+        """An RM initialised from a chat model (Sec. 3.2.2): the trunk's weights, a fresh head.
+        Any of 02's formats (ours, Meta's, Hugging Face's), or an RM checkpoint (kept whole)."""
+        args, state = M.load_weights(path)
+        state = {k: v for k, v in state.items() if k != "output.weight"}
+        if "reward_head.weight" not in state:
+            g = torch.Generator().manual_seed(seed)
+            state["reward_head.weight"] = torch.randn(1, args.dim, generator=g) / math.sqrt(args.dim)
+        return cls._build(args, state, path, device, torch.float32).train()
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
+        """Load an RM trained by this chapter (rm_helpful.pt, rm_safety.pt), in eval mode."""
+        ckpt = M.load_checkpoint(path)
+        state = ckpt.get("model") if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict) or "model_args" not in ckpt:
+            raise UserError(f"{path} is not a model checkpoint of this project")
+        if "reward_head.weight" not in state:
+            raise UserError(f"{path} is a language model, not a reward model (it has no reward head): "
+                            "train one with 05_reward.py, or pass it as --init")
+        return cls._build(M.args_from_dict(ckpt["model_args"]), state, path, device, dtype).eval()
+
+    @classmethod
+    def _build(cls, args, state, path, device, dtype):
+        with torch.device("meta"):
+            model = cls(args)
+        M.check_state_dict(model, state, path)
+        model.load_state_dict(state, assign=True)
+        return model.to(device=device, dtype=dtype)
+
+
+def encode_pair(tokenizer, prompt, answer: str, seq_len: int):
+    """Prompt + answer in 04's chat template, ending with EOS. If too long, the oldest tokens go:
+    the answer and its end, where the reward is read, are kept."""
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return S.encode_dialog(tokenizer, prompt + [{"role": "assistant", "content": answer}])[0][-seq_len:]
+
+
+def collate(rows, pad_id: int, device):
+    """Token lists -> (tokens, real), right-padded to the longest row."""
+    width = max(map(len, rows))
+    tokens = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
+    return tokens, torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows], device=device)
+
+
+@torch.no_grad()
+def score_rows(model, rows, pad_id: int, batch_size: int = 64):
+    device, out = next(model.parameters()).device, []
+    for i in range(0, len(rows), batch_size):
+        out.append(model(*collate(rows[i:i + batch_size], pad_id, device)).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def score_texts(model, tokenizer, prompts, answers, batch_size: int = 64, seq_len=None):
+    """Rewards for (prompt, answer) pairs, a prompt being a string or a dialogue: what chapter 06
+    calls for every sampled answer."""
+    seq_len = seq_len or model.args.max_seq_len
+    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
+    return score_rows(model, [encode_pair(tokenizer, p, a, seq_len) for p, a in zip(prompts, answers)],
+                      pad_id, batch_size)
+
+
+# ----------------------------------------------------------------------------------------
+# The loss (Sec. 3.2.2, Eq. 2): the binary ranking loss of InstructGPT, with a margin that
+# grows with the rating, so the RM separates clearly different answers by more.
+
+def ranking_loss(r_chosen, r_rejected, margin=0.0):
+    """mean of -log(sigmoid(r_c - r_r - m)); logsigmoid avoids log(0) when r_c << r_r."""
+    return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+
+
+def margin_of(rating: str, margin: str) -> float:
+    return MARGINS[margin][RATINGS.index(rating)] if rating else 0.0
+
+
+def accuracy_by_rating(r_chosen, r_rejected, ratings) -> dict:
+    """Share of pairs where chosen scores above rejected (a tie counts half): per rating
+    (None where the test set has none) and over all pairs ("avg", as in Table 8)."""
+    right = (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
+    out = {}
+    for r in RATINGS + ("avg",):
+        pick = [i for i, x in enumerate(ratings) if r in (x, "avg")]
+        out[r] = right[pick].mean().item() if pick else None
+    return out
+
+
+def encode_set(tokenizer, comparisons, seq_len: int):
+    """-> [(chosen ids, rejected ids, rating)]."""
+    return [(*(encode_pair(tokenizer, c.prompt, a, seq_len) for a in (c.chosen, c.rejected)), c.rating)
+            for c in comparisons]
+
+
+def evaluate_rm(model, test, pad_id: int, batch_size: int = 128) -> dict:
+    if not test:
+        return {}
+    was_training = model.training
+    model.eval()
+    r_chosen, r_rejected = (score_rows(model, [t[k] for t in test], pad_id, batch_size) for k in (0, 1))
+    model.train(was_training)
+    rewards = torch.cat([r_chosen, r_rejected])   # the scale is arbitrary (only differences are
+    # trained): chapter 06 whitens rewards with statistics like these
+    return {**accuracy_by_rating(r_chosen, r_rejected, [t[2] for t in test]),
+            "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item()}
+
+
+# ----------------------------------------------------------------------------------------
+# Training: 03's loop. A batch is a pure function of (step, micro-step), so resume is exact.
+
+def mix(helpful, safety, rm: str, how: str):
+    """The data of each RM (Sec. 3.2.2). Helpfulness RM: all helpfulness data plus an equal
+    amount of safety data; Safety RM: safety data, mixed 90/10 with helpfulness data. 'none':
+    each RM on its own set. The sets arrive shuffled, so their heads are random samples."""
+    if how == "none":
+        return list(helpful if rm == "helpful" else safety)
+    if rm == "helpful":
+        return helpful + safety[:len(helpful)]
+    return safety + helpful[:round(len(safety) * (1 - SAFETY_SHARE_IN_SAFETY_RM) / SAFETY_SHARE_IN_SAFETY_RM)]
+
+
+def train_rm(args, name: str, pairs, margin: str, init, tests, own: str, ckpt_path, rank, device, pad_id, log):
+    """One epoch of pairs -> (RM, {test set: accuracies}, 03's result). tests[own] is the
+    test set whose accuracy the progress lines show."""
+    cfg = copy.copy(args)
+    per_step = args.batch_tokens // (2 * args.seq_len)
+    cfg.steps = max(1, math.ceil(args.epochs * len(pairs) / per_step))
+    cfg.warmup_steps = args.warmup_steps or max(5, math.ceil(0.03 * cfg.steps))   # Sec. 3.2.2
+    if ckpt_path is None:   # an ablation run: no checkpoint, so no resume or stop either
+        cfg.resume, cfg.stop_at = False, None
+    cfg.resume = cfg.resume and Path(ckpt_path).is_file()   # cut off before this RM began: start it
+    margins = torch.tensor([margin_of(p[2], margin) for p in pairs])
+    log(f"\n== {name}: {len(pairs):,} comparisons, margin {margin} | {cfg.steps} steps of {per_step} pairs | "
+        f"peak LR {cfg.lr:g}, warm-up {cfg.warmup_steps} steps ==")
+    torch.manual_seed(args.seed)
+    model = RewardModel.from_lm(init, device, args.seed)
+    orders = {}   # a fresh shuffle per epoch, a pure function of (seed, epoch)
+    order = lambda epoch: torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+
+    def get_batch(step, micro):   # rank r, micro-step k: pairs (k * world + r) * micro/2 + [0, micro/2)
+        first = step * per_step + (micro * args.world_size + rank) * (args.micro_batch // 2)
+        idx = []
+        for i in range(first, first + args.micro_batch // 2):
+            epoch = i // len(pairs)
+            orders.setdefault(epoch, order(epoch))
+            idx.append(int(orders[epoch][i % len(pairs)]))
+        tokens, real = collate([pairs[i][0] for i in idx] + [pairs[i][1] for i in idx], pad_id, device)
+        return tokens, real, margins[idx].to(device)
+
+    def compute_loss(model, batch):   # chosen and rejected in one forward: the rows share weights
+        tokens, real, m = batch
+        rewards = model(tokens, real)
+        return ranking_loss(rewards[:len(m)], rewards[len(m):], m)
+
+    val, last = tests[own][:VAL_PAIRS], {}
+
+    def evaluate(model):   # train() calls it after the last step too: a whole test set is not scored twice
+        last[own] = evaluate_rm(model, val, pad_id)
+        return {"val_acc": last[own]["avg"]}
+
+    out = P.train(cfg, model, get_batch, compute_loss, evaluate, ckpt_path,
+                  extra={"kind": "reward_model", "margin": margin, "init": str(init)})
+    whole = {own: last[own]} if own in last and len(val) == len(tests[own]) else {}
+    return model, {k: whole.get(k) or evaluate_rm(model, t, pad_id) for k, t in tests.items()}, out
+
+
+# ----------------------------------------------------------------------------------------
+# Tables and figures.
+
+RM_NAMES = {"helpful": "Helpfulness RM", "safety": "Safety RM"}
+PAPER_TABLE8 = {"Safety RM, safety test": (94.3, 76.3, 65.7, 55.3, 64.5),   # Meta Safety test set
+                "Helpfulness RM, safety test": (89.9, 73.2, 63.8, 54.5, 62.8),
+                "Safety RM, helpful test": (64.6, 57.5, 53.8, 52.2, 56.2),   # Meta Helpful test set
+                "Helpfulness RM, helpful test": (80.7, 67.5, 60.9, 54.7, 63.2)}
+PAPER_TABLE28 = {"none": (79.1, 66.9, 59.8, 54.5, 62.5), "small": (80.4, 67.3, 60.4, 55.0, 63.0),
+                 "large": (80.7, 67.5, 60.5, 54.3, 62.9)}
+SHORT = ("sig. better", "better", "slightly", "negligibly", "avg")
+pct = lambda x: f"{100 * x:.1f}" if x is not None else "-"
+
+
+def print_table6(stats: dict):
+    print(f"\n{'data (cf. Table 6)':<20}{'comparisons':>12}{'turns':>7}{'tokens/ex.':>11}{'prompt':>8}{'response':>9}"
+          + "".join(f"{s:>13}" for s in SHORT[:4]))
+    for name, s in stats.items():
+        print(f"{name:<20}{s['comparisons']:>12,}{s['turns_per_dialogue']:>7.1f}{s['tokens_per_example']:>11.1f}"
+              f"{s['tokens_in_prompt']:>8.1f}{s['tokens_in_response']:>9.1f}"
+              + "".join(f"{s['ratings'][r]:>13.0%}" for r in RATINGS))
+
+
+def print_table(title: str, rows: dict, paper: dict = None):
+    print(f"\n{title:<36}" + "".join(f"{s:>13}" for s in SHORT))
+    for name, acc in rows.items():
+        print(f"{name:<36}" + "".join(f"{pct(acc[r]):>13}" for r in RATINGS + ("avg",)))
+        if paper and name in paper:
+            print(f"{'  (paper)':<36}" + "".join(f"{x:>13.1f}" for x in paper[name]))
+
+
+def plot_margins(path, ablation: dict, test):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, (margin, acc) in enumerate(ablation.items()):
+        values = [100 * (acc[r] or 0) for r in RATINGS + ("avg",)]
+        bars = ax.bar([c + 0.27 * (i - 1) for c in range(5)], values, 0.27, label=f"margin {margin}")
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.axhline(50, color="grey", ls="--", lw=1)
+    n = [sum(t[2] == r for t in test) for r in RATINGS] + [len(test)]   # few pairs: noisy bars
+    ax.set_xticks(range(5), [f"{label}\n({k} pairs)" for label, k in zip(SHORT, n)])
+    ax.set(ylim=(0, 105), ylabel="held-out accuracy (%)",
+           title="Helpfulness RM: margin ablation by rating (cf. Table 28)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_scaling(path, scaling: list):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    n = [s["comparisons"] for s in scaling]
+    for test, key, label in (("helpful", "avg", "helpful test, all pairs"),
+                             ("helpful", RATINGS[0], "helpful test, significantly better"),
+                             ("safety", "avg", "safety test, all pairs")):
+        if all(test in s["accuracy"] for s in scaling):
+            ax.plot(n, [100 * s["accuracy"][test][key] for s in scaling], marker="o", label=label)
+    ax.axhline(50, color="grey", ls="--", lw=1, label="chance")
+    ax.set_xscale("log")
+    ax.set_xticks(n, [f"{x:,}" for x in n])
+    ax.minorticks_off()
+    ax.set(xlabel="training comparisons (Helpfulness RM's mix)", ylabel="held-out accuracy (%)", ylim=(40, 100),
+           title="Helpfulness RM: accuracy against training data (cf. Figure 6)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# A run: data, the two RMs, the ablations, the report.
+
+def main(argv=None):
+    t_start = time.time()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    P.add_training_args(parser, PAPER, TOY)
+    add = parser.add_argument
+    add("--init", help="chat model the RMs start from (default RUN_DIR/sft.pt); it also samples the toy answers")
+    add("--sample-b", help="a second model variant for each prompt's second answer (default: --init)")
+    add("--tokenizer", type=Path, help="SentencePiece model (default RUN_DIR/tokenizer.model)")
+    add("--helpful-data", type=Path, help="helpfulness comparisons (JSONL) instead of the toy world's")
+    add("--safety-data", type=Path, help="safety comparisons (JSONL) instead of the toy world's")
+    add("--comparisons", type=int, default=1200, help="toy helpfulness comparisons to collect for training")
+    add("--safety-comparisons", type=int, default=500, help="toy safety comparisons for training")
+    add("--test-comparisons", type=int, default=250, help="held-out toy comparisons per set")
+    add("--margin", default="small", choices=MARGINS, help="Table 27's margin of the two RMs (default small)")
+    add("--mix", default="paper", choices=("paper", "none"), help="the paper's data mix of each RM, or own set only")
+    add("--epochs", type=float, default=1.0, help="passes over the data (paper: 1; more over-fits)")
+    add("--warmup-steps", type=int, help="default: 3%% of the steps, at least 5 (paper)")
+    add("--no-ablations", action="store_true", help="skip the margin ablation and the data-size curve")
+    add("--fractions", default="0.125,0.5", help="helpfulness data fractions for the data-size curve (and 1)")
+    add("--world-seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    rank, world_size, device = P.setup_distributed(args.device)
+    P.resolve_args(args, world_size)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if args.micro_batch % 2:
+        raise UserError(f"--micro-batch {args.micro_batch} must be even: a pair is two rows, chosen and rejected")
+    tok_path = args.tokenizer or args.run_dir / "tokenizer.model"
+    init = args.init or str(args.run_dir / "sft.pt")
+    if not Path(tok_path).is_file():
+        raise UserError(f"tokenizer not found: {tok_path} (run 01_tokenizer.py first, or pass --tokenizer)")
+    if not Path(init).exists():
+        raise UserError(f"no chat model to start from: {init} (run 04_sft.py first, or pass --init)")
+    tokenizer = tok.Tokenizer(tok_path)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id   # Llama has no pad piece
+
+    # 1. Preference data: real JSONL, or the toy world's, sampled and judged (rank 0 writes it)
+    sets, files = {}, {}
+    for name, path in (("helpful", args.helpful_data), ("safety", args.safety_data)):
+        if path:   # every 20th comparison is held out for testing
+            data = read_pairs_jsonl(path)
+            sets[name] = ([c for i, c in enumerate(data) if i % 20], data[::20])
+        elif not (args.helpful_data or args.safety_data):
+            files[name] = args.run_dir / f"prefs_{name}.jsonl"
+    if files and rank == 0 and not (args.resume and all(f.is_file() for f in files.values())):
+        log(f"sampling answers from {init} at temperatures {TEMPERATURES} and judging them ...")
+        variants = dict.fromkeys([init, args.sample_b or init])   # one model, or two
+        models = [M.Transformer.from_pretrained(p, device=device) for p in variants]
+        world = P.make_world(args.world_seed)
+        # answers: the helpful ones are short (references <= 15 tokens), refusals ~30 tokens
+        for name, make, score, n, max_new in (("helpful", helpful_task, S.gold_score, args.comparisons, 32),
+                                              ("safety", safety_task, safety_score, args.safety_comparisons, 40)):
+            data = collect(models * (2 // len(models)), tokenizer, lambda rng: make(world, rng), score,
+                           n + args.test_comparisons, args.seed * 2 + (name == "safety"), max_new, log)
+            write_jsonl(files[name], data)
+        del models
+    if world_size > 1:
+        dist.barrier()
+    for name, path in files.items():   # the test comparisons are the last ones collected
+        data = read_pairs_jsonl(path)
+        sets[name] = (data[:-args.test_comparisons], data[-args.test_comparisons:])
+    stats = {f"{name} {split}": data_stats(tokenizer, part) for name, (tr, te) in sets.items()
+             for split, part in (("train", tr), ("test", te))}
+    if rank == 0:
+        print_table6(stats)
+    train_sets = {name: encode_set(tokenizer, tr, args.seq_len) for name, (tr, te) in sets.items()}
+    tests = {name: encode_set(tokenizer, te, args.seq_len) for name, (tr, te) in sets.items()}
+
+    # 2. The two reward models, each on its mix (Sec. 3.2.2)
+    helpful, safety = train_sets.get("helpful", []), train_sets.get("safety", [])
+    results, histories = {}, {}
+    for rm in [k for k in RM_NAMES if k in sets]:
+        _, results[rm], out = train_rm(args, RM_NAMES[rm], mix(helpful, safety, rm, args.mix), args.margin, init,
+                                       tests, rm, args.run_dir / f"rm_{rm}.pt", rank, device, pad_id, log)
+        histories[rm] = out["history"]
+    table8 = {f"{RM_NAMES[rm]}, {t} test": results[rm][t]   # the paper's row order
+              for t in ("safety", "helpful") for rm in ("safety", "helpful") if rm in results and t in results[rm]}
+
+    # 3. Ablations on the Helpfulness RM: the margin (Table 28) and the data size (Figure 6).
+    #    They keep no checkpoint: a resumed run repeats them.
+    ablation, scaling = {}, []
+    if not (args.no_ablations or args.stop_at) and helpful:
+        ablate = lambda name, pairs, margin, on: train_rm(args, name, pairs, margin, init, on, "helpful", None,
+                                                          rank, device, pad_id, log)[1]
+        for margin in MARGINS:
+            ablation[margin] = (results["helpful"] if margin == args.margin else ablate(
+                f"Helpfulness RM, margin {margin}", mix(helpful, safety, "helpful", args.mix), margin,
+                {"helpful": tests["helpful"]}))["helpful"]
+        for f in sorted(float(x) for x in args.fractions.split(",")) + [1.0]:
+            pairs = mix(helpful[:round(f * len(helpful))], safety, "helpful", args.mix)
+            accuracy = results["helpful"] if f == 1.0 else ablate(
+                f"Helpfulness RM on {f:g} of the helpfulness data", pairs, args.margin, tests)
+            scaling.append({"fraction": f, "comparisons": len(pairs), "accuracy": accuracy})
+
+    if rank == 0:
+        print_table("Accuracy per rating (cf. Table 8)", table8, PAPER_TABLE8)
+        if ablation:
+            print_table("Helpful test, by margin (cf. Table 28)", {f"margin {m}": a for m, a in ablation.items()},
+                        {f"margin {m}": v for m, v in PAPER_TABLE28.items()})
+            plot_margins(args.run_dir / "reward_margins.png", ablation, tests["helpful"])
+            print("\nData size (cf. Figure 6), Helpfulness RM: " + " | ".join(
+                f"{s['comparisons']:,} comparisons: " + ", ".join(f"{t} test {pct(a['avg'])}%"
+                                                                  for t, a in s["accuracy"].items()) for s in scaling))
+            plot_scaling(args.run_dir / "reward_scaling.png", scaling)
+        tok.write_json(args.run_dir / "reward.json", dict(
+            config=vars(args), data=stats, table8=table8, margin_ablation=ablation, scaling=scaling,
+            histories=histories, wall_s=time.time() - t_start))
+        log(f"\nwall {P.fmt_time(time.time() - t_start)} | wrote {', '.join(f'rm_{k}.pt' for k in results)}, "
+            f"reward.json{', reward_margins.png, reward_scaling.png' if ablation else ''} in {args.run_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return dict(table8=table8, margin_ablation=ablation, scaling=scaling, data=stats)
+
+
+if __name__ == "__main__":
+    tok.run_cli(main)
