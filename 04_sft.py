@@ -222,22 +222,27 @@ def rate(task: Task, a: str, b: str, score=gold_score):
 # ----------------------------------------------------------------------------------------
 # Real data: one JSON object per line, {"messages": [{"role": ..., "content": ...}, ...]}.
 
-def read_chat_jsonl(path):
+def read_jsonl(path):
+    """(where, record) for each non-blank line of a JSONL file; where is 'FILE:LINE' for errors.
+    Chapter 05 reads its comparisons with it too."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
-    dialogs = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if line.strip():
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
+def read_chat_jsonl(path):
+    dialogs = []
+    for where, record in read_jsonl(path):
         dialog = record.get("messages") if isinstance(record, dict) else None
-        check_dialog(dialog, f"{path}:{lineno}")
+        check_dialog(dialog, where)
         if dialog[-1]["role"] != "assistant":
-            raise UserError(f"{path}:{lineno}: the last message must be the assistant's (it is what SFT learns)")
+            raise UserError(f"{where}: the last message must be the assistant's (it is what SFT learns)")
         dialogs.append(dialog)
     if not dialogs:
         raise UserError(f"{path}: no dialogues in it")

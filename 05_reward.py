@@ -162,18 +162,8 @@ def write_jsonl(path, comparisons):
 def read_pairs_jsonl(path):
     """Pairwise data, one JSON object a line: prompt (a string or a list of messages ending with
     the user's), chosen, rejected, optional rating. Pairs with identical answers are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+    for where, record in S.read_jsonl(path):
         if not isinstance(record, dict):
             raise UserError(f"{where}: expected an object with prompt, chosen and rejected")
         for key in ("prompt", "chosen", "rejected"):
