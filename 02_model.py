@@ -321,14 +321,24 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
 # prompt is longer keeps its own token there instead of the sampled one. So
 # no padding ever enters attention, and the KV cache makes each step cheap.
 
+def sample_categorical(probs, generator=None):
+    """One draw per row from probs. argmax(p / E) with E ~ Exponential(1) is an
+    exact sample (the exponential race, a cousin of the Gumbel-max trick) and on
+    CPU is several times cheaper than torch.multinomial over a whole vocabulary."""
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
 def sample_top_p(probs, p: float, generator=None):
-    """Nucleus sampling: keep the smallest set of tokens whose mass reaches p."""
+    """Nucleus sampling: keep the smallest set of tokens whose mass reaches p.
+    At p >= 1 nothing is cut, so the sort is skipped."""
+    if p >= 1.0:
+        return sample_categorical(probs, generator)
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
     probs_sort[mass_before > p] = 0.0
-    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-    return torch.gather(probs_idx, -1, choice).squeeze(-1)
+    choice = sample_categorical(probs_sort, generator)
+    return torch.gather(probs_idx, -1, choice.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.inference_mode()
@@ -627,13 +637,20 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 # ----------------------------------------------------------------------------
 # The command line: the size table, or a loaded model completing a prompt.
 
+def preset_table():
+    """Each preset's shape, parameter count and training FLOPs per token (Table 1's sizes)."""
+    return {name: dict(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads or a.n_heads,
+                       ffn_dim=ffn_hidden_dim(a), vocab_size=a.vocab_size, max_seq_len=a.max_seq_len,
+                       params=count_params(a), train_flops_per_token=flops_per_token(a, a.max_seq_len))
+            for name, a in PRESETS.items()}
+
+
 def print_presets():
     print(f"{'preset':>6} {'dim':>5} {'layers':>6} {'heads':>5} {'kv':>3} {'ffn':>6} "
           f"{'params':>15} {'train GFLOP/token':>18}")
-    for name, a in PRESETS.items():
-        print(f"{name:>6} {a.dim:>5} {a.n_layers:>6} {a.n_heads:>5} {a.n_kv_heads or a.n_heads:>3} "
-              f"{ffn_hidden_dim(a):>6} {count_params(a):>15,} "
-              f"{flops_per_token(a, a.max_seq_len) / 1e9:>18.3f}")
+    for name, t in preset_table().items():
+        print(f"{name:>6} {t['dim']:>5} {t['n_layers']:>6} {t['n_heads']:>5} {t['n_kv_heads']:>3} "
+              f"{t['ffn_dim']:>6} {t['params']:>15,} {t['train_flops_per_token'] / 1e9:>18.3f}")
     print("(toy presets take the tokenizer's vocabulary at run time; FLOPs are forward + backward "
           "at each preset's max_seq_len)")
 
@@ -655,7 +672,10 @@ def main(argv=None):
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "plain"])
     p.add_argument("--export-hf", metavar="DIR", help="write the model in Hugging Face's format and stop")
     p.add_argument("--export-meta", metavar="DIR", help="write the model in Meta's format and stop")
+    p.add_argument("--json", metavar="PATH", help="also write the preset table there (the pipeline's model.json)")
     args = p.parse_args(argv)
+    if args.json:
+        tokenizer_chapter.write_json(args.json, preset_table())
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)

@@ -177,11 +177,14 @@ def is_refusal(answer: str) -> bool:
 
 
 def number_score(answer: str, target: int) -> float:
-    """1 for the right number (the last one in the answer), less the further off, 0 for none."""
+    """1 for the right number (the last one in the answer), 0 for none, and in between
+    partial credit by relative error: a near miss beats a wild guess, so fewer pairs of
+    answers tie at 0 and the annotator's ratings carry more signal (Sec. 3.2.1)."""
     numbers = re.findall(r"-?\d+", answer)
     if not numbers:
         return 0.0
-    return 1.0 if int(numbers[-1]) == target else 0.5 * max(0.0, 1 - abs(int(numbers[-1]) - target) / 10)
+    error = abs(int(numbers[-1]) - target) / max(10, abs(target))
+    return 1.0 if error == 0 else 0.5 * max(0.0, 1 - error)
 
 
 def gold_score(task: Task, answer: str) -> float:

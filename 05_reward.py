@@ -464,7 +464,7 @@ def plot_scaling(path, scaling: list):
     for test, key, label in (("helpful", "avg", "helpful test, all pairs"),
                              ("helpful", RATINGS[0], "helpful test, significantly better"),
                              ("safety", "avg", "safety test, all pairs")):
-        if all(test in s["accuracy"] for s in scaling):
+        if all(s["accuracy"].get(test, {}).get(key) is not None for s in scaling):   # a tiny test set may lack a rating
             ax.plot(n, [100 * s["accuracy"][test][key] for s in scaling], marker="o", label=label)
     ax.axhline(50, color="grey", ls="--", lw=1, label="chance")
     ax.set_xscale("log")

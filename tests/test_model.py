@@ -108,6 +108,15 @@ def test_preset_shapes_match_the_paper(name, params, ffn):
         assert M.count_params(args) == params
 
 
+def test_preset_table_json_is_what_the_model_has(tmp_path):
+    M.main(["--json", str(tmp_path / "model.json"), "--preset", "micro", "--max-new-tokens", "2"])
+    table = json.loads((tmp_path / "model.json").read_text())
+    assert list(table) == list(M.PRESETS)
+    assert table["70B"]["params"] == 68_976_648_192 and table["70B"]["n_kv_heads"] == 8   # GQA at 70B
+    micro = M.Transformer(M.PRESETS["micro"])
+    assert table["micro"]["params"] == sum(p.numel() for p in micro.parameters())
+
+
 def test_flops_per_token_counts_matmul_weights():
     args = M.PRESETS["7B"]
     n = M.count_params(args) - args.vocab_size * args.dim
@@ -145,6 +154,15 @@ def test_top_p_keeps_only_the_nucleus():
     gen = torch.Generator().manual_seed(0)
     draws = {M.sample_top_p(probs.clone(), 0.7, gen).item() for _ in range(200)}
     assert draws == {0, 1}      # 0.5 < 0.7, so the second token is needed; the third is not
+
+
+def test_exponential_race_samples_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05]).repeat(40000, 1)
+    draws = M.sample_categorical(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    # standard error of each frequency is at most 0.0025; 0.01 is four of them
+    assert torch.allclose(freq, probs[0], atol=0.01), freq
+    assert set(M.sample_top_p(probs[:50].clone(), 1.0).tolist()) <= {0, 1, 2, 3}
 
 
 def test_our_checkpoint_round_trip(tmp_path):

@@ -149,7 +149,8 @@ def task(kind, target="", subject=""):
 def test_gold_scores_by_hand():
     add = task("arithmetic", "42")
     assert S.gold_score(add, "17 + 25 = 42.") == 1.0
-    assert S.gold_score(add, "17 + 25 = 41.") == pytest.approx(0.45)     # close: partial credit
+    assert S.gold_score(add, "17 + 25 = 41.") == pytest.approx(0.5 * (1 - 1 / 42))   # close: partial credit
+    assert S.gold_score(add, "17 + 25 = 50.") == pytest.approx(0.5 * (1 - 8 / 42))   # by relative error
     assert S.gold_score(add, "17 + 25 = 90.") == 0.0
     assert S.gold_score(add, "no idea") == 0.0
     fact = task("fact", "teal", "Mira Tolven")
