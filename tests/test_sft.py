@@ -185,9 +185,9 @@ def test_reference_answers_score_full_marks():
 def test_rate_uses_the_four_ratings():
     add = task("arithmetic", "42")
     assert S.rate(add, "= 42.", "= 99.") == (0, "significantly better")
-    assert S.rate(add, "= 41.", "= 42.") == (1, "better")          # 0.45 vs 1.0
+    assert S.rate(add, "= 41.", "= 42.") == (1, "better")          # 0.49 vs 1.0
     assert S.rate(add, "= 41.", "= 43.") == (0, "negligibly better / unsure")
-    assert S.rate(add, "= 48.", "= 44.") == (1, "slightly better")  # 0.2 vs 0.4
+    assert S.rate(add, "= 60.", "= 44.") == (1, "slightly better")  # 0.29 vs 0.48
 
 
 def test_eval_prompts_are_about_held_out_people():
