@@ -172,14 +172,18 @@ class Attention(nn.Module):
             k = self.cache_k[:bsz, :start_pos + seqlen]
             v = self.cache_v[:bsz, :start_pos + seqlen]
 
-        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+        if not self.use_sdpa:   # GQA spelled out: each kv head serves n_rep query heads
+            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))       # (bsz, heads, seq, head_dim)
+        # SDPA shares the kv heads itself (enable_gqa) and reads the cache in place, where
+        # repeat_kv would copy the whole cache in every layer at every decoding step
+        gqa = self.n_rep > 1
         if not self.use_sdpa:
             out = plain_attention(q, k, v, mask)
         elif mask is None:                                       # plain causal: fused kernels
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
