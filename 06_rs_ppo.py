@@ -1,0 +1,787 @@
+"""
+Chapter 06: rejection sampling fine-tuning and PPO (Llama 2 paper Sec. 3.2.3, Figures 7 and 8).
+
+With two reward models (chapter 05) the chat model can improve on its own samples. The paper
+does it in two ways, one after the other in its later versions (RLHF-V4):
+  * rejection sampling (RS) fine-tuning: sample K answers per prompt, score them with the reward
+    model, keep the best, fine-tune on it with the SFT objective (04's masked loss, through 03's
+    loop). The pool keeps the best samples of earlier rounds, as the paper does from RLHF-V3.
+    Figure 7: the gap between the best and the median of N samples grows with N (it is the gain
+    RS can harvest); Figure 8: how that depends on the temperature.
+  * PPO: maximise R(g|p) = WHITEN(LOGIT(Rc(g|p))) - beta * KL(pi(g|p) || pi_0(g|p)), where
+    Rc is the Safety RM's score on a safety prompt or when that score is below 0.15, else the
+    Helpfulness RM's. The KL term is paid per token; the whitened score at the answer's end;
+    advantages by GAE; clipped surrogate; a value model initialised from the Helpfulness RM.
+The paper leaves much of PPO unsaid (gamma, lambda, the value model): ../shared/PAPER.md lists
+what the public implementations do, and where they trip. Every piece is written out below.
+
+What you see: calibration of the two RMs on samples of the SFT model; each RS round (best-of-K
+reward against the mean, then 03's training lines); a line per PPO iteration (reward, KL to
+the reference, the toy annotator's gold score, refusals, losses, clip fraction, seconds spent
+generating / scoring / training, ETA); then the held-out table SFT / +RS / +PPO, graded by 04's
+annotators, and refusal rates on held-out red-team prompts (phrasings SFT never saw). Outputs in
+RUN_DIR: rs.pt, ppo.pt (the final policy; 07 starts from it; loads with 02's
+Transformer.from_pretrained), rs_ppo.json, rs_best_of_n.png (Figure 7, with the gold score of the
+reward's pick: where it falls as N grows, best-of-N is exploiting the RM's errors),
+rs_temperature.png (Figure 8), ppo_curves.png (reward, KL and gold against iteration: reward up
+with gold flat means the policy is gaming the reward model).
+03's flags keep their meaning; those of its loop (--lr, --batch-tokens, --seq-len, --micro-batch,
+--warmup-steps) set the RS fine-tuning; --stop-at N stops after PPO iteration N (then --resume).
+
+Run:
+  python 06_rs_ppo.py                                  # toy, from runs/toy: ~2.5 min on 2 CPU cores
+  python 06_rs_ppo.py --no-rs                          # PPO straight from the SFT model
+  python 06_rs_ppo.py --ppo-iterations 0               # rejection sampling only
+  python 06_rs_ppo.py --init runs/1b/sft.pt --tokenizer runs/1b/tokenizer.model --preset 1B \\
+      --rm-helpful runs/1b/rm_helpful.pt --rm-safety runs/1b/rm_safety.pt --prompts prompts.jsonl \\
+      --device cuda --dtype bf16
+  torchrun --nproc_per_node=8 06_rs_ppo.py --preset 7B --fsdp --dtype bf16 --init ... --prompts prompts.jsonl
+  (the big presets default to the paper's PPO: constant LR 1e-6, 512 prompts an iteration, mini-batch
+  64, beta 0.01; 0.005 with --preset 34B or 70B)
+A prompts line: {"prompt": "..." or [messages ending with the user's], "unsafe": true|false}.
+"""
+import argparse
+import copy
+import importlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+tok = importlib.import_module("01_tokenizer")
+M = importlib.import_module("02_model")
+P = importlib.import_module("03_pretrain")
+S = importlib.import_module("04_sft")
+R = importlib.import_module("05_reward")
+UserError = tok.UserError
+
+# The RS fine-tuning step is SFT on the pool (04's loss, 03's loop and flags): the paper's SFT
+# settings at full scale; on a CPU, a small LR, since the model is already close to its samples.
+PAPER = dict(batch_tokens=64 * 4096, seq_len=4096, micro_batch=1, lr=2e-5, warmup_steps=0,
+             log_every=10, eval_every=200)
+TOY = dict(batch_tokens=16 * 128, seq_len=128, micro_batch=16, lr=1e-4, warmup_steps=2,
+           log_every=10, eval_every=1000)
+# The budget of RS and PPO: flag -> (full-scale default, CPU-preset default, help). Sec. 3.2.3
+# gives PPO's numbers; where it gives none, the full-scale value is a plain choice, said so.
+BUDGET = {
+    "rs_iterations": (1, 2, "rejection-sampling rounds before PPO (the paper: one per RLHF version)"),
+    "rs_prompts": (1024, 128, "prompts per RS round (the paper does not say)"),
+    "rs_k": (10, 4, "samples per prompt, the best kept (K is not given; Figure 7 samples up to 100)"),
+    "rs_temperature": (1.2, 0.7, "RS sampling temperature (Figure 8: 1.2-1.3 best for 10-100 samples)"),
+    "rs_epochs": (1.0, 1.0, "passes over the pool in each RS round"),
+    "ppo_iterations": (200, 40, "PPO iterations (paper: 200-400, with early stopping)"),
+    "ppo_prompts": (512, 64, "rollouts per PPO iteration, all ranks (paper: 512)"),
+    "ppo_mini_batch": (64, 16, "rollouts per gradient step, one step per mini-batch (paper: 64)"),
+    "ppo_micro_batch": (4, 16, "rollouts per forward per rank, accumulated up to the mini-batch"),
+    "ppo_lr": (1e-6, 1e-5, "PPO's constant learning rate (paper: 1e-6)"),
+    "value_lr": (5e-6, 1e-4, "the value model's constant learning rate (not in the paper)"),
+    "kl_beta": ({"1B": 0.01, "7B": 0.01, "13B": 0.01, "34B": 0.005, "70B": 0.005}, 0.1,
+                "weight of the KL penalty (paper: 0.01 for 7B/13B, 0.005 for 34B/70B; the toy RMs are "
+                "easier to game, so a shorter leash)"),
+    "max_new_tokens": (1024, 48, "longest answer sampled (toy refusals are ~36 tokens)"),
+    "value_warmup": (0, 5, "first PPO iterations that train the value model only (not in the paper)"),
+    "ppo_ckpt_every": (10, 10, "PPO iterations between checkpoints (ppo.pt)"),
+}
+SAFETY_THRESHOLD = 0.15   # Sec. 3.2.3: Rs < 0.15 means "unsafe", whatever the prompt
+NO_EOS_PENALTY = 1.0      # taken off the whitened score of an answer cut off before its EOS
+
+# ----------------------------------------------------------------------------------------
+# Prompts. A prompt is a dialogue ending with the user's turn, its IS_SAFETY tag, and in the toy
+# world the task, whose annotator gives the gold score (the paper's human evaluation).
+
+@dataclass
+class Prompt:
+    dialog: list           # [{"role", "content"}, ...], the last one the user's
+    unsafe: bool           # IS_SAFETY(p): a prompt of the safety set (toy: a harmful request)
+    task: S.Task = None    # the toy world's task; None for real prompts (no gold score)
+
+
+def toy_prompt(world, rng, safety_share: float = 0.2):
+    """A prompt of 05's helpfulness set, or with probability safety_share of its safety set (a
+    harmful request or its benign look-alike, mostly in red-team phrasings)."""
+    task = R.safety_task(world, rng) if rng.random() < safety_share else R.helpful_task(world, rng)
+    return Prompt([{"role": "user", "content": task.prompt}], task.kind == "harmful", task)
+
+
+def read_prompts(path):
+    out = []
+    for where, record in S.read_jsonl(path):
+        if not isinstance(record, dict) or "prompt" not in record:
+            raise UserError(f"{where}: expected an object with 'prompt' (and optional 'unsafe')")
+        dialog = record["prompt"]
+        dialog = [{"role": "user", "content": dialog}] if isinstance(dialog, str) else dialog
+        S.check_dialog(dialog, where)
+        if dialog[-1]["role"] != "user":
+            raise UserError(f"{where}: the prompt must end with the user's message")
+        out.append(Prompt(dialog, bool(record.get("unsafe", False))))
+    if not out:
+        raise UserError(f"{path}: no prompts in it")
+    return out
+
+
+def draw_prompts(source, n: int, seed: int, safety_share: float = 0.2):
+    """n prompts, a pure function of the seed (so a resumed run draws the same ones)."""
+    rng = random.Random(seed)
+    return [toy_prompt(source, rng, safety_share) if isinstance(source, P.World) else rng.choice(source)
+            for _ in range(n)]
+
+
+def red_team_tasks(world, per_kind: int, seed: int):
+    """Held-out harmful requests and their benign look-alikes in 05's red-team phrasings, which
+    SFT never saw (05's safety_task, for held-out people and towns): where RLHF can improve safety."""
+    rng, out = random.Random(seed + 2_000_003), []
+    for kind in ("harmful", "benign") * per_kind:
+        task = S.make_task(world, kind, rng, evaluation=True)
+        act = task.target or task.answer.split(": to ", 1)[1].split(" is harmful")[0]
+        out.append(S.Task(kind, rng.choice(R.RED_TEAM).format(act=act), task.answer, task.target, task.subject))
+    return out
+
+
+def sample_answers(model, tokenizer, prompts, n: int, max_new: int, temperature: float, generator,
+                   batch_size: int = 64):
+    """n answers per prompt (consecutive), as (token ids, finished). 02's generate (batched, KV
+    cache) at top-p 1, so PPO's log-probs are those of the distribution sampled from. generate
+    drops the EOS: an answer shorter than the room it had ended with one, so it is put back."""
+    ids = [S.encode_dialog(tokenizer, p.dialog)[0] for p in prompts for _ in range(n)]
+    out = []
+    for i in range(0, len(ids), batch_size):
+        chunk = ids[i:i + batch_size]
+        room = min(model.args.max_seq_len, max(map(len, chunk)) + max_new)
+        for p, g in zip(chunk, M.generate(model, chunk, max_new, temperature, 1.0, tokenizer.eos_id, generator)):
+            finished = len(g) < min(max_new, room - len(p))
+            out.append((p, g + [tokenizer.eos_id] * finished, finished))
+    return out   # [(prompt ids, answer ids, finished)]
+
+
+# ----------------------------------------------------------------------------------------
+# The reward (Sec. 3.2.3). The paper's RMs end in a sigmoid; ours output logits (05), so the
+# score is sigmoid(raw + offset). Only differences of rewards are trained, so the offsets are
+# arbitrary: we set them on samples of the starting policy, else "Rs < 0.15" could flag no
+# answer or all of them. The Safety RM's offset puts 0.15 at the 5th percentile of its scores on
+# the safe answers (by the annotator's label; all answers for real prompts): the rule then flags
+# 1 safe answer in 20, and whatever the Safety RM finds worse. (A cut that separates unsafe from
+# safe answers does not exist for the toy RM: trained 90% on safety pairs, it scores a correct sum
+# below a harmful compliance.) The Helpfulness RM's offset makes the starting policy's median
+# answer score 0.5, so an answer flagged unsafe scores below a typical one. WHITEN uses the mean
+# and std of LOGIT(Rc) on the same samples, fixed for the run: a reward then means the same thing
+# at every iteration, in RS and in PPO, and its curves can be compared.
+
+def logit(p, eps: float = 1e-6):
+    p = p.clamp(eps, 1 - eps)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def combined_reward(helpful, safety, unsafe_prompt, threshold: float = SAFETY_THRESHOLD):
+    """LOGIT(Rc) with Rc = Rs if IS_SAFETY(p) or Rs < 0.15 else Rh (Sec. 3.2.3). Scores in (0, 1)."""
+    rc = torch.where(unsafe_prompt | (safety < threshold), safety, helpful)
+    return logit(rc), rc
+
+
+def whiten(x, mean, std):
+    return (x - mean) / (std + 1e-8)
+
+
+FALSE_FLAGS = 0.05   # the share of the starting policy's safe answers that "Rs < 0.15" flags
+
+
+class Reward:
+    """Both RMs, calibrated, combined and whitened: the judge of RS and PPO."""
+
+    def __init__(self, helpful_rm, safety_rm, pad_id: int, eos_id: int):
+        self.rms, self.pad_id, self.eos_id = (helpful_rm, safety_rm), pad_id, eos_id
+        self.calibration = dict(helpful_offset=0.0, safety_offset=0.0, mean=0.0, std=1.0)
+
+    def raw(self, samples):
+        """Both RMs' raw outputs. They read the EOS, as in training: a cut-off answer gets one."""
+        rows = [p + a + [self.eos_id] * (not finished) for p, a, finished in samples]
+        return [R.score_rows(rm, rows, self.pad_id).float() for rm in self.rms]
+
+    def __call__(self, samples, prompts):
+        """samples [(prompt ids, answer ids, finished)] for prompts [Prompt] -> dict of (n,) tensors."""
+        c = self.calibration
+        raw_h, raw_s = self.raw(samples)
+        helpful, safety = torch.sigmoid(raw_h + c["helpful_offset"]), torch.sigmoid(raw_s + c["safety_offset"])
+        unsafe = torch.tensor([p.unsafe for p in prompts])
+        logit_rc, rc = combined_reward(helpful, safety, unsafe)
+        finished = torch.tensor([f for _, _, f in samples])
+        score = whiten(logit_rc, c["mean"], c["std"]) - NO_EOS_PENALTY * ~finished
+        return dict(helpful=helpful, safety=safety, rc=rc, score=score)
+
+    def calibrate(self, samples, prompts, answers):
+        """Offsets and whitening statistics from samples of the starting policy (answers: their text)."""
+        raw_h, raw_s = self.raw(samples)
+        self.calibration["helpful_offset"] = -raw_h.median().item()
+        unsafe = torch.tensor([p.task is not None and not S.is_safe(p.task, a) for p, a in zip(prompts, answers)])
+        cut = raw_s[~unsafe].quantile(FALSE_FLAGS).item()
+        self.calibration["safety_offset"] = logit(torch.tensor(SAFETY_THRESHOLD)).item() - cut
+        self.calibration.update(mean=0.0, std=1.0)
+        logit_rc = logit(self(samples, prompts)["rc"])
+        self.calibration.update(mean=logit_rc.mean().item(), std=logit_rc.std().item(),
+                                unsafe_answers=int(unsafe.sum()), samples=len(samples))
+        return self.calibration
+
+
+# ----------------------------------------------------------------------------------------
+# Rejection sampling (Sec. 3.2.3): best of K by the reward, then the SFT objective on the pool.
+
+def best_of_k(scores):
+    """scores (prompts, K) -> (index of each prompt's best sample, its score): what RS keeps."""
+    best = scores.max(dim=1)
+    return best.indices, best.values
+
+
+def best_of_n_curves(scores, gold=None, orders: int = 20, seed: int = 0):
+    """scores (prompts, N) of N samples each -> for n = 1..N the max and the median of n samples
+    (Figure 7), and the gold score of the sample the max picks: each the mean over prompts and
+    over `orders` random orders of the samples (the first n of an order are a random n)."""
+    g, (n_prompts, N) = torch.Generator().manual_seed(seed), scores.shape
+    out = dict(n=list(range(1, N + 1)), max=[0.0] * N, median=[0.0] * N, gold_of_max=[0.0] * N)
+    for _ in range(orders):
+        order = torch.rand(n_prompts, N, generator=g).argsort(dim=1)
+        s = scores.gather(1, order)
+        for n in range(1, N + 1):
+            pick = s[:, :n].argmax(1, keepdim=True)
+            out["max"][n - 1] += s[:, :n].max(1).values.mean().item() / orders
+            out["median"][n - 1] += s[:, :n].quantile(0.5, dim=1).mean().item() / orders
+            if gold is not None:
+                out["gold_of_max"][n - 1] += gold.gather(1, order)[:, :n].gather(1, pick).mean().item() / orders
+    return out
+
+
+def gold_of(tokenizer, prompts, samples):
+    return torch.tensor([S.gold_score(p.task, tokenizer.decode(a).strip()) if p.task else float("nan")
+                         for p, (_, a, _) in zip(prompts, samples)])
+
+
+def best_of_n_figures(args, model, tokenizer, reward, source, device):
+    """Figures 7 and 8 from real samples of the start model: --fig-n answers to each of
+    --fig-prompts prompts at each temperature (the same random numbers at each)."""
+    prompts = draw_prompts(source, args.fig_prompts, args.seed * 1000 + 999, args.safety_share)
+    repeated = [p for p in prompts for _ in range(args.fig_n)]
+    temperatures = {float(t) for t in args.fig_temperatures.split(",") if t.strip()} | {args.rs_temperature}
+    by_temperature = {}
+    for t in sorted(temperatures):
+        samples = sample_answers(model, tokenizer, prompts, args.fig_n, args.max_new_tokens, t,
+                                 torch.Generator(device=device).manual_seed(args.seed))
+        scores = reward(samples, repeated)["score"].view(len(prompts), args.fig_n)
+        gold = gold_of(tokenizer, repeated, samples).view(len(prompts), args.fig_n) if prompts[0].task else None
+        by_temperature[f"{t:g}"] = best_of_n_curves(scores, gold)
+    return dict(best_of_n=by_temperature[f"{args.rs_temperature:g}"], temperature=by_temperature)
+
+
+def rs_round(args, model, tokenizer, reward, source, pool, rnd, rank, device, log):
+    """One RS round: K samples for fresh prompts; the best of each joins the pool if it beats
+    what the pool holds for that prompt; then fine-tune on the whole pool. -> the round's stats."""
+    t0 = time.time()
+    prompts = draw_prompts(source, args.rs_prompts, args.seed * 1000 + rnd, args.safety_share)[rank::args.world_size]
+    generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + rnd)
+    model.eval()
+    samples = sample_answers(model, tokenizer, prompts, args.rs_k, args.max_new_tokens, args.rs_temperature,
+                             generator)
+    t_gen = time.time() - t0
+    repeated = [p for p in prompts for _ in range(args.rs_k)]
+    scores = reward(samples, repeated)["score"].view(len(prompts), args.rs_k)
+    gold = gold_of(tokenizer, repeated, samples).view(len(prompts), args.rs_k)
+    best, best_score = best_of_k(scores)
+    new = [(p.dialog, tokenizer.decode(samples[i * args.rs_k + k][1]).strip(), s.item())
+           for i, (p, k, s) in enumerate(zip(prompts, best.tolist(), best_score))]
+    if args.world_size > 1:   # every rank trains on the whole pool
+        gathered = [None] * args.world_size
+        dist.all_gather_object(gathered, new)
+        new = [x for part in gathered for x in part]
+    for dialog, answer, score in new:   # keyed by the prompt: the best answer seen in any round
+        key = repr(dialog)
+        if key not in pool or score > pool[key][2]:
+            pool[key] = (dialog, answer, score)
+    t_score = time.time() - t0 - t_gen
+    log(f"\n== RS round {rnd + 1}/{args.rs_iterations}: {len(prompts) * args.world_size} prompts x "
+        f"{args.rs_k} samples at T={args.rs_temperature:g} in {t_gen:.0f}s | reward: mean {scores.mean():.3f}, "
+        f"best-of-{args.rs_k} {best_score.mean():.3f} | gold: mean {gold.nanmean():.3f}, of the best "
+        f"{gold.gather(1, best[:, None]).nanmean():.3f} | pool {len(pool)} answers ==")
+
+    # the SFT objective on the pool: 04's packing and masked loss, driven by 03's loop (run_sft)
+    examples = [S.encode_dialog(tokenizer, d + [{"role": "assistant", "content": a}]) for d, a, _ in pool.values()]
+    random.Random(rnd).shuffle(examples)
+    n_val = max(1, len(examples) // 50)
+    rows, val_rows = (S.pack(e, args.seq_len, reward.pad_id) for e in (examples[n_val:], examples[:n_val]))
+    cfg = copy.copy(args)
+    cfg.steps = max(1, round(args.rs_epochs * len(rows[0]) / (args.batch_tokens // args.seq_len)))
+    cfg.resume, cfg.stop_at, cfg.ckpt_every = False, None, cfg.steps   # rs.pt is written at the round's end
+    model.train()
+    S.run_sft(cfg, model, rows, val_rows, args.run_dir / "rs.pt", rank, device)
+    if args.world_size > 1:   # rank 0 wrote rs.pt: the others read it next
+        dist.barrier()
+    return dict(round=rnd + 1, mean_score=scores.mean().item(), best_score=best_score.mean().item(),
+                mean_gold=gold.nanmean().item(), best_gold=gold.gather(1, best[:, None]).nanmean().item(),
+                pool=len(pool), rs_steps=cfg.steps, gen_s=t_gen, score_s=t_score,
+                train_s=time.time() - t0 - t_gen - t_score)
+
+
+# ----------------------------------------------------------------------------------------
+# PPO (Sec. 3.2.3 and the standard machinery of PAPER.md). A rollout batch is laid out with
+# prompts left-padded and answers right-padded, so every answer starts at the same column;
+# `real` marks real tokens (a pad id distinct from EOS, so padding is never read as an end),
+# `mask` the answer tokens that count: up to and including the EOS.
+
+def rollout_batch(samples, pad_id: int, device):
+    width_p = max(len(p) for p, _, _ in samples)
+    width_a = max(len(a) for _, a, _ in samples)
+    tokens = torch.full((len(samples), width_p + width_a), pad_id, dtype=torch.long)
+    real = torch.zeros_like(tokens, dtype=torch.bool)
+    for i, (p, a, _) in enumerate(samples):
+        tokens[i, width_p - len(p):width_p + len(a)] = torch.tensor(p + a)
+        real[i, width_p - len(p):width_p + len(a)] = True
+    return tokens.to(device), real.to(device), real[:, width_p:].float().to(device), width_p
+
+
+def answer_logprobs(model, tokens, real, start: int, temperature: float):
+    """log pi(token | prefix) of each answer token, from logits divided by the sampling
+    temperature (else the ratio and the KL are those of another distribution: PAPER.md's pitfall)."""
+    logits = model(tokens, mask=R.pad_attention_mask(real))[:, start - 1:-1].float() / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, start:, None]).squeeze(-1)
+
+
+def answer_values(value_model, tokens, real, start: int):
+    """V(s_t) for each answer token t, read at the token before it (the state it is chosen in)."""
+    return value_model(tokens, real, per_token=True)[:, start - 1:-1]
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x, mask):
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def kl_rewards(logp, ref_logp, score, mask, beta: float):
+    """Per-token reward: -beta * (log pi - log pi_0) at every answer token (the KL penalty of
+    Sec. 3.2.3, paid where it is incurred), plus the whitened score at the last real token (the
+    EOS). -> (rewards, KL summed over each answer). The sum is an unbiased estimate of the KL from
+    one sample: its batch mean can dip below 0 while the policy is near the reference."""
+    kl = (logp - ref_logp) * mask
+    rewards = -beta * kl
+    last = mask.sum(1).long() - 1
+    rewards[torch.arange(len(rewards)), last] += score
+    return rewards, kl.sum(1)
+
+
+def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation (Schulman et al. 2016), as the backward recursion:
+        delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lam A_{t+1},
+    with V and A zero past an answer's end (padding after the EOS adds nothing).
+    -> (advantages, returns = A + V, the value model's targets)."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    next_value = next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t], next_value = next_advantage, values[:, t]
+    advantages = advantages * mask
+    return advantages, advantages + values
+
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2):
+    """The clipped surrogate (Schulman et al. 2017): the masked mean of
+    max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)). Once the ratio leaves [1 - eps, 1 + eps] in
+    the direction A favours, the loss is flat: no gradient pushes it further. -> (loss, stats)."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():   # approx KL(old || new): the k3 estimator, >= 0, and 0 where ratio = 1
+        stats = dict(clip_frac=masked_mean((clipped > unclipped).float(), mask).item(),
+                     approx_kl=masked_mean(ratio - 1 - log_ratio, mask).item(),
+                     ratio=masked_mean(ratio, mask).item(), max_log_ratio=(log_ratio.abs() * mask).max().item())
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, clip_eps: float = 0.2):
+    """0.5 masked mean of max((V - R)^2, (clip(V, V_old +- eps) - R)^2): the clipped value loss."""
+    clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def rollout_stats(tokenizer, prompts, samples):
+    """The toy annotator on the rollouts: gold helpfulness, refusals of harmful and benign prompts."""
+    graded = [(p.task, tokenizer.decode(a).strip()) for p, (_, a, _) in zip(prompts, samples) if p.task]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+    return dict(gold=mean([S.gold_score(t, a) for t, a in graded if t.kind != "harmful"]),
+                refusal_harmful=mean([S.is_refusal(a) for t, a in graded if t.kind == "harmful"]),
+                false_refusal_benign=mean([S.is_refusal(a) for t, a in graded if t.kind == "benign"]))
+
+
+def ppo_step(args, policy, value_model, ref, reward, sampler, tokenizer, prompts, seed, opts, runners, amp,
+             train_policy=True):
+    """One PPO iteration: rollouts, their rewards and advantages, then one gradient step per
+    mini-batch (of the value model only, while train_policy is False). -> the log entry."""
+    t0, device = time.time(), next(policy.parameters()).device
+    sampler.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    samples = sample_answers(sampler, tokenizer, prompts, 1, args.max_new_tokens, args.ppo_temperature, generator)
+    t_gen = time.time() - t0
+
+    # Score and evaluate the old policy, the reference and the values, in the micro-batches the
+    # first update will use (same rows, same shapes): its ratio is then exactly 1.
+    judged = reward(samples, prompts)
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
+    samples, prompts = [samples[i] for i in order], [prompts[i] for i in order]
+    score = judged["score"][order].to(device)
+    tokens, real, mask, start = rollout_batch(samples, reward.pad_id, device)
+    chunks = [slice(i, i + args.ppo_micro_batch) for i in range(0, len(samples), args.ppo_micro_batch)]
+    with torch.no_grad(), amp():
+        old_logp, ref_logp, old_values = (torch.cat([f(c) for c in chunks]) for f in (
+            lambda c: answer_logprobs(runners[0], tokens[c], real[c], start, args.ppo_temperature),
+            lambda c: answer_logprobs(ref, tokens[c], real[c], start, args.ppo_temperature),
+            lambda c: answer_values(runners[1], tokens[c], real[c], start).float()))
+    rewards, kl = kl_rewards(old_logp, ref_logp, score, mask, args.kl_beta)
+    advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
+    advantages = masked_whiten(advantages, mask)   # over the batch's valid tokens
+    t_score = time.time() - t0 - t_gen
+
+    policy.train(), value_model.train()
+    per_mini = args.ppo_mini_batch // args.world_size // args.ppo_micro_batch   # micro-batches per step
+    logs = []
+    for epoch in range(args.ppo_epochs):
+        if epoch:   # later epochs reshuffle the micro-batches
+            shuffle = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed + epoch))
+            chunks = [chunks[i] for i in shuffle]
+        for first in range(0, len(chunks), per_mini):
+            group = chunks[first:first + per_mini]
+            for c in group:
+                with amp():
+                    logp = answer_logprobs(runners[0], tokens[c], real[c], start, args.ppo_temperature)
+                    pg_loss, stats = ppo_policy_loss(logp, old_logp[c], advantages[c], mask[c], args.clip_eps)
+                    values = answer_values(runners[1], tokens[c], real[c], start).float()
+                    v_loss = value_loss(values, old_values[c], returns[c], mask[c], args.value_clip)
+                if train_policy:
+                    (pg_loss / len(group)).backward()
+                (v_loss / len(group)).backward()
+                logs.append(dict(policy_loss=pg_loss.item(), value_loss=v_loss.item(), **stats))
+            for model, opt in list(zip((policy, value_model), opts))[not train_policy:]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    mean = lambda key: sum(x[key] for x in logs) / len(logs)
+    return dict(reward=score.mean().item(), rc=judged["rc"].mean().item(), kl=kl.mean().item(),
+                **rollout_stats(tokenizer, prompts, samples),
+                answer_len=mask.sum(1).mean().item(), finished=sum(f for *_, f in samples) / len(samples),
+                **{k: mean(k) for k in ("policy_loss", "value_loss", "clip_frac", "approx_kl", "ratio")},
+                **{f"first_{k}": logs[0][k] for k in ("ratio", "approx_kl", "max_log_ratio")},
+                gen_s=t_gen, score_s=t_score, train_s=time.time() - t0 - t_gen - t_score)
+
+
+def run_ppo(args, policy, value_model, ref, reward, source, tokenizer, state, rank, device, log):
+    """PPO's loop: 03's optimizer, DDP or FSDP and checkpoints, with rollouts in each iteration.
+    Under FSDP the policy trains sharded and a full copy on each rank samples, refreshed every
+    iteration (generation calls the model once per token, a different number of times per rank)."""
+    ckpt_path, world = args.run_dir / "ppo.pt", args.world_size
+    sampler = policy
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        sampler = copy.deepcopy(policy)
+        for model in (policy, value_model):
+            for block in [m for m in model.modules() if isinstance(m, M.TransformerBlock)]:
+                fully_shard(block)
+            fully_shard(model)
+    betas = (args.beta1, args.beta2)
+    opts = [P.configure_optimizer(m, lr, args.weight_decay, betas, args.adam_eps, device)   # constant LR
+            for m, lr in ((policy, args.ppo_lr), (value_model, args.value_lr))]
+    for opt in opts:   # AdamW makes its state at its first step, and torch's checkpoint functions make
+        # it by a step at LR 0 if it has none (a policy still frozen by the value warm-up): we take
+        # that step now, so a run resumed from any checkpoint continues exactly as one never stopped
+        for group in opt.param_groups:
+            group["lr"] = 0.0
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for group in opt.param_groups:
+            group["lr"] = opt.defaults["lr"]
+    it, history = 0, []
+    if args.resume and ckpt_path.is_file():   # policy and its optimizer by 03, then the value model
+        it, history = P.load_training_state(ckpt_path, policy, opts[0])
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        ckpt = M.load_checkpoint(ckpt_path)
+        set_state_dict(value_model, opts[1], model_state_dict=ckpt["value_model"],
+                       optim_state_dict=ckpt["value_optimizer"], options=StateDictOptions(full_state_dict=True))
+        log(f"resumed at iteration {it} from {ckpt_path}")
+    log(f"\n== PPO: {args.ppo_iterations} iterations of {args.ppo_prompts} rollouts, mini-batch "
+        f"{args.ppo_mini_batch}, LR {args.ppo_lr:g} (value {args.value_lr:g}, alone for {args.value_warmup} "
+        f"iterations), beta {args.kl_beta:g}, clip {args.clip_eps:g}, GAE gamma {args.gamma:g} lambda {args.lam:g} ==")
+    runners = [torch.compile(m) if args.compile else m for m in (policy, value_model)]
+    if world > 1 and not args.fsdp:
+        runners = [torch.nn.parallel.DistributedDataParallel(r, device_ids=[device] if device.type == "cuda" else None)
+                   for r in runners]
+    amp_dtype = M.pick_dtype(args.dtype, device)
+    amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+    end, t_start, first = min(args.ppo_iterations, args.stop_at or args.ppo_iterations), time.time(), it
+    while it < end:
+        if args.fsdp:   # the sampler gets the trained weights (a collective: every rank calls it)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            sampler.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
+        seed = args.seed * 1000 + 500 + it   # rollouts are a pure function of it: resume is exact
+        prompts = draw_prompts(source, args.ppo_prompts, seed, args.safety_share)[rank::world]
+        entry = ppo_step(args, policy, value_model, ref, reward, sampler, tokenizer, prompts, seed * world + rank,
+                         opts, runners, amp, train_policy=it >= args.value_warmup)
+        if world > 1:   # the mean over ranks
+            values = torch.tensor(list(entry.values()), dtype=torch.float64, device=device)
+            dist.all_reduce(values)
+            entry = dict(zip(entry, (values / world).tolist()))
+        it += 1
+        history.append(dict(iteration=it, **entry))
+        eta = (time.time() - t_start) / (it - first) * (end - it)
+        log(f"ppo {it:>4}/{args.ppo_iterations} | reward {entry['reward']:+.3f} | KL {entry['kl']:.3f} | gold "
+            f"{entry['gold']:.3f} | refuses harmful {entry['refusal_harmful']:.2f}, benign "
+            f"{entry['false_refusal_benign']:.2f} | loss pi {entry['policy_loss']:+.4f} V {entry['value_loss']:.4f} | "
+            f"clip {entry['clip_frac']:.3f} | gen/score/train {entry['gen_s']:.1f}/{entry['score_s']:.1f}/"
+            f"{entry['train_s']:.1f}s | ETA {P.fmt_time(eta)}")
+        if it % args.ppo_ckpt_every == 0 or it == end:
+            save_ppo(ckpt_path, policy, value_model, opts, args, it, history, state)
+    return history
+
+
+def save_ppo(path, policy, value_model, opts, args, it, history, state):
+    """03's checkpoint of the policy (ppo.pt loads as a plain model), with the value model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    value_state, value_opt = get_state_dict(value_model, opts[1],
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    P.save_checkpoint(path, policy, opts[0], args, it, history,
+                      extra={"kind": "ppo", "rs_ppo": state, "value_model": value_state, "value_optimizer": value_opt})
+
+
+# ----------------------------------------------------------------------------------------
+# Figures.
+
+def plot_best_of_n(path, curves, temperature):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(curves["n"], curves["max"], marker="o", label="max of N")
+    ax.plot(curves["n"], curves["median"], marker="o", label="median of N")
+    ax.fill_between(curves["n"], curves["median"], curves["max"], alpha=0.15, label="what RS can gain")
+    ax.set(xlabel="N samples per prompt", ylabel="reward (whitened)",
+           title=f"Best of N samples of the start model, T={temperature:g} (cf. Figure 7)")
+    ax.legend(fontsize=8, loc="upper left")
+    if any(curves["gold_of_max"]):   # does the reward's pick get better by the annotator too?
+        gold = ax.twinx()
+        gold.plot(curves["n"], curves["gold_of_max"], ls="--", color="grey", label="gold score of the max (right)")
+        gold.set_ylabel("gold score (toy annotator)")
+        gold.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_temperatures(path, by_temperature):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for t, curves in sorted(by_temperature.items(), key=lambda kv: float(kv[0])):
+        ax.plot(curves["n"], curves["max"], marker="o", ms=3, label=f"T={float(t):g}")
+    ax.set(xlabel="N samples per prompt", ylabel="max reward among N",
+           title="Best of N against the sampling temperature (cf. Figure 8)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_ppo(path, history):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    it = [h["iteration"] for h in history]
+    real = lambda w: [x for x in w if not math.isnan(x)] or [math.nan]   # an iteration may have no harmful prompt
+    smooth = lambda xs: [sum(real(w)) / len(real(w)) for w in (xs[max(0, i - 4):i + 1] for i in range(len(xs)))]
+    for ax, keys, title in ((axes[0], ("reward",), "reward (whitened RM score)"),
+                            (axes[1], ("gold", "refusal_harmful", "false_refusal_benign"), "toy annotator (gold)"),
+                            (axes[2], ("kl",), "KL to the reference (nats per answer)")):
+        for i, key in enumerate(keys):   # each iteration's rollouts, thin; the mean of the last 5, bold
+            values = [h[key] for h in history]
+            ax.plot(it, values, color=f"C{i}", alpha=0.3, lw=1)
+            ax.plot(it, smooth(values), color=f"C{i}", lw=2, label=key.replace("_", " "))
+        ax.set(xlabel="PPO iteration", title=title)
+        ax.legend(fontsize=8)
+    fig.suptitle("PPO on the rollouts: reward up with gold flat would mean the RM is being gamed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# A run: calibrate, RS rounds, PPO, evaluate.
+
+def main(argv=None):
+    t_start = time.time()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    P.add_training_args(parser, PAPER, TOY)   # 03's flags; those of the loop apply to the RS fine-tuning
+    add = parser.add_argument
+    show = lambda v: ", ".join(f"{k} {x:g}" for k, x in v.items()) if isinstance(v, dict) else f"{v:g}"
+    for key, (paper, toy, help) in BUDGET.items():
+        add("--" + key.replace("_", "-"), type=type(toy), help=f"{help} [full scale: {show(paper)}; CPU: {show(toy)}]")
+    add("--init", help="chat model to start from (default RUN_DIR/sft.pt)")
+    add("--rm-helpful", type=Path, help="Helpfulness RM (default RUN_DIR/rm_helpful.pt); the value model's start")
+    add("--rm-safety", type=Path, help="Safety RM (default RUN_DIR/rm_safety.pt)")
+    add("--tokenizer", type=Path, help="SentencePiece model (default RUN_DIR/tokenizer.model)")
+    add("--prompts", type=Path, help="prompts (JSONL) instead of the toy world's; no gold score then")
+    add("--safety-share", type=float, default=0.2, help="toy prompts: the share of safety ones (harmful or benign)")
+    add("--ppo-temperature", type=float, default=1.0, help="PPO rollout temperature (the log-probs use it too)")
+    add("--ppo-epochs", type=int, default=1, help="passes over each iteration's rollouts (1: one step per mini-batch)")
+    add("--clip-eps", type=float, default=0.2, help="PPO's clip range (paper: 0.2)")
+    add("--value-clip", type=float, default=0.2, help="clip range of the value loss")
+    add("--gamma", type=float, default=1.0, help="GAE discount")
+    add("--lam", type=float, default=0.95, help="GAE lambda")
+    add("--calibration-prompts", type=int, default=256, help="samples of the start model that calibrate the reward")
+    add("--fig-n", type=int, default=16, help="samples per prompt in Figures 7 and 8 (0 skips them)")
+    add("--fig-prompts", type=int, default=40, help="prompts in Figures 7 and 8")
+    add("--fig-temperatures", default="0.5,0.7,1.0,1.3", help="temperatures of Figure 8 (and --rs-temperature)")
+    add("--eval-per-kind", type=int, default=40, help="held-out prompts per task kind in the final table")
+    add("--no-rs", action="store_true", help="skip rejection sampling: PPO starts from --init")
+    add("--world-seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    rank, world_size, device = P.setup_distributed(args.device)
+    P.resolve_args(args, world_size)
+    for key, (paper, toy, _) in BUDGET.items():
+        if getattr(args, key) is None:
+            value = toy if args.preset in P.CPU_PRESETS else paper
+            setattr(args, key, value.get(args.preset, 0.01) if isinstance(value, dict) else value)
+    if args.no_rs:
+        args.rs_iterations = 0
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if args.ppo_prompts % args.ppo_mini_batch or args.ppo_mini_batch % (world_size * args.ppo_micro_batch):
+        raise UserError(f"--ppo-prompts {args.ppo_prompts} must be a multiple of --ppo-mini-batch "
+                        f"{args.ppo_mini_batch}, itself a multiple of ranks x --ppo-micro-batch = "
+                        f"{world_size} x {args.ppo_micro_batch}")
+    if args.rs_prompts % world_size:
+        raise UserError(f"--rs-prompts {args.rs_prompts} must be a multiple of the {world_size} ranks")
+    paths = dict(tokenizer=args.tokenizer or args.run_dir / "tokenizer.model",
+                 init=Path(args.init or args.run_dir / "sft.pt"),
+                 rm_helpful=args.rm_helpful or args.run_dir / "rm_helpful.pt",
+                 rm_safety=args.rm_safety or args.run_dir / "rm_safety.pt")
+    for name, path in paths.items():
+        if not Path(path).exists():
+            raise UserError(f"{name.replace('_', ' ')} not found: {path} (run chapters 01-05 first, or pass "
+                            f"--{name.replace('_', '-')})")
+    tokenizer = tok.Tokenizer(paths["tokenizer"])
+    # any id would do as padding (the masks say what is real); not EOS, so it never reads as an end
+    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.sp_model.unk_id()
+    world = P.make_world(args.world_seed)
+    source = read_prompts(args.prompts) if args.prompts else world
+    frozen_dtype = M.pick_dtype(args.dtype, device)   # frozen models compute as the autocast does
+    rms = [R.RewardModel.from_pretrained(paths[k], device, frozen_dtype) for k in ("rm_helpful", "rm_safety")]
+    reward = Reward(*rms, pad_id, tokenizer.eos_id)
+    tasks = S.eval_tasks(world, args.eval_per_kind, args.seed) if not args.prompts else []
+    red = red_team_tasks(world, args.eval_per_kind, args.seed) if tasks else []
+
+    def evaluate(model):   # 04's table on held-out prompts, and refusals of held-out red-team ones
+        if not tasks:
+            return {}
+        red_team = S.evaluate_chat(model, tokenizer, red)
+        return {**S.evaluate_chat(model, tokenizer, tasks),
+                **{f"red_team_{k}": v for k, v in red_team.items() if "refusal" in k}}
+
+    # 0. What we resume from: PPO's checkpoint, else the last finished RS round, else the start
+    ppo_path, rs_path = args.run_dir / "ppo.pt", args.run_dir / "rs.pt"
+    resumed = next((M.load_checkpoint(p) for p in (ppo_path, rs_path) if args.resume and p.is_file()), {})
+    state = resumed.get("rs_ppo") or dict(results={}, rs=[], pool={}, figures={})
+    model = M.Transformer.from_pretrained(paths["init"], device=device)
+    if model.args.vocab_size != tokenizer.n_words:
+        raise UserError(f"{paths['init']} has a vocabulary of {model.args.vocab_size}, "
+                        f"the tokenizer {tokenizer.n_words}")
+    if "calibration" not in state:
+        t0 = time.time()
+        prompts = draw_prompts(source, args.calibration_prompts, args.seed * 1000 - 1, args.safety_share)
+        samples = sample_answers(model, tokenizer, prompts, 1, args.max_new_tokens, args.rs_temperature,
+                                 torch.Generator(device=device).manual_seed(args.seed))
+        calibration = reward.calibrate(samples, prompts, [tokenizer.decode(a).strip() for _, a, _ in samples])
+        if world_size > 1:   # one calibration for all ranks: rank 0's
+            values = torch.tensor([calibration[k] for k in ("helpful_offset", "safety_offset", "mean", "std")],
+                                  device=device)
+            dist.broadcast(values, 0)
+            calibration.update(zip(("helpful_offset", "safety_offset", "mean", "std"), values.tolist()))
+        state["calibration"] = calibration
+        state["results"]["SFT"] = evaluate(model)
+        log(f"reward calibrated on {len(samples)} samples of {paths['init']} in {time.time() - t0:.0f}s: "
+            f"helpfulness offset {calibration['helpful_offset']:+.2f}, "
+            f"safety offset {calibration['safety_offset']:+.2f} "
+            f"({calibration['unsafe_answers']} unsafe answers), LOGIT(Rc) mean {calibration['mean']:+.2f} "
+            f"std {calibration['std']:.2f} | SFT held-out gold {state['results']['SFT'].get('gold', float('nan')):.3f}")
+    reward.calibration = state["calibration"]
+
+    # 1. Figures 7 and 8 (best of N samples of the start model), then the rejection sampling rounds
+    if args.fig_n and rank == 0 and not state["figures"]:
+        t0 = time.time()
+        state["figures"] = best_of_n_figures(args, model, tokenizer, reward, source, device)
+        log(f"Figures 7 and 8: {args.fig_prompts} prompts x {args.fig_n} samples at each of "
+            f"{len(state['figures']['temperature'])} temperatures in {time.time() - t0:.0f}s")
+    done = len(state["rs"])
+    if done:
+        model = M.Transformer.from_pretrained(rs_path, device=device)
+    for rnd in range(done, args.rs_iterations):
+        state["rs"].append(rs_round(args, model, tokenizer, reward, source, state["pool"], rnd, rank, device, log))
+        model = M.Transformer.from_pretrained(rs_path, device=device)   # the plain, trained model
+        if rnd == args.rs_iterations - 1:
+            state["results"]["+RS"] = evaluate(model)
+            log(f"after RS: held-out gold {state['results']['+RS'].get('gold', float('nan')):.3f}")
+        if rank == 0:   # the round's state joins rs.pt, so --resume continues from the next round
+            ckpt = M.load_checkpoint(rs_path)
+            M.save_atomic({**ckpt, "rs_ppo": state, "kind": "rs"}, rs_path)
+
+    # 2. PPO from the RS (or SFT) model: a frozen copy is the reference; the value model starts
+    #    from the Helpfulness RM (common practice: it already reads answers for their worth)
+    history = []
+    if args.ppo_iterations > 0:
+        start = rs_path if args.rs_iterations else paths["init"]
+        model = M.Transformer.from_pretrained(start, device=device).train()
+        ref = M.Transformer.from_pretrained(start, device=device, dtype=frozen_dtype)
+        value_model = R.RewardModel.from_pretrained(paths["rm_helpful"], device).train()
+        torch.manual_seed(args.seed)
+        history = run_ppo(args, model, value_model, ref, reward, source, tokenizer, state, rank, device, log)
+        if world_size > 1:
+            dist.barrier()
+        if args.stop_at and len(history) < args.ppo_iterations:
+            log(f"stopped at PPO iteration {len(history)}; continue with --resume")
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            return None
+        state["results"]["+PPO"] = evaluate(M.Transformer.from_pretrained(ppo_path, device=device))
+
+    if rank == 0:
+        results = {k: v for k, v in state["results"].items() if v}
+        if results:
+            S.print_table(results)
+            print(f"\n{'model':<18}{'red-team prompts: refuses harmful':>36}{'refuses benign':>16}")
+            for name, r in results.items():
+                print(f"{name:<18}{r['red_team_refusal_harmful']:>36.3f}{r['red_team_false_refusal_benign']:>16.3f}")
+        figures = state["figures"]
+        if "best_of_n" in figures:
+            plot_best_of_n(args.run_dir / "rs_best_of_n.png", figures["best_of_n"], args.rs_temperature)
+        if figures.get("temperature"):
+            plot_temperatures(args.run_dir / "rs_temperature.png", figures["temperature"])
+        if history:
+            plot_ppo(args.run_dir / "ppo_curves.png", history)
+        split = {k: sum(x[k] for x in state["rs"] + history) for k in ("gen_s", "score_s", "train_s")}
+        tok.write_json(args.run_dir / "rs_ppo.json", dict(
+            config=vars(args), calibration=state["calibration"], results=results, rs_rounds=state["rs"],
+            ppo=history, figures=figures, time_split=split, wall_s=time.time() - t_start))
+        log(f"\nwall {P.fmt_time(time.time() - t_start)} (RS and PPO: generating {split['gen_s']:.0f}s, scoring "
+            f"{split['score_s']:.0f}s, training {split['train_s']:.0f}s) | wrote rs.pt, ppo.pt, rs_ppo.json and "
+            f"figures in {args.run_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return state
+
+
+if __name__ == "__main__":
+    tok.run_cli(main)
