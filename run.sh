@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's two commands:
-#   bash run.sh         set up .venv, then run the toy pipeline (chapters in order) into runs/toy
-#                       (RUN_DIR=... picks another folder)
+#   bash run.sh         set up .venv, then run the whole recipe (pipeline.py: 01 -> 07 into runs/toy,
+#                       then runs/toy/report.md); flags go to pipeline.py (--run-dir, --preset, --rerun)
 #   bash run.sh test    set up .venv, then run the test suite
 # Extra arguments after "test" go to pytest.
 set -euo pipefail
@@ -48,16 +48,6 @@ if [ "${1:-}" = test ]; then
   exec "$PY" -m pytest -q "$@"
 fi
 
-RUN_DIR=${RUN_DIR:-runs/toy}
-stage() {
-  echo
-  echo "==================== $1 ===================="
-  "$PY" "$@"
-}
-stage 01_tokenizer.py --run-dir "$RUN_DIR"
-stage 02_model.py --tokenizer "$RUN_DIR/tokenizer.model"
-stage 03_pretrain.py --run-dir "$RUN_DIR"
-stage 04_sft.py --run-dir "$RUN_DIR"
-stage 05_reward.py --run-dir "$RUN_DIR"
-echo
-echo "done: outputs in $RUN_DIR"
+# The pipeline: 01 -> 07 into one run folder, then report.md. A stage whose outputs exist is
+# skipped (pass --rerun to redo stages); other flags: python pipeline.py --help.
+exec "$PY" pipeline.py "$@"
