@@ -1,0 +1,600 @@
+"""
+Chapter 07: Ghost Attention (Llama 2 paper Sec. 3.3, Figures 9 and 10, Table 30).
+
+A system message such as "act as Napoleon" should hold for the whole dialogue, but the RLHF
+model forgets it after a few turns (Figure 9, left). Ghost Attention (GAtt) fixes this with
+data alone: take a multi-turn dialogue [u1, a1, ..., un, an] and an instruction that should
+hold throughout; concatenate the instruction to every user message and let the latest model
+sample the answers, which then follow it; build the training sample with the instruction in
+the first turn only, and set the loss to zero on every token of the earlier turns, assistant
+messages included. The model learns to give the last answer, which follows the instruction,
+when the instruction is far back. This chapter does it on the toy world of 03-06:
+  * instructions in the paper's three families as rules a program can check: Public figure
+    ("Always act as the king from now on": the answer opens with the speaker label "King:",
+    as in a play), Language ("Always speak like a pirate": then "Arr!"), Hobby ("You enjoy
+    music": then "I enjoy music."), one or two combined, half the time in the short form
+    ("Figure: king; Hobby: music"). follows() is the annotator,
+  * step 1, what the paper's RLHF model already knows: a short SFT that teaches the toy model
+    to follow an instruction in the *current* message (single turns, and dialogues with the
+    instruction in every user message), with 04's plain dialogues mixed in. The result is
+    "before GAtt": it follows the instruction in turn 1 and, like the paper's baseline, not
+    for long after,
+  * step 2, GAtt: dialogues with the instruction concatenated to every user message, every
+    answer sampled by the step-1 model (the latest model, as in the paper), rebuilt by hand
+    into samples with the instruction in turn 1 only and loss on the last turn only
+    (gatt_example). The result is "after GAtt",
+  * the evaluation: dialogues of 20 turns with the instruction in turn 1 only (a system
+    message) and the model's own answers fed back; the share of turns that follow it, by turn,
+    before and after GAtt (cf. Table 30, Figure 28); the attention that each answer pays to
+    the system message, by layer (cf. Figure 10); and 04's helpfulness and safety table on
+    held-out prompts, to show that GAtt costs them little.
+Outputs in RUN_DIR: gatt.pt (the GAtt model; loads like sft.pt), gatt_before.pt (step 1),
+gatt_samples.jsonl (the sampled dialogues), gatt.json, gatt_adherence.png, gatt_attention.png.
+The toy context of 512 tokens holds about 10 of our turns: from there on the evaluation drops
+the oldest turns after the first, as 04's chat REPL drops old turns, so turn 1 and its
+instruction stay in view, ~450 tokens back (the paper's 4096 hold all 20).
+What you see (measured, default flags, from 06's ppo.pt): before GAtt the instruction is
+followed in 100% of turn 1s, 20% of turns 2-4 and 2% from turn 5 on; after GAtt 100%, 99% and
+86%; 04's gold score goes from 0.45 (06) to 0.41 (step 1) and 0.40 (GAtt), harmful requests
+refused 100%, 100%, 95%; from the second turn on, the GAtt model's last layer pays about three
+times more attention to the system message as an answer begins.
+
+Run:
+  python 07_gatt.py                          # toy, from 06's runs/toy/ppo.pt: ~4 min on a 2-core CPU
+  python 07_gatt.py --init runs/toy/sft.pt   # from the SFT model, if 06 has not run
+  python 07_gatt.py --init runs/1b/ppo.pt --tokenizer runs/1b/tokenizer.model --preset 1B \\
+      --device cuda --dtype bf16 --compile --seq-len 1024 --batch-tokens 65536 --micro-batch 16 \\
+      --inst-examples 40000 --inst-steps 60 --dialogues 1024 --steps 40
+  torchrun --nproc_per_node=8 07_gatt.py --init runs/7b/ppo.pt --preset 7B --fsdp --dtype bf16 ...
+  python 04_sft.py chat --ckpt runs/toy/gatt.pt --system "Figure: king"   # talk to it
+(the big presets take the paper's SFT settings, 64 x 4096 tokens a step and LR 2e-5; the toy
+world's dialogues fit in 1024 tokens. Not yet run at those sizes.)
+"""
+import argparse
+import copy
+import importlib
+import json
+import math
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+tok = importlib.import_module("01_tokenizer")
+M = importlib.import_module("02_model")
+P = importlib.import_module("03_pretrain")
+S = importlib.import_module("04_sft")
+UserError = tok.UserError
+
+# The paper gives no hyper-parameters for GAtt, a fine-tuning on synthetic dialogues: we take
+# its SFT settings (Sec. 3.1). Toy: rows of 512 tokens (a GAtt sample of 8 turns is ~400).
+# Step 1 teaches a skill the model lacks, and the skill arrives suddenly (measured from sft.pt):
+# at LR 1e-3 most answers still named a wrong figure or hobby after 200 steps, and 98% followed
+# every rule after 300; at 2e-3, 78% after 150 steps, 97% after 200; the default 250 leaves a
+# margin. Four rows a step beat eight rows at half the steps. GAtt runs at a quarter of the LR.
+PAPER = dict(batch_tokens=64 * 4096, seq_len=4096, micro_batch=1, lr=2e-5, warmup_steps=0,
+             log_every=10, eval_every=200, ckpt_every=200)
+TOY = dict(batch_tokens=4 * 512, seq_len=512, micro_batch=4, lr=2e-3, warmup_steps=10,
+           log_every=25, eval_every=1000, ckpt_every=50)
+TASK_KINDS = ("arithmetic", "fact", "list")   # short helpful tasks: many turns fit the context
+MAX_NEW_TOKENS = 40                            # an answer: up to ~20 tokens, the rules up to ~10 more
+PAPER_TABLE30 = {"baseline": {2: 100, 4: 10, 6: 0, 20: 0}, "GAtt": {2: 100, 4: 100, 6: 100, 20: 100}}
+
+# ----------------------------------------------------------------------------------------
+# Instructions (Sec. 3.3): "Hobbies ('You enjoy e.g. Tennis'), Language ('Speak in e.g.
+# French'), or Public Figure ('Act as e.g. Napoleon')", randomly combined, and half the time
+# made shorter ("Always act as Napoleon from now" -> "Figure: Napoleon"). A 2M-parameter model
+# cannot speak French, and a program cannot judge whether it sounds like Napoleon; so each
+# family becomes a rule whose trace in the answer a program can check. Every value is one
+# token of the toy vocabulary, and only the instruction says which one applies: to follow it,
+# the model must look at it. (A first version signed answers "- the king" at the end: in our
+# budget the toy model never learned to pick the right figure there. A speaker label that
+# opens the answer, as in the plays it was pretrained on, it learns.)
+
+FIGURES = "king queen duke fool".split()                            # Figure: opens with "King:"
+STYLES = {"pirate": "Arr!", "bard": "Hark!", "robot": "Beep!"}   # Language: then its interjection
+HOBBIES = "music dance flowers wine".split()                        # Hobby: then "I enjoy music."
+FAMILIES = {"language": list(STYLES), "figure": FIGURES, "hobby": HOBBIES}
+LONG = {"language": "Always speak like a {}.", "figure": "Always act as the {} from now on.",
+        "hobby": "You enjoy {}."}
+SHORT = {"language": "Language: {}", "figure": "Figure: {}", "hobby": "Hobby: {}"}
+
+
+def random_instruction(rng: random.Random):
+    """-> (text, rules): one or two families combined, half the time in the short form.
+    rules: {family: value}, what the annotator checks."""
+    families = rng.sample(list(FAMILIES), rng.choice((1, 2)))
+    rules = {f: rng.choice(FAMILIES[f]) for f in sorted(families, key=list(FAMILIES).index)}
+    if rng.random() < 0.5:
+        return "; ".join(SHORT[f].format(v) for f, v in rules.items()), rules
+    return " ".join(LONG[f].format(v) for f, v in rules.items()), rules
+
+
+def apply_rules(rules: dict, answer: str) -> str:
+    """A plain answer rewritten to follow the rules: the reference answers of step 1."""
+    opening = [f"{rules['figure'].capitalize()}:"] if "figure" in rules else []   # a speaker, as in a play
+    opening += [STYLES[rules["language"]]] if "language" in rules else []
+    opening += [f"I enjoy {rules['hobby']}."] if "hobby" in rules else []
+    return " ".join(opening + [answer])
+
+
+SPEAKER = r"^(?:[A-Z]\w*: )?"   # an optional speaker label at the start
+
+
+def follows(rules: dict, answer: str) -> dict:
+    """The annotator: {family: does the answer follow that rule}."""
+    answer = answer.strip()
+    checks = {"figure": lambda v: answer.startswith(f"{v.capitalize()}:"),
+              "language": lambda v: re.match(SPEAKER + re.escape(STYLES[v]), answer) is not None,
+              "hobby": lambda v: re.search(rf"\b{v}\b", answer, re.IGNORECASE) is not None}
+    return {f: checks[f](v) for f, v in rules.items()}
+
+
+def strip_rules(answer: str) -> str:
+    """The plain answer inside a rule-following one, for 04's gold score."""
+    styles = "|".join(map(re.escape, STYLES.values()))
+    return re.sub(SPEAKER + rf"(?:(?:{styles}) )?(?:I enjoy \w+\. )?", "", answer.strip() + " ", count=1).strip()
+
+
+def with_instruction(instruction: str, user: str) -> str:
+    """The instruction concatenated to a user message. Meta's <<SYS>> block costs 18 tokens a
+    turn; in a 512-token context we write the instruction in front of the text instead."""
+    return f"{instruction}\n{user}"
+
+
+# ----------------------------------------------------------------------------------------
+# Step 1: follow an instruction that is in the current message. The paper's RLHF model can;
+# ours has never seen one. Reference answers are 04's, rewritten by apply_rules: annotators'
+# answers, in the paper's terms. 04's plain dialogues are mixed in so it keeps its manners.
+
+def mean(xs):
+    return sum(xs) / max(len(xs), 1)
+
+
+def task_turn(world, rng, evaluation=False):
+    return S.make_task(world, rng.choice(TASK_KINDS), rng, evaluation)
+
+
+def instruction_dialogs(world, n: int, seed: int, plain_share: float = 0.3, max_turns: int = 8):
+    """n step-1 dialogues: plain_share of them 04's, with no instruction; of the rest, a third
+    single turns with the instruction as a system message, a third single turns with it
+    concatenated to the user message, a third 2 to max_turns turns with it concatenated to
+    every user message (the form GAtt samples in). A system message in turn 1 of a longer
+    dialogue never occurs: that is what GAtt adds."""
+    rng = random.Random(seed)
+    n_plain = round(n * plain_share)
+    dialogs = S.sft_dialogs(world, n_plain, seed)
+    for i in range(n - n_plain):
+        text, rules = random_instruction(rng)
+        form = i % 3
+        dialog = [{"role": "system", "content": text}] if form == 0 else []
+        for _ in range(1 if form < 2 else rng.randint(2, max_turns)):
+            task = task_turn(world, rng)
+            dialog += [{"role": "user", "content": task.prompt if form == 0 else with_instruction(text, task.prompt)},
+                       {"role": "assistant", "content": apply_rules(rules, task.answer)}]
+        dialogs.append(dialog)
+    rng.shuffle(dialogs)
+    return dialogs
+
+
+# ----------------------------------------------------------------------------------------
+# Talking to the model: batched, turn by turn, its own answers fed back. If a dialogue no
+# longer fits the context, the oldest turns after the first go (the first holds the
+# instruction); 04's REPL drops turns the same way, keeping the system message.
+
+def fit(tokenizer, dialog, budget: int):
+    """The dialogue (ending with the user's turn) cut to at most `budget` tokens."""
+    dialog = list(dialog)
+    first = 3 if dialog[0]["role"] == "system" else 2   # messages of turn 1, its answer included
+    while len(S.encode_dialog(tokenizer, dialog)[0]) > budget and len(dialog) > first + 1:
+        del dialog[first:first + 2]
+    return dialog
+
+
+def converse(model, tokenizer, instructions, users, every_turn: bool, temperature=0.0, generator=None,
+             max_new_tokens=MAX_NEW_TOKENS, batch_size=32):
+    """The dialogues, whole, the model answering users[i][t] turn by turn. every_turn=False:
+    the instruction is a system message in turn 1 only (the evaluation); True: it is
+    concatenated to every user message (the GAtt sampling of Sec. 3.3)."""
+    was_training = model.training
+    model.eval()
+    dialogs = [[] if every_turn else [{"role": "system", "content": inst}] for inst in instructions]
+    for t in range(max(map(len, users))):
+        active = [i for i, u in enumerate(users) if t < len(u)]
+        for i in active:
+            text = with_instruction(instructions[i], users[i][t]) if every_turn else users[i][t]
+            dialogs[i].append({"role": "user", "content": text})
+        prompts = {i: fit(tokenizer, dialogs[i], model.args.max_seq_len - max_new_tokens) for i in active}
+        # batches of similar lengths: 02's generate feeds a batch's prompts one token a step
+        # from the shortest one's end, so a spread of lengths costs steps
+        active.sort(key=lambda i: len(S.encode_dialog(tokenizer, prompts[i])[0]))
+        answers = S.answer_all(model, tokenizer, [prompts[i] for i in active], max_new_tokens, batch_size,
+                               temperature, 0.9, generator)
+        for i, answer in zip(active, answers):
+            dialogs[i].append({"role": "assistant", "content": answer})
+    model.train(was_training)
+    return dialogs
+
+
+def answers_of(dialog):
+    return [m["content"] for m in dialog if m["role"] == "assistant"]
+
+
+# ----------------------------------------------------------------------------------------
+# Step 2: Ghost Attention's training samples (Sec. 3.3), written out by hand.
+
+def gatt_example(tokenizer, instruction: str, users, answers):
+    """-> (ids, learn): the dialogue in 04's template with the instruction in the first turn
+    only (a system message), and learn True only on the last answer's tokens. The loss is zero
+    on every token of the earlier turns, "including assistant messages": they were sampled with
+    the instruction in their user message, so without it they mismatch their context, which
+    "could hurt the training" (Sec. 3.3)."""
+    dialog = [{"role": "system", "content": instruction}]
+    for user, answer in zip(users, answers):
+        dialog += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    ids, is_answer = S.encode_dialog(tokenizer, dialog)
+    last_turn = len(ids) - 1 - ids[::-1].index(tokenizer.bos_id)   # every turn opens with BOS
+    return ids, [answer and i >= last_turn for i, answer in enumerate(is_answer)]
+
+
+def gatt_examples(tokenizer, sampled, min_turns: int = 2):
+    """Every prefix of a sampled dialogue is itself a dialogue whose answers were sampled with
+    the instruction in every message (an answer saw only the turns before it), so a dialogue
+    of n turns gives samples of min_turns..n turns, one supervised turn each: on a CPU,
+    sampling costs more than training. (By causality, sample k's loss is the loss of turn k
+    in the whole dialogue; each sample is still exactly the paper's.) A sample whose last
+    answer breaks the instruction is dropped, as it would teach the opposite (our choice: the
+    paper does not say; with the default step 1, 3 of 672 are)."""
+    out, dropped = [], 0
+    for s in sampled:
+        for k in range(min_turns, len(s["users"]) + 1):
+            if all(follows(s["rules"], s["answers"][k - 1]).values()):
+                out.append(gatt_example(tokenizer, s["instruction"], s["users"][:k], s["answers"][:k]))
+            else:
+                dropped += 1
+    return out, dropped
+
+
+def sample_gatt_dialogs(model, tokenizer, world, n: int, turns: int, seed: int, temperature: float):
+    """n dialogues of `turns` turns, the instruction concatenated to every user message, each
+    answer sampled by `model`."""
+    rng = random.Random(seed)
+    instructions = [random_instruction(rng) for _ in range(n)]
+    users = [[task_turn(world, rng).prompt for _ in range(turns)] for _ in range(n)]
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    dialogs = converse(model, tokenizer, [t for t, _ in instructions], users, True, temperature, generator)
+    return [dict(instruction=text, rules=rules, users=u, answers=answers_of(d))
+            for (text, rules), u, d in zip(instructions, users, dialogs)]
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation 1: multi-turn adherence (Table 30, Figure 28). The instruction is a system
+# message in turn 1 only, the user's messages are held-out toy tasks, the model's answers are
+# fed back; at each turn the annotator says whether the answer follows every rule.
+
+def eval_dialogs(world, n: int, turns: int, seed: int):
+    """[(instruction, rules, tasks)]: the tasks about held-out people and towns (04's split)."""
+    rng = random.Random(seed + 7_000_003)
+    out = []
+    for _ in range(n):
+        text, rules = random_instruction(rng)
+        out.append((text, rules, [task_turn(world, rng, evaluation=True) for _ in range(turns)]))
+    return out
+
+
+def adherence(model, tokenizer, dialogs) -> dict:
+    """-> share of dialogues following the instruction at each turn (all rules, and per
+    family), the gold score of the answers' plain part, the first turn at which some dialogue
+    had to drop turns to fit the context, and examples."""
+    talks = converse(model, tokenizer, [d[0] for d in dialogs], [[t.prompt for t in d[2]] for d in dialogs], False)
+    answers, turns = [answers_of(talk) for talk in talks], len(dialogs[0][2])
+    budget = model.args.max_seq_len - MAX_NEW_TOKENS   # the prompt of turn t is talk[:2 + 2t]
+    window_from = next((t + 1 for t in range(turns)
+                        if any(len(S.encode_dialog(tokenizer, talk[:2 + 2 * t])[0]) > budget for talk in talks)), None)
+    checks = [[follows(rules, a[t]) for t in range(turns)] for (_, rules, _), a in zip(dialogs, answers)]
+    by_family = {f: [mean([c[t][f] for c in checks if f in c[t]]) for t in range(turns)] for f in FAMILIES}
+    return {"by_turn": [mean([all(c[t].values()) for c in checks]) for t in range(turns)],
+            "by_family": by_family, "window_from": window_from,
+            "gold": mean([S.gold_score(task, strip_rules(a[t])) for (_, _, tasks), a in zip(dialogs, answers)
+                          for t, task in enumerate(tasks)]),
+            "examples": [{"instruction": d[0], "turns": [[task.prompt, a] for task, a in zip(d[2], answers[i])]}
+                         for i, d in enumerate(dialogs[:3])]}
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation 2: attention maps (Figure 10). 02's Attention does not hand out its softmax (it
+# calls SDPA), so we recompute each layer's attention probabilities from the layer's own
+# weights, exactly as it computes them: RMSNorm, wq/wk, RoPE, repeat_kv, softmax(q k^T / sqrt(d))
+# under the causal mask. A test checks that these probabilities reproduce the layer's output.
+
+def layer_attention(layer, h, freqs_cis):
+    """The attention probabilities (batch, heads, seq, seq) of a TransformerBlock whose input
+    is the residual stream h (batch, seq, dim), with a causal mask."""
+    a = layer.attention
+    bsz, seqlen, _ = h.shape
+    x = layer.attention_norm(h)
+    q = M.apply_rotary_emb(a.wq(x).view(bsz, seqlen, a.n_heads, a.head_dim), freqs_cis)
+    k = M.apply_rotary_emb(a.wk(x).view(bsz, seqlen, a.n_kv_heads, a.head_dim), freqs_cis)
+    q, k = q.transpose(1, 2), M.repeat_kv(k, a.n_rep).transpose(1, 2)   # (bsz, heads, seq, head_dim)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(a.head_dim)
+    scores = scores.masked_fill(~M.causal_mask(seqlen, 0, h.device), float("-inf"))
+    return F.softmax(scores.float(), dim=-1)
+
+
+@torch.no_grad()
+def attention_maps(model, tokens):
+    """tokens (batch, seq) -> [per layer: attention probabilities (batch, heads, seq, seq)]."""
+    h = model.tok_embeddings(tokens)
+    freqs_cis = model.freqs_cis[:, :tokens.shape[1]].to(tokens.device)
+    maps = []
+    for layer in model.layers:
+        maps.append(layer_attention(layer, h, freqs_cis))
+        h = layer(h, 0, freqs_cis, None)   # 02's own forward carries the residual stream on
+    return maps
+
+
+def system_span(tokenizer, instruction: str):
+    """Positions [start, end) of the system block "<<SYS>>...<</SYS>>" in a dialogue's ids.
+    The newlines around it are byte pieces, which BPE never merges with a neighbour, so the
+    prefixes' ids are prefixes of the dialogue's."""
+    start = len(tokenizer.encode(S.B_INST, bos=True, eos=False))
+    return start, len(tokenizer.encode(f"{S.B_INST} {S.B_SYS}{instruction}{S.E_SYS}", bos=True, eos=False))
+
+
+def system_attention(model, tokenizer, dialogs):
+    """-> (layers x turns) list: the attention that each turn pays to the system message's
+    tokens, at the position that predicts the answer's first token (where our rules act: they
+    open the answer), in the most attentive head of each layer (Figure 10 shows the maximum
+    "across the network"), averaged over dialogues (one alone is noisy). The first message
+    is the system message, which 04's template folds into the first user turn."""
+    device, per_dialog = next(model.parameters()).device, []
+    for dialog in dialogs:
+        ids, is_answer = S.encode_dialog(tokenizer, dialog)
+        sys_start, sys_end = system_span(tokenizer, dialog[0]["content"])
+        opens = [i - 1 for i in range(1, len(ids)) if is_answer[i] and not is_answer[i - 1]]   # one a turn
+        maps = attention_maps(model.eval(), torch.tensor([ids], device=device))
+        per_dialog.append(torch.stack([p[0, :, opens, sys_start:sys_end].sum(-1).amax(0).cpu() for p in maps]))
+    turns = max(m.shape[1] for m in per_dialog)   # dialogues differ in length: average what each has
+    total = sum(F.pad(m, (0, turns - m.shape[1])) for m in per_dialog)
+    count = sum(F.pad(torch.ones(m.shape[1]), (0, turns - m.shape[1])) for m in per_dialog)
+    return (total / count).tolist()
+
+
+def attention_dialogs(tokenizer, world, n: int, seed: int, max_len: int):
+    """n long dialogues whose answers follow their instruction, the same tokens for every model,
+    each with as many turns as fit in max_len tokens."""
+    rng, dialogs = random.Random(seed + 9_000_011), []
+    for _ in range(n):
+        text, rules = random_instruction(rng)
+        dialog = [{"role": "system", "content": text}]
+        while True:
+            task = task_turn(world, rng, evaluation=True)
+            turn = [{"role": "user", "content": task.prompt},
+                    {"role": "assistant", "content": apply_rules(rules, task.answer)}]
+            if len(S.encode_dialog(tokenizer, dialog + turn)[0]) > max_len:
+                break
+            dialog += turn
+        dialogs.append(dialog)
+    return dialogs
+
+
+# ----------------------------------------------------------------------------------------
+# Figures.
+
+def plot_adherence(path, results: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    turns = range(1, len(next(iter(results.values()))["by_turn"]) + 1)
+    for i, (name, r) in enumerate(results.items()):
+        ax.plot(turns, [100 * x for x in r["by_turn"]], marker="o", ms=3, color=f"C{i}", label=name)
+    window = min((r["window_from"] for r in results.values() if r["window_from"]), default=None)
+    if window:
+        ax.axvspan(window - 0.5, turns[-1] + 0.5, color="grey", alpha=0.12,
+                   label="context full: the oldest turns after turn 1 are dropped")
+    for i, (name, points) in enumerate(PAPER_TABLE30.items()):
+        ax.scatter(list(points), list(points.values()), marker="x", s=50, color=f"C{i}",
+                   label=f"paper, Table 30: {name}")
+    ax.set(xlabel="turn (the instruction is in turn 1 only)", ylabel="turns following the instruction (%)",
+           ylim=(-5, 105), title="Multi-turn adherence before and after GAtt (cf. Figure 28, Table 30)")
+    ax.set_xticks(turns)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_attention(path, maps: dict, n_dialogs: int):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(maps), figsize=(4.8 * len(maps) + 1, 3.8), squeeze=False, layout="constrained")
+    for ax, (name, m) in zip(axes[0], maps.items()):
+        image = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
+        ax.set(title=name, xlabel="turn (answers that follow the instruction, given)", ylabel="layer")
+        ax.set_xticks(range(len(m[0])), range(1, len(m[0]) + 1))
+        ax.set_yticks(range(len(m)), range(1, len(m) + 1))
+    fig.colorbar(image, ax=axes[0].tolist(), label="attention on the system message\n(most attentive head)")
+    fig.suptitle(f"Attention paid to the system message as each answer begins, mean of {n_dialogs} dialogues "
+                 "(cf. Figure 10)")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# A run: step 1, the GAtt data, step 2, the evaluations.
+
+def train_step(args, name: str, examples, init, steps: int, lr: float, ckpt_path, rank, device, tokenizer, log):
+    """03's loop, through 04's run_sft: examples [(ids, learn)] packed into rows, the loss only
+    where learn is True. 2% of the examples measure the held-out loss."""
+    cfg = copy.copy(args)
+    cfg.steps, cfg.lr = steps, lr
+    cfg.resume = cfg.resume and Path(ckpt_path).is_file()   # cut off before this step began: start it
+    n_val = max(1, len(examples) // 50)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
+    rows, val_rows = S.pack(examples[n_val:], args.seq_len, pad_id), S.pack(examples[:n_val], args.seq_len, pad_id)
+    n_learn = int((rows[1] != S.IGNORE).sum())
+    log(f"\n== {name}: {len(examples):,} examples -> {len(rows[0]):,} rows of {args.seq_len} tokens, "
+        f"{n_learn / rows[1].numel():.1%} of positions carry loss | {steps} steps | peak LR {cfg.lr:g} ==")
+    model = M.Transformer.from_pretrained(init, device=device).train()
+    if model.args.vocab_size != tokenizer.n_words:
+        raise UserError(f"{init} has a vocabulary of {model.args.vocab_size}, the tokenizer {tokenizer.n_words}")
+    return S.run_sft(cfg, model, rows, val_rows, ckpt_path, rank, device)
+
+
+def main(argv=None):
+    t_start = time.time()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    P.add_training_args(parser, PAPER, TOY)
+    add = parser.add_argument
+    add("--init", help="the RLHF model to start from (default RUN_DIR/ppo.pt, 06's final policy)")
+    add("--tokenizer", type=Path, help="SentencePiece model (default RUN_DIR/tokenizer.model)")
+    add("--inst-examples", type=int, default=4000,
+        help="step 1: dialogues, 70%% with an instruction in the current message, 30%% 04's (default 4000)")
+    add("--inst-steps", type=int, default=250, help="step 1: optimizer steps (default 250)")
+    add("--dialogues", type=int, default=96,
+        help="GAtt: dialogues to sample; each gives a sample per turn from the second (default 96)")
+    add("--train-turns", type=int, default=8, help="GAtt: turns per sampled dialogue (default 8)")
+    add("--steps", type=int, default=100, help="GAtt: optimizer steps (default 100)")
+    add("--gatt-lr", type=float, help="GAtt: peak learning rate (default --lr / 4: step 1 teaches a new skill, "
+                                      "GAtt only adjusts one, and a higher rate erodes what 06 taught)")
+    add("--replay", type=float, default=0.5,
+        help="GAtt: share of step-1 dialogues mixed into its data (default 0.5; not in the paper: without "
+             "them the toy model, tuned on a few hundred samples, loses much of 06's helpfulness and safety)")
+    add("--temperature", type=float, default=0.7, help="GAtt: temperature of the sampled answers (default 0.7)")
+    add("--eval-dialogues", type=int, default=32, help="adherence: dialogues per model (default 32)")
+    add("--eval-turns", type=int, default=20, help="adherence: turns per dialogue (default and paper: 20)")
+    add("--attention-dialogues", type=int, default=16,
+        help="attention maps: long dialogues to average over (default 16)")
+    add("--eval-per-kind", type=int, default=40,
+        help="helpfulness and safety (04's table): held-out prompts per task kind (default 40)")
+    add("--world-seed", type=int, default=0, help="seed of 03's toy world (default 0)")
+    args = parser.parse_args(argv)
+    rank, world_size, device = P.setup_distributed(args.device)
+    P.resolve_args(args, world_size)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    tok_path = args.tokenizer or args.run_dir / "tokenizer.model"
+    init = args.init or str(args.run_dir / "ppo.pt")
+    if not Path(tok_path).is_file():
+        raise UserError(f"tokenizer not found: {tok_path} (run 01_tokenizer.py first, or pass --tokenizer)")
+    if not Path(init).exists():
+        raise UserError(f"no RLHF model to start from: {init} (run 06_rs_ppo.py first, or pass --init)")
+    for flag in ("inst_examples", "inst_steps", "dialogues", "train_turns", "steps", "eval_dialogues",
+                 "eval_turns", "attention_dialogues", "eval_per_kind"):
+        if getattr(args, flag) < (2 if flag == "train_turns" else 1):
+            raise UserError(f"--{flag.replace('_', '-')} must be at least {2 if flag == 'train_turns' else 1}")
+    if not 0 <= args.replay < 1:
+        raise UserError(f"--replay {args.replay} must be in [0, 1): the share of replayed dialogues")
+    args.gatt_lr = args.gatt_lr or args.lr / 4
+    tokenizer, world = tok.Tokenizer(tok_path), P.make_world(args.world_seed)
+    timings = {}
+
+    # 1. Step 1: follow an instruction in the current message (the paper's starting point)
+    t0 = time.time()
+    before_path, gatt_path = args.run_dir / "gatt_before.pt", args.run_dir / "gatt.pt"
+    examples = [S.encode_dialog(tokenizer, d) for d in instruction_dialogs(world, args.inst_examples, args.seed)]
+    out_before = train_step(args, "step 1: instructions in the current message", examples, init,
+                               args.inst_steps, args.lr, before_path, rank, device, tokenizer, log)
+    timings["step1_s"] = time.time() - t0
+    if args.stop_at and args.stop_at < args.inst_steps:
+        return stop(f"stopped at step {args.stop_at} of step 1 (--stop-at): continue with --resume", log)
+
+    # 2. The GAtt data: sampled by the step-1 model, the instruction in every user message
+    t0 = time.time()
+    samples_path = args.run_dir / "gatt_samples.jsonl"
+    if rank == 0 and not (args.resume and samples_path.is_file()):
+        log(f"\nsampling {args.dialogues} dialogues of {args.train_turns} turns from {before_path} "
+            f"(temperature {args.temperature}), the instruction concatenated to every user message ...")
+        sampler = M.Transformer.from_pretrained(before_path, device=device)
+        sampled = sample_gatt_dialogs(sampler, tokenizer, world, args.dialogues, args.train_turns, args.seed,
+                                      args.temperature)
+        tok.atomic_write_text(samples_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in sampled))
+        del sampler
+    if world_size > 1:
+        dist.barrier()
+    sampled = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines()]
+    examples, dropped = gatt_examples(tokenizer, sampled)
+    if not examples:
+        raise UserError(f"no sampled answer after turn 1 follows its instruction: step 1 did not teach the rules "
+                        f"({before_path}; raise --inst-steps or --lr)")
+    n_replay = round(len(examples) * args.replay / (1 - args.replay))
+    examples += [S.encode_dialog(tokenizer, d) for d in instruction_dialogs(world, n_replay, args.seed + 1)]
+    followed = sum(all(follows(s["rules"], a).values()) for s in sampled for a in s["answers"])
+    n_answers = sum(len(s["answers"]) for s in sampled)
+    log(f"GAtt data: {len(sampled)} dialogues, {followed / n_answers:.1%} of the sampled answers follow the "
+        f"instruction; {len(examples) - n_replay:,} samples of 2-{args.train_turns} turns ({dropped} dropped: the "
+        f"last answer broke the instruction) + {n_replay:,} step-1 dialogues replayed, in {time.time() - t0:.0f}s")
+    random.Random(args.seed).shuffle(examples)
+    timings["sampling_s"] = time.time() - t0
+
+    # 3. Step 2: Ghost Attention
+    t0 = time.time()
+    out_gatt = train_step(args, "step 2: Ghost Attention", examples, before_path, args.steps, args.gatt_lr,
+                             gatt_path, rank, device, tokenizer, log)
+    timings["gatt_s"] = time.time() - t0
+    if args.stop_at and args.stop_at < args.steps:
+        return stop(f"stopped at step {args.stop_at} of GAtt (--stop-at): continue with --resume", log)
+
+    # 4. Evaluations, on rank 0, with the models as saved
+    results = None
+    if rank == 0:
+        t0 = time.time()
+        models = {"before GAtt": M.Transformer.from_pretrained(before_path, device=device),
+                  "after GAtt": M.Transformer.from_pretrained(gatt_path, device=device)}
+        dialogs = eval_dialogs(world, args.eval_dialogues, args.eval_turns, args.seed)
+        adh = {}
+        for name, model in models.items():
+            adh[name] = adherence(model, tokenizer, dialogs)
+            log(f"{name}: turns following the instruction, by turn: "
+                + " ".join(f"{100 * x:.0f}" for x in adh[name]["by_turn"]) + f" (%) | gold of the plain part "
+                f"{adh[name]['gold']:.3f}")
+        timings["adherence_s"] = time.time() - t0
+        t0 = time.time()
+        long_dialogs = attention_dialogs(tokenizer, world, args.attention_dialogues, args.seed,
+                                         models["after GAtt"].args.max_seq_len)
+        attention = {name: system_attention(model, tokenizer, long_dialogs) for name, model in models.items()}
+        tasks = S.eval_tasks(world, args.eval_per_kind, args.seed)
+        chat = {"start (--init)": S.evaluate_chat(M.Transformer.from_pretrained(init, device=device), tokenizer, tasks),
+                **{name: S.evaluate_chat(model, tokenizer, tasks) for name, model in models.items()}}
+        S.print_table(chat)
+        timings["chat_eval_s"] = time.time() - t0
+        summary = {name: {"turn_1": r["by_turn"][0], "turns_2_4": mean(r["by_turn"][1:4]),
+                          "turns_5_on": mean(r["by_turn"][4:]), "gold_plain_part": r["gold"]}
+                   for name, r in adh.items()}
+        log("\nturns following the instruction (%), cf. Table 30:\n" + f"{'':<22}" +
+            "".join(f"{'turn ' + str(t):>9}" for t in PAPER_TABLE30["GAtt"] if t <= args.eval_turns) +
+            f"{'turns 5+':>10}")
+        for (name, r), paper in zip(adh.items(), PAPER_TABLE30.values()):
+            log(f"{name:<22}" + "".join(f"{100 * r['by_turn'][t - 1]:>9.0f}" for t in paper if t <= args.eval_turns)
+                + f"{100 * summary[name]['turns_5_on']:>10.1f}")
+            log(f"{'  (paper)':<22}" + "".join(f"{v:>9}" for t, v in paper.items() if t <= args.eval_turns))
+        for name, rows in attention.items():
+            log(f"attention on the system message as the answer begins, turns 2-{len(rows[0])} by layer "
+                f"({name}): " + " ".join(f"{mean(r[1:]):.3f}" for r in rows))
+        plot_adherence(args.run_dir / "gatt_adherence.png", adh)
+        plot_attention(args.run_dir / "gatt_attention.png", attention, len(long_dialogs))
+        results = dict(summary=summary, adherence=adh, chat=chat, timings=timings,
+                       attention=dict(by_layer_and_turn=attention, example_dialog=long_dialogs[0]))
+        tok.write_json(args.run_dir / "gatt.json", dict(
+            config=vars(args), **results, gatt_data=dict(dialogues=len(sampled), samples=len(examples),
+                                                        dropped=dropped, answers_following=followed / n_answers),
+            histories={"step1": out_before["history"], "gatt": out_gatt["history"]}, wall_s=time.time() - t_start))
+    return stop(f"\nwall {P.fmt_time(time.time() - t_start)} | wrote {gatt_path.name}, gatt.json, "
+                f"gatt_adherence.png, gatt_attention.png in {args.run_dir}", log, results)
+
+
+def stop(message, log, results=None):
+    log(message)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    tok.run_cli(main)
