@@ -21,7 +21,7 @@ reward_scaling.png, prefs_helpful.jsonl, prefs_safety.jsonl. Chapter 06 imports 
 and score_texts to reward its policy.
 
 Run:
-  python 05_reward.py                                      # toy, from runs/toy/sft.pt: ~2.5 min on 2 CPU cores
+  python 05_reward.py                                      # toy, from runs/toy/sft.pt: ~2 min on 2 CPU cores
   python 05_reward.py --margin large --no-ablations        # just the two RMs
   python 05_reward.py --init runs/1b/sft.pt --tokenizer runs/1b/tokenizer.model --preset 1B \\
       --device cuda --dtype bf16 --helpful-data helpful.jsonl --safety-data harmless.jsonl --no-ablations

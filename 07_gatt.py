@@ -475,6 +475,8 @@ def main(argv=None):
     add("--eval-per-kind", type=int, default=40,
         help="helpfulness and safety (04's table): held-out prompts per task kind (default 40)")
     add("--world-seed", type=int, default=0, help="seed of 03's toy world (default 0)")
+    add("--rules-by-program", action="store_true", help="rewrite the sampled answers to follow their rules "
+        "(only to test the plumbing with an untrained model; the paper samples the latest model's answers)")
     args = parser.parse_args(argv)
     rank, world_size, device = P.setup_distributed(args.device)
     P.resolve_args(args, world_size)
@@ -514,6 +516,9 @@ def main(argv=None):
         sampler = M.Transformer.from_pretrained(before_path, device=device)
         sampled = sample_gatt_dialogs(sampler, tokenizer, world, args.dialogues, args.train_turns, args.seed,
                                       args.temperature)
+        if args.rules_by_program:   # a model that follows nothing (the pipeline's micro smoke run)
+            for s in sampled:
+                s["answers"] = [apply_rules(s["rules"], a) for a in s["answers"]]
         tok.atomic_write_text(samples_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in sampled))
         del sampler
     if world_size > 1:

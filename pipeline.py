@@ -59,7 +59,8 @@ SMOKE = {
            "--eval-per-kind", "2"],
     "07": ["--inst-examples", "60", "--inst-steps", "2", "--steps", "2", "--dialogues", "6", "--train-turns", "3",
            "--eval-dialogues", "3", "--eval-turns", "3", "--eval-per-kind", "1", "--seq-len", "256",
-           "--micro-batch", "2", "--batch-tokens", "512", "--warmup-steps", "1", "--log-every", "1"],
+           "--micro-batch", "2", "--batch-tokens", "512", "--warmup-steps", "1", "--log-every", "1",
+           "--rules-by-program"],
 }
 
 
