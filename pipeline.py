@@ -252,9 +252,9 @@ def effects(run_dir):
             if name.split(",")[0][:4].lower() in name.split(",")[1]:   # each RM on its own test set
                 R = importlib.import_module("05_reward")
                 accs = [acc[k] for k in R.RATINGS if acc.get(k) is not None]
-                rows.append(("05", f"{name}: accuracy ordered by rating",
-                             " > ".join(f"{100 * x:.0f}" for x in accs),
-                             check(accs[0] == max(accs) and accs[0] > accs[-1])))
+                rows.append(("05", f"{name}: most accurate on clear-cut pairs, least on negligible ones",
+                             " / ".join(f"{100 * x:.0f}" for x in accs) + " (sig. / better / slightly / negl.)",
+                             check(accs[0] == max(accs) and accs[-1] == min(accs))))
     d = load(run_dir, "rs_ppo.json")
     if d:
         g = {k: v["gold"] for k, v in d["results"].items()}
