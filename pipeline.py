@@ -9,7 +9,7 @@ an interrupted run picks up where it stopped; --rerun names stages to run again 
 stages are not rerun unless named: say `--rerun 04 05 06 07` to redo everything after 03).
 
 Run:
-  python pipeline.py                                  # toy: ~15 minutes on 2 CPU cores
+  python pipeline.py                                  # toy: ~12 minutes on 2 CPU cores
   python pipeline.py --rerun 06 07                    # redo RS/PPO and GAtt, keep the rest
   python pipeline.py --preset small --device cuda --run-dir runs/small   # bigger, on a GPU
   python pipeline.py --report-only                    # rewrite report.md from the JSON files
