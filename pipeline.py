@@ -96,7 +96,8 @@ def run_stage(name, args, log):
 
 # ----------------------------------------------------------------------------------------
 # report.md: one section per chapter, ours beside the paper's. Every number of ours is read
-# from this run's JSON files; the paper's come from the chapters' own tables of paper values.
+# from this run's JSON files; the paper's from the chapters' own tables of paper values (05's
+# Tables 8 and 28), or for Table 1's parameter counts and Table 30 from ../shared/PAPER.md.
 
 def load(run_dir: Path, name: str):
     path = run_dir / name
