@@ -387,6 +387,14 @@ def setup_distributed(device_name: str = "auto"):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def end_distributed():
+    """Leave together: rank 0 still writes files when the others are done, and a gloo rank that
+    tears its process group down while a peer is still connected can abort at exit."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def configure_optimizer(model, lr: float, weight_decay: float, betas, eps: float, device):
     """AdamW (Sec. 2.2), weight decay on the linear layers' weight matrices only. Not on the
     RMSNorm gains: they are per-channel scales, and decay would shrink the activations they
@@ -687,8 +695,7 @@ def main(argv=None):
         speed = f"{result['tokens_per_s']:,.0f}" if result["tokens_per_s"] else "n/a"
         log(f"\n{speed} tokens/s | wall {fmt_time(time.time() - t_start)} | wrote {ckpt_path}, "
             f"pretrain.json and pretrain_loss.png")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_distributed()
     return metrics
 
 

@@ -483,8 +483,7 @@ def main(argv=None):
             n_dialogues=len(dialogs), n_rows=len(rows[0]), wall_s=time.time() - t_start))
         log(f"\nwall {P.fmt_time(time.time() - t_start)} | wrote {ckpt_path}, {args.run_dir / 'sft.json'}, "
             f"{args.run_dir / 'sft.png'}")
-    if P.dist.is_initialized():
-        P.dist.destroy_process_group()
+    P.end_distributed()
     return results
 
 

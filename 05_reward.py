@@ -159,6 +159,16 @@ def write_jsonl(path, comparisons):
     tok.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+def read_prompt(prompt, where: str):
+    """A data line's prompt, a string or a list of messages ending with the user's, as a dialogue
+    (06's prompt files use the same form)."""
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    S.check_dialog(prompt, where)
+    if prompt[-1]["role"] != "user":
+        raise UserError(f"{where}: the prompt must end with the user's message")
+    return prompt
+
+
 def read_pairs_jsonl(path):
     """Pairwise data, one JSON object a line: prompt (a string or a list of messages ending with
     the user's), chosen, rejected, optional rating. Pairs with identical answers are skipped."""
@@ -171,11 +181,7 @@ def read_pairs_jsonl(path):
                 raise UserError(f"{where}: missing '{key}'")
         if not isinstance(record["chosen"], str) or not isinstance(record["rejected"], str):
             raise UserError(f"{where}: 'chosen' and 'rejected' must be strings (the two answers)")
-        prompt = record["prompt"]
-        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        S.check_dialog(prompt, where)
-        if prompt[-1]["role"] != "user":
-            raise UserError(f"{where}: the prompt must end with the user's message")
+        prompt = read_prompt(record["prompt"], where)
         rating = record.get("rating") or ""
         if rating and rating not in RATINGS:
             raise UserError(f"{where}: rating {rating!r} is not one of {', '.join(RATINGS)}")
@@ -589,8 +595,7 @@ def main(argv=None):
             histories=histories, wall_s=time.time() - t_start))
         log(f"\nwall {P.fmt_time(time.time() - t_start)} | wrote {', '.join(f'rm_{k}.pt' for k in results)}, "
             f"reward.json{', reward_margins.png, reward_scaling.png' if ablation else ''} in {args.run_dir}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    P.end_distributed()
     return dict(table8=table8, margin_ablation=ablation, scaling=scaling, data=stats)
 
 

@@ -112,12 +112,7 @@ def read_prompts(path):
     for where, record in S.read_jsonl(path):
         if not isinstance(record, dict) or "prompt" not in record:
             raise UserError(f"{where}: expected an object with 'prompt' (and optional 'unsafe')")
-        dialog = record["prompt"]
-        dialog = [{"role": "user", "content": dialog}] if isinstance(dialog, str) else dialog
-        S.check_dialog(dialog, where)
-        if dialog[-1]["role"] != "user":
-            raise UserError(f"{where}: the prompt must end with the user's message")
-        out.append(Prompt(dialog, bool(record.get("unsafe", False))))
+        out.append(Prompt(R.read_prompt(record["prompt"], where), bool(record.get("unsafe", False))))
     if not out:
         raise UserError(f"{path}: no prompts in it")
     return out
@@ -752,8 +747,7 @@ def main(argv=None):
             dist.barrier()
         if args.stop_at and len(history) < args.ppo_iterations:
             log(f"stopped at PPO iteration {len(history)}; continue with --resume")
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            P.end_distributed()
             return None
         state["results"]["+PPO"] = evaluate(M.Transformer.from_pretrained(ppo_path, device=device))
 
@@ -778,8 +772,7 @@ def main(argv=None):
         log(f"\nwall {P.fmt_time(time.time() - t_start)} (RS and PPO: generating {split['gen_s']:.0f}s, scoring "
             f"{split['score_s']:.0f}s, training {split['train_s']:.0f}s) | wrote rs.pt, ppo.pt, rs_ppo.json and "
             f"figures in {args.run_dir}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    P.end_distributed()
     return state
 
 

@@ -596,8 +596,7 @@ def main(argv=None):
 
 def stop(message, log, results=None):
     log(message)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    P.end_distributed()
     return results
 
 
