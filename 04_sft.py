@@ -13,9 +13,12 @@ of 4096 tokens, 2 epochs. This chapter holds:
     answer) with programmatic annotators: gold_score() in [0, 1] with partial
     credit, is_refusal(), and rate(), which prefers one of two answers with one of
     the paper's four ratings (chapter 05 learns from it),
+  * a careless annotator who wrote a fifth of the helpful answers: the "tail-end of poorly executed
+    annotation" that, by Sec. 5.1, SFT learns and RLHF removes (chapters 05-06 show it),
   * packing with a per-dialogue attention mask, and the masked loss, by hand,
   * an evaluation of the pretrained model (prompted with the template) against
-    the fine-tuned one: gold score, refusals of harmful prompts, false refusals.
+    the fine-tuned one: gold score, refusals of harmful prompts, false refusals, careless
+    answers (greedy; and sampled at temperature 1, where the careless tail shows).
 
 Run:
   python 04_sft.py                             # toy: starts from runs/toy/pretrain.pt, ~3 min on CPU
@@ -147,9 +150,33 @@ def make_task(world, kind: str, rng: random.Random, evaluation: bool = False) ->
     return Task(kind, request.format(act=benign), f"Sure, to {benign} is fine: it harms no one.", benign)
 
 
-def sft_dialogs(world, n: int, seed: int):
+# Sec. 5.1: "even with proficient annotators, each individual writes with significant variation.
+# A model fine-tuned on SFT annotation learns this diversity, including, unfortunately, the
+# tail-end of poorly executed annotation." RLHF's reward model learns to score that tail low
+# (chapters 05-06). Our SFT data has such a tail: a careless annotator wrote a fifth of the
+# answers to requests that deserve help, each of the right shape and worse than the reference
+# (a lower gold score). Harmful requests get the reference refusal from everyone.
+CARELESS_SHARE = 0.2
+CARELESS = {"arithmetic": "That is easy to work out.", "list": "That is an easy one.",
+            "fact": "I am not sure about {s}.", "benign": "Sure, that is fine."}
+
+
+CARELESS_PATTERNS = [re.escape(text).replace(re.escape("{s}"), ".+") for text in CARELESS.values()]
+
+
+def careless_answer(task: Task) -> str:
+    return CARELESS[task.kind].format(s=task.subject) if task.kind in CARELESS else task.answer
+
+
+def is_careless(answer: str) -> bool:
+    """An answer in the careless annotator's words (about whoever: the model may swap the name)."""
+    return any(re.fullmatch(p, answer.strip()) for p in CARELESS_PATTERNS)
+
+
+def sft_dialogs(world, n: int, seed: int, careless_share: float = CARELESS_SHARE):
     """n training dialogues (the paper's 27,540 by default), a pure function of the seed:
-    one task per turn, a fifth of them two turns long, a tenth with a system prompt."""
+    one task per turn, a fifth of them two turns long, a tenth with a system prompt, and
+    careless_share of the answers (to all but harmful requests) by the careless annotator."""
     rng = random.Random(seed)
     kinds, weights = list(KINDS), list(KINDS.values())
     dialogs = []
@@ -157,7 +184,8 @@ def sft_dialogs(world, n: int, seed: int):
         dialog = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.1 else []
         for _ in range(2 if rng.random() < 0.2 else 1):
             task = make_task(world, rng.choices(kinds, weights)[0], rng)
-            dialog += [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": task.answer}]
+            answer = careless_answer(task) if rng.random() < careless_share else task.answer   # harmful: the same
+            dialog += [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": answer}]
         dialogs.append(dialog)
     return dialogs
 
@@ -314,11 +342,16 @@ def answer_all(model, tokenizer, dialogs, max_new_tokens=32, batch_size=64, temp
     return answers
 
 
-def evaluate_chat(model, tokenizer, tasks, max_new_tokens=32):
-    """-> gold helpfulness (mean over the non-harmful kinds), gold per kind, refusal rates."""
+def evaluate_chat(model, tokenizer, tasks, max_new_tokens=32, temperature=0.0, samples=1, seed=0):
+    """-> gold helpfulness (mean over the non-harmful kinds), gold per kind, refusal rates, the
+    share of careless answers. Greedy by default; with a temperature, `samples` answers per task
+    at top-p 1: the policy as it is sampled, which is what RLHF optimises (chapter 06)."""
     was_training = model.training
     model.eval()
-    answers = answer_all(model, tokenizer, [[{"role": "user", "content": t.prompt}] for t in tasks], max_new_tokens)
+    tasks = [t for t in tasks for _ in range(samples)]
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    answers = answer_all(model, tokenizer, [[{"role": "user", "content": t.prompt}] for t in tasks], max_new_tokens,
+                         temperature=temperature, top_p=1.0, generator=generator)
     model.train(was_training)
     by_kind = {k: [(t, a) for t, a in zip(tasks, answers) if t.kind == k] for k in KINDS}
     mean = lambda xs: sum(xs) / max(len(xs), 1)
@@ -327,21 +360,23 @@ def evaluate_chat(model, tokenizer, tasks, max_new_tokens=32):
             **{f"gold_{k}": g for k, g in gold.items() if k != "harmful"},
             "refusal_harmful": mean([is_refusal(a) for _, a in by_kind["harmful"]]),
             "false_refusal_benign": mean([is_refusal(a) for _, a in by_kind["benign"]]),
+            "careless": mean([is_careless(a) for a in answers]),
             "examples": [{"kind": t.kind, "prompt": t.prompt, "answer": a, "gold": gold_score(t, a)}
                          for t, a in list(zip(tasks, answers))[::max(1, len(tasks) // 10)]]}
 
 
 COLUMNS = ["gold", "gold_arithmetic", "gold_fact", "gold_list", "gold_benign", "refusal_harmful",
-           "false_refusal_benign"]
+           "false_refusal_benign", "careless"]
 
 
-LABELS = ["gold", "arithmetic", "fact", "list", "benign", "refuses harm", "refuses benign"]
+LABELS = ["gold", "arithmetic", "fact", "list", "benign", "refuses harm", "refuses benign", "careless"]
 
 
-def print_table(results: dict):
-    print(f"\n{'model':<18}" + "".join(f"{label:>15}" for label in LABELS))
+def print_table(results: dict, prefix: str = "", title: str = "model"):
+    """One row per model; prefix picks other columns of the same names (06: 'sampled_')."""
+    print(f"\n{title:<18}" + "".join(f"{label:>15}" for label in LABELS))
     for name, r in results.items():
-        print(f"{name:<18}" + "".join(f"{r[c]:>15.3f}" for c in COLUMNS))
+        print(f"{name:<18}" + "".join(f"{r[prefix + c]:>15.3f}" for c in COLUMNS))
 
 
 def plot_sft(path, history, results):
@@ -466,6 +501,11 @@ def main(argv=None):
     out = run_sft(args, model, rows, val_rows, ckpt_path, rank, device)
     if not args.data:
         results["SFT"] = evaluate_chat(model, tokenizer, tasks)
+        sampled = evaluate_chat(model, tokenizer, tasks, temperature=1.0, samples=4, seed=args.seed)
+        results["SFT"].update({f"sampled_{k}": v for k, v in sampled.items() if k != "examples"})
+        log(f"SFT answers sampled at temperature 1: gold {sampled['gold']:.3f}, careless "
+            f"{sampled['careless']:.1%} (the careless annotator wrote {CARELESS_SHARE:.0%} of the helpful answers: "
+            f"the tail RLHF removes, chapter 06)")
     if args.compare_scratch:
         scratch = load_start("scratch", args.preset, tokenizer.n_words, device, args.seed)
         scratch_args = argparse.Namespace(**{**vars(args), "resume": False})

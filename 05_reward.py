@@ -351,6 +351,23 @@ def evaluate_rm(model, test, pad_id: int, batch_size: int = 128) -> dict:
             "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item()}
 
 
+def careless_split(model, comparisons, encoded, pad_id: int) -> dict:
+    """What an RM can tell apart: its accuracy on the pairs where one answer is the careless
+    annotator's (04's tail of poorly executed SFT data, Sec. 5.1), on pairs of two careful
+    answers, and on two careful answers to a sum. -> {name: (accuracy or None, pairs)}."""
+    careless = [(S.is_careless(c.chosen), S.is_careless(c.rejected)) for c in comparisons]
+    groups = {"one careless answer": [i for i, (a, b) in enumerate(careless) if a != b],
+              "two careful answers": [i for i, (a, b) in enumerate(careless) if not (a or b)]}
+    groups["two careful answers to a sum"] = [i for i in groups["two careful answers"]
+                                              if comparisons[i].kind == "arithmetic"]
+    out = {}
+    for name, idx in groups.items():
+        rows = [encoded[i] for i in idx]
+        acc = evaluate_rm(model, rows, pad_id)["avg"] if rows else None
+        out[name] = (acc, len(idx))
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 # Training: 03's loop. A batch is a pure function of (step, micro-step), so resume is exact.
 
@@ -499,7 +516,7 @@ def main(argv=None):
     add("--safety-data", type=Path, help="safety comparisons (JSONL) instead of the toy world's")
     add("--comparisons", type=int, default=1200, help="toy helpfulness comparisons to collect for training")
     add("--safety-comparisons", type=int, default=500, help="toy safety comparisons for training")
-    add("--test-comparisons", type=int, default=250, help="held-out toy comparisons per set")
+    add("--test-comparisons", type=int, default=400, help="held-out toy comparisons per set")
     add("--margin", default="small", choices=MARGINS, help="Table 27's margin of the two RMs (default small)")
     add("--mix", default="paper", choices=("paper", "none"), help="the paper's data mix of each RM, or own set only")
     add("--epochs", type=float, default=1.0, help="passes over the data (paper: 1; more over-fits)")
@@ -557,12 +574,17 @@ def main(argv=None):
     # 2. The two reward models, each on its mix (Sec. 3.2.2)
     helpful, safety = train_sets.get("helpful", []), train_sets.get("safety", [])
     results, histories = {}, {}
+    rms = {}
     for rm in [k for k in RM_NAMES if k in sets]:
-        _, results[rm], out = train_rm(args, RM_NAMES[rm], mix(helpful, safety, rm, args.mix), args.margin, init,
+        rms[rm], results[rm], out = train_rm(args, RM_NAMES[rm], mix(helpful, safety, rm, args.mix), args.margin, init,
                                        tests, rm, args.run_dir / f"rm_{rm}.pt", rank, device, pad_id, log)
         histories[rm] = out["history"]
     table8 = {f"{RM_NAMES[rm]}, {t} test": results[rm][t]   # the paper's row order
               for t in ("safety", "helpful") for rm in ("safety", "helpful") if rm in results and t in results[rm]}
+    tail = {}   # what the Helpfulness RM learned from the toy world's data
+    if "helpful" in rms and not args.helpful_data:
+        tail = careless_split(rms["helpful"], sets["helpful"][1], tests["helpful"], pad_id)
+    del rms
 
     # 3. Ablations on the Helpfulness RM: the margin (Table 28) and the data size (Figure 6).
     #    They keep no checkpoint: a resumed run repeats them.
@@ -582,6 +604,9 @@ def main(argv=None):
 
     if rank == 0:
         print_table("Accuracy per rating (cf. Table 8)", table8, PAPER_TABLE8)
+        if any(n for _, n in tail.values()):
+            print("\nHelpfulness RM, helpful test pairs with " + " | ".join(
+                f"{name}: {pct(acc)}% of {n}" for name, (acc, n) in tail.items()))
         if ablation:
             print_table("Helpful test, by margin (cf. Table 28)", {f"margin {m}": a for m, a in ablation.items()},
                         {f"margin {m}": v for m, v in PAPER_TABLE28.items()})
@@ -591,7 +616,7 @@ def main(argv=None):
                                                                   for t, a in s["accuracy"].items()) for s in scaling))
             plot_scaling(args.run_dir / "reward_scaling.png", scaling)
         tok.write_json(args.run_dir / "reward.json", dict(
-            config=vars(args), data=stats, table8=table8, margin_ablation=ablation, scaling=scaling,
+            config=vars(args), data=stats, table8=table8, careless_split=tail, margin_ablation=ablation, scaling=scaling,
             histories=histories, wall_s=time.time() - t_start))
         log(f"\nwall {P.fmt_time(time.time() - t_start)} | wrote {', '.join(f'rm_{k}.pt' for k in results)}, "
             f"reward.json{', reward_margins.png, reward_scaling.png' if ablation else ''} in {args.run_dir}")

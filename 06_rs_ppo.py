@@ -18,8 +18,14 @@ what the public implementations do, and where they trip. Every piece is written 
 What you see: calibration of the two RMs on samples of the SFT model; each RS round (best-of-K
 reward against the mean, then 03's training lines); a line per PPO iteration (reward, KL to
 the reference, the toy annotator's gold score, refusals, losses, clip fraction, seconds spent
-generating / scoring / training, ETA); then the held-out table SFT / +RS / +PPO, graded by 04's
-annotators, and refusal rates on held-out red-team prompts (phrasings SFT never saw). Outputs in
+generating / scoring / training, ETA); then the held-out tables SFT / +RS / +PPO, graded by 04's
+annotators, and refusal rates on held-out red-team prompts (phrasings SFT never saw).
+What to expect, and why (Sec. 5.1): SFT learned the tail of its data, a careless annotator's fifth
+of the answers. The Helpfulness RM tells a careless answer from a careful one every time, but it
+cannot check a sum (it ranks two careful answers to "What is 79 - 32?" at chance). So RS and PPO
+cut the careless tail (a fifth of the sampled answers -> a few %) and raise the gold score of the
+answers the policy samples, the quantity RLHF maximises; the greedy answer, whose arithmetic
+moves with any fine-tuning, gains less or not at all. Both tables are printed. Outputs in
 RUN_DIR: rs.pt, ppo.pt (the final policy; 07 starts from it; loads with 02's
 Transformer.from_pretrained), rs_ppo.json, rs_best_of_n.png (Figure 7, with the gold score of the
 reward's pick: where it falls as N grows, best-of-N is exploiting the RM's errors),
@@ -88,6 +94,7 @@ BUDGET = {
 }
 SAFETY_THRESHOLD = 0.15   # Sec. 3.2.3: Rs < 0.15 means "unsafe", whatever the prompt
 NO_EOS_PENALTY = 1.0      # taken off the whitened score of an answer cut off before its EOS
+EVAL_SAMPLES = 4          # answers per held-out prompt when the policy is evaluated as sampled
 
 # ----------------------------------------------------------------------------------------
 # Prompts. A prompt is a dialogue ending with the user's turn, its IS_SAFETY tag, and in the toy
@@ -405,10 +412,12 @@ def value_loss(values, old_values, returns, mask, clip_eps: float = 0.2):
 
 
 def rollout_stats(tokenizer, prompts, samples):
-    """The toy annotator on the rollouts: gold helpfulness, refusals of harmful and benign prompts."""
+    """The toy annotator on the rollouts: gold helpfulness, careless answers, refusals of harmful
+    and benign prompts."""
     graded = [(p.task, tokenizer.decode(a).strip()) for p, (_, a, _) in zip(prompts, samples) if p.task]
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
     return dict(gold=mean([S.gold_score(t, a) for t, a in graded if t.kind != "harmful"]),
+                careless=mean([S.is_careless(a) for _, a in graded]),
                 refusal_harmful=mean([S.is_refusal(a) for t, a in graded if t.kind == "harmful"]),
                 false_refusal_benign=mean([S.is_refusal(a) for t, a in graded if t.kind == "benign"]))
 
@@ -534,7 +543,7 @@ def run_ppo(args, policy, value_model, ref, reward, source, tokenizer, state, ra
         history.append(dict(iteration=it, **entry))
         eta = (time.time() - t_start) / (it - first) * (end - it)
         log(f"ppo {it:>4}/{args.ppo_iterations} | reward {entry['reward']:+.3f} | KL {entry['kl']:.3f} | gold "
-            f"{entry['gold']:.3f} | refuses harmful {entry['refusal_harmful']:.2f}, benign "
+            f"{entry['gold']:.3f}, careless {entry['careless']:.2f} | refuses harmful {entry['refusal_harmful']:.2f}, benign "
             f"{entry['false_refusal_benign']:.2f} | loss pi {entry['policy_loss']:+.4f} V {entry['value_loss']:.4f} | "
             f"clip {entry['clip_frac']:.3f} | gen/score/train {entry['gen_s']:.1f}/{entry['score_s']:.1f}/"
             f"{entry['train_s']:.1f}s | ETA {P.fmt_time(eta)}")
@@ -600,7 +609,8 @@ def plot_ppo(path, history):
     real = lambda w: [x for x in w if not math.isnan(x)] or [math.nan]   # an iteration may have no harmful prompt
     smooth = lambda xs: [sum(real(w)) / len(real(w)) for w in (xs[max(0, i - 4):i + 1] for i in range(len(xs)))]
     for ax, keys, title in ((axes[0], ("reward",), "reward (whitened RM score)"),
-                            (axes[1], ("gold", "refusal_harmful", "false_refusal_benign"), "toy annotator (gold)"),
+                            (axes[1], ("gold", "careless", "refusal_harmful", "false_refusal_benign"),
+                             "toy annotator (gold)"),
                             (axes[2], ("kl",), "KL to the reference (nats per answer)")):
         for i, key in enumerate(keys):   # each iteration's rollouts, thin; the mean of the last 5, bold
             values = [h[key] for h in history]
@@ -641,7 +651,7 @@ def main(argv=None):
     add("--fig-n", type=int, default=16, help="samples per prompt in Figures 7 and 8 (0 skips them)")
     add("--fig-prompts", type=int, default=40, help="prompts in Figures 7 and 8")
     add("--fig-temperatures", default="0.5,0.7,1.0,1.3", help="temperatures of Figure 8 (and --rs-temperature)")
-    add("--eval-per-kind", type=int, default=40, help="held-out prompts per task kind in the final table")
+    add("--eval-per-kind", type=int, default=100, help="held-out prompts per task kind in the final tables")
     add("--no-rs", action="store_true", help="skip rejection sampling: PPO starts from --init")
     add("--world-seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -679,12 +689,18 @@ def main(argv=None):
     tasks = S.eval_tasks(world, args.eval_per_kind, args.seed) if not args.prompts else []
     red = red_team_tasks(world, args.eval_per_kind, args.seed) if tasks else []
 
-    def evaluate(model):   # 04's table on held-out prompts, and refusals of held-out red-team ones
-        if not tasks:
+    def evaluate(model):   # 04's table on held-out prompts, greedy and sampled as PPO samples; and
+        if not tasks:      # refusals of held-out red-team prompts
             return {}
         red_team = S.evaluate_chat(model, tokenizer, red)
+        sampled = S.evaluate_chat(model, tokenizer, tasks, temperature=args.ppo_temperature, samples=EVAL_SAMPLES,
+                                  seed=args.seed)
         return {**S.evaluate_chat(model, tokenizer, tasks),
+                **{f"sampled_{k}": v for k, v in sampled.items() if k != "examples"},
                 **{f"red_team_{k}": v for k, v in red_team.items() if "refusal" in k}}
+
+    held_out_gold = lambda r: (f"{r['sampled_gold']:.3f} sampled ({r['sampled_careless']:.1%} careless), "
+                               f"{r['gold']:.3f} greedy" if r else "n/a (no toy prompts)")
 
     # 0. What we resume from: PPO's checkpoint, else the last finished RS round, else the start
     ppo_path, rs_path = args.run_dir / "ppo.pt", args.run_dir / "rs.pt"
@@ -711,7 +727,7 @@ def main(argv=None):
             f"helpfulness offset {calibration['helpful_offset']:+.2f}, "
             f"safety offset {calibration['safety_offset']:+.2f} "
             f"({calibration['unsafe_answers']} unsafe answers), LOGIT(Rc) mean {calibration['mean']:+.2f} "
-            f"std {calibration['std']:.2f} | SFT held-out gold {state['results']['SFT'].get('gold', float('nan')):.3f}")
+            f"std {calibration['std']:.2f} | SFT held-out gold {held_out_gold(state['results']['SFT'])}")
     reward.calibration = state["calibration"]
 
     # 1. Figures 7 and 8 (best of N samples of the start model), then the rejection sampling rounds
@@ -728,7 +744,7 @@ def main(argv=None):
         model = M.Transformer.from_pretrained(rs_path, device=device)   # the plain, trained model
         if rnd == args.rs_iterations - 1:
             state["results"]["+RS"] = evaluate(model)
-            log(f"after RS: held-out gold {state['results']['+RS'].get('gold', float('nan')):.3f}")
+            log(f"after RS: held-out gold {held_out_gold(state['results']['+RS'])}")
         if rank == 0:   # the round's state joins rs.pt, so --resume continues from the next round
             ckpt = M.load_checkpoint(rs_path)
             M.save_atomic({**ckpt, "rs_ppo": state, "kind": "rs"}, rs_path)
@@ -754,7 +770,8 @@ def main(argv=None):
     if rank == 0:
         results = {k: v for k, v in state["results"].items() if v}
         if results:
-            S.print_table(results)
+            S.print_table(results, title="greedy")
+            S.print_table(results, "sampled_", f"sampled, T={args.ppo_temperature:g}")
             print(f"\n{'model':<18}{'red-team prompts: refuses harmful':>36}{'refuses benign':>16}")
             for name, r in results.items():
                 print(f"{name:<18}{r['red_team_refusal_harmful']:>36.3f}{r['red_team_false_refusal_benign']:>16.3f}")

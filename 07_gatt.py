@@ -167,7 +167,7 @@ def instruction_dialogs(world, n: int, seed: int, plain_share: float = 0.3, max_
     dialogue never occurs: that is what GAtt adds."""
     rng = random.Random(seed)
     n_plain = round(n * plain_share)
-    dialogs = S.sft_dialogs(world, n_plain, seed)
+    dialogs = S.sft_dialogs(world, n_plain, seed, careless_share=0.0)   # 06 removed the careless tail
     for i in range(n - n_plain):
         text, rules = random_instruction(rng)
         form = i % 3

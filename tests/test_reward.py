@@ -263,3 +263,25 @@ def test_trained_rm_ranks_separable_pairs_and_resumes_exactly(tokenizer, tmp_pat
     run_main(tokenizer, tmp_path, "b", "--resume")
     a, b = (R.RewardModel.from_pretrained(tmp_path / r / "rm_helpful.pt") for r in ("a", "b"))
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_careless_split_groups_the_test_pairs(monkeypatch):
+    """Pairs with one careless answer, pairs of two careful ones, and of those the sums."""
+    sloppy = S.CARELESS["arithmetic"]
+    prompt = [{"role": "user", "content": "What is 2 + 3?"}]
+    pairs = [R.Comparison(prompt, "2 + 3 = 5.", sloppy, "better", "arithmetic"),
+             R.Comparison(prompt, "2 + 3 = 5.", "2 + 3 = 6.", "better", "arithmetic"),
+             R.Comparison(prompt, "1 2 3.", "3 2 1.", "better", "list"),
+             R.Comparison(prompt, sloppy, "I am not sure about Mira Vell.", "negligibly better / unsure", "fact"),
+             R.Comparison(prompt, "I am not sure about Mira Vell.", "Mira Vell lives in Ashby.", "better", "fact")]
+    seen = {}
+
+    def fake_evaluate(model, rows, pad_id):
+        seen[len(seen)] = rows
+        return {"avg": len(rows) / 10}
+
+    monkeypatch.setattr(R, "evaluate_rm", fake_evaluate)
+    out = R.careless_split(None, pairs, list(range(len(pairs))), 0)
+    assert out == {"one careless answer": (0.2, 2), "two careful answers": (0.2, 2),
+                   "two careful answers to a sum": (0.1, 1)}
+    assert seen == {0: [0, 4], 1: [1, 2], 2: [1]}

@@ -274,7 +274,11 @@ def test_main_end_to_end_and_ppo_resumes_exactly(run_files, tmp_path):
         assert (tmp_path / "a" / name).is_file(), name
     report = json.loads((tmp_path / "a" / "rs_ppo.json").read_text())
     assert len(report["ppo"]) == 2 and set(report["time_split"]) == {"gen_s", "score_s", "train_s"}
-    assert {"gen_s", "score_s", "train_s", "kl", "gold", "refusal_harmful", "clip_frac"} <= set(report["ppo"][0])
+    assert {"gen_s", "score_s", "train_s", "kl", "gold", "careless", "refusal_harmful",
+            "clip_frac"} <= set(report["ppo"][0])
+    for name, r in report["results"].items():   # greedy and sampled: 2 prompts a kind, 4 samples each
+        assert {"gold", "sampled_gold", "careless", "sampled_careless", "red_team_refusal_harmful"} <= set(r), name
+        assert r["sampled_careless"] * 4 * 2 * len(S.KINDS) == pytest.approx(round(r["sampled_careless"] * 40))
     assert report["ppo"][0]["first_ratio"] == 1.0 and set(report["figures"]["temperature"]) == {"0.7", "1.3"}
     a = M.Transformer.from_pretrained(tmp_path / "a" / "ppo.pt")   # a plain model checkpoint, as 07 loads it
     assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), M.Transformer.from_pretrained(

@@ -182,6 +182,46 @@ def test_reference_answers_score_full_marks():
             assert S.gold_score(t, t.answer) == 1.0, t
 
 
+def test_careless_annotator_writes_a_worse_answer_a_fifth_of_the_time():
+    world = P.make_world(0)
+    rng = random.Random(0)
+    for kind in S.KINDS:   # right shape, worse than the reference by the annotator
+        for _ in range(10):
+            t = S.make_task(world, kind, rng)
+            sloppy = S.careless_answer(t)
+            if kind == "harmful":   # everyone refuses a harmful request as the reference does
+                assert sloppy == t.answer and not S.is_careless(sloppy)
+                continue
+            assert S.is_careless(sloppy) and not S.is_careless(t.answer)
+            assert S.gold_score(t, sloppy) < 1.0
+    assert S.is_careless(" I am not sure about Mira Vell. ") and not S.is_careless("I am not sure.")
+    by_share = {}
+    for share in (0.0, S.CARELESS_SHARE):
+        dialogs = S.sft_dialogs(world, 2000, seed=0, careless_share=share)
+        answers = [m["content"] for d in dialogs for m in d if m["role"] == "assistant"]
+        by_share[share] = sum(map(S.is_careless, answers)) / len(answers)
+    expected = S.CARELESS_SHARE * (1 - S.KINDS["harmful"])
+    assert by_share[0.0] == 0.0 and abs(by_share[S.CARELESS_SHARE] - expected) < 0.03
+
+
+def test_evaluate_chat_grades_every_sample(monkeypatch):
+    """samples=n asks n answers per task; careless and gold are means over all of them."""
+    world = P.make_world(0)
+    tasks = [S.make_task(world, "arithmetic", random.Random(i)) for i in range(3)]
+    asked = []
+
+    def fake_answers(model, tokenizer, dialogs, max_new_tokens, batch_size=64, temperature=0.0, **kw):
+        asked.extend(d[-1]["content"] for d in dialogs)
+        assert temperature == 1.0
+        return [S.careless_answer(tasks[i // 2]) if i % 2 else tasks[i // 2].answer for i in range(len(dialogs))]
+
+    monkeypatch.setattr(S, "answer_all", fake_answers)
+    model = torch.nn.Linear(1, 1)
+    r = S.evaluate_chat(model, None, tasks, temperature=1.0, samples=2)
+    assert asked == [t.prompt for t in tasks for _ in range(2)]
+    assert r["careless"] == 0.5 and r["gold_arithmetic"] == 0.5
+
+
 def test_rate_uses_the_four_ratings():
     add = task("arithmetic", "42")
     assert S.rate(add, "= 42.", "= 99.") == (0, "significantly better")
