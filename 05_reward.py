@@ -354,10 +354,12 @@ def evaluate_rm(model, test, pad_id: int, batch_size: int = 128) -> dict:
 def careless_split(model, comparisons, encoded, pad_id: int) -> dict:
     """What an RM can tell apart: its accuracy on the pairs where one answer is the careless
     annotator's (04's tail of poorly executed SFT data, Sec. 5.1), on pairs of two careful
-    answers, and on two careful answers to a sum. -> {name: (accuracy or None, pairs)}."""
-    careless = [(S.is_careless(c.chosen), S.is_careless(c.rejected)) for c in comparisons]
-    groups = {"one careless answer": [i for i, (a, b) in enumerate(careless) if a != b],
-              "two careful answers": [i for i, (a, b) in enumerate(careless) if not (a or b)]}
+    answers, and on two careful answers to a sum. Pairs rated "negligibly better / unsure" are
+    left out: on a near tie the annotator's pick is a coin toss. -> {name: (accuracy, pairs)}."""
+    careless = {i: (S.is_careless(c.chosen), S.is_careless(c.rejected))
+                for i, c in enumerate(comparisons) if c.rating != RATINGS[-1]}
+    groups = {"one careless answer": [i for i, (a, b) in careless.items() if a != b],
+              "two careful answers": [i for i, (a, b) in careless.items() if not (a or b)]}
     groups["two careful answers to a sum"] = [i for i in groups["two careful answers"]
                                               if comparisons[i].kind == "arithmetic"]
     out = {}

@@ -266,14 +266,17 @@ def test_trained_rm_ranks_separable_pairs_and_resumes_exactly(tokenizer, tmp_pat
 
 
 def test_careless_split_groups_the_test_pairs(monkeypatch):
-    """Pairs with one careless answer, pairs of two careful ones, and of those the sums."""
+    """Pairs with one careless answer, pairs of two careful ones, and of those the sums; near ties
+    (rated negligibly better) in none."""
     sloppy = S.CARELESS["arithmetic"]
     prompt = [{"role": "user", "content": "What is 2 + 3?"}]
     pairs = [R.Comparison(prompt, "2 + 3 = 5.", sloppy, "better", "arithmetic"),
              R.Comparison(prompt, "2 + 3 = 5.", "2 + 3 = 6.", "better", "arithmetic"),
              R.Comparison(prompt, "1 2 3.", "3 2 1.", "better", "list"),
              R.Comparison(prompt, sloppy, "I am not sure about Mira Vell.", "negligibly better / unsure", "fact"),
-             R.Comparison(prompt, "I am not sure about Mira Vell.", "Mira Vell lives in Ashby.", "better", "fact")]
+             R.Comparison(prompt, "I am not sure about Mira Vell.", "Mira Vell lives in Ashby.", "better", "fact"),
+             R.Comparison(prompt, "2 + 3 = 5.", sloppy, "negligibly better / unsure", "arithmetic"),   # left out
+             R.Comparison(prompt, "2 + 3 = 4.", "2 + 3 = 6.", "negligibly better / unsure", "arithmetic")]
     seen = {}
 
     def fake_evaluate(model, rows, pad_id):
