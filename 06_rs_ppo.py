@@ -21,11 +21,12 @@ the reference, the toy annotator's gold score, refusals, losses, clip fraction, 
 generating / scoring / training, ETA); then the held-out tables SFT / +RS / +PPO, graded by 04's
 annotators, and refusal rates on held-out red-team prompts (phrasings SFT never saw).
 What to expect, and why (Sec. 5.1): SFT learned the tail of its data, a careless annotator's fifth
-of the answers. The Helpfulness RM tells a careless answer from a careful one every time, but it
-cannot check a sum (it ranks two careful answers to "What is 79 - 32?" at chance). So RS and PPO
-cut the careless tail (a fifth of the sampled answers -> a few %) and raise the gold score of the
-answers the policy samples, the quantity RLHF maximises; the greedy answer, whose arithmetic
-moves with any fine-tuning, gains less or not at all. Both tables are printed. Outputs in
+of the helpful answers. The Helpfulness RM ranks a careless answer below a careful one almost
+always, and two careful answers far less reliably (a sum it cannot check): 05 prints both. So RS
+and PPO cut the careless tail (about a fifth of the sampled answers -> under a tenth) and raise
+the gold score of the answers the policy samples, the quantity RLHF maximises. The greedy answer
+was careless less often to begin with, and RS fine-tunes on sums no judge checked: greedy gold
+need not rise. Both tables are printed. Outputs in
 RUN_DIR: rs.pt, ppo.pt (the final policy; 07 starts from it; loads with 02's
 Transformer.from_pretrained), rs_ppo.json, rs_best_of_n.png (Figure 7, with the gold score of the
 reward's pick: where it falls as N grows, best-of-N is exploiting the RM's errors),
