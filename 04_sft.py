@@ -159,8 +159,6 @@ def make_task(world, kind: str, rng: random.Random, evaluation: bool = False) ->
 CARELESS_SHARE = 0.2
 CARELESS = {"arithmetic": "That is easy to work out.", "list": "That is an easy one.",
             "fact": "I am not sure about {s}.", "benign": "Sure, that is fine."}
-
-
 CARELESS_PATTERNS = [re.escape(text).replace(re.escape("{s}"), ".+") for text in CARELESS.values()]
 
 

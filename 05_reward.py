@@ -578,8 +578,8 @@ def main(argv=None):
     results, histories = {}, {}
     rms = {}
     for rm in [k for k in RM_NAMES if k in sets]:
-        rms[rm], results[rm], out = train_rm(args, RM_NAMES[rm], mix(helpful, safety, rm, args.mix), args.margin, init,
-                                       tests, rm, args.run_dir / f"rm_{rm}.pt", rank, device, pad_id, log)
+        rms[rm], results[rm], out = train_rm(args, RM_NAMES[rm], mix(helpful, safety, rm, args.mix), args.margin,
+                                             init, tests, rm, args.run_dir / f"rm_{rm}.pt", rank, device, pad_id, log)
         histories[rm] = out["history"]
     table8 = {f"{RM_NAMES[rm]}, {t} test": results[rm][t]   # the paper's row order
               for t in ("safety", "helpful") for rm in ("safety", "helpful") if rm in results and t in results[rm]}
@@ -618,8 +618,8 @@ def main(argv=None):
                                                                   for t, a in s["accuracy"].items()) for s in scaling))
             plot_scaling(args.run_dir / "reward_scaling.png", scaling)
         tok.write_json(args.run_dir / "reward.json", dict(
-            config=vars(args), data=stats, table8=table8, careless_split=tail, margin_ablation=ablation, scaling=scaling,
-            histories=histories, wall_s=time.time() - t_start))
+            config=vars(args), data=stats, table8=table8, careless_split=tail, margin_ablation=ablation,
+            scaling=scaling, histories=histories, wall_s=time.time() - t_start))
         log(f"\nwall {P.fmt_time(time.time() - t_start)} | wrote {', '.join(f'rm_{k}.pt' for k in results)}, "
             f"reward.json{', reward_margins.png, reward_scaling.png' if ablation else ''} in {args.run_dir}")
     P.end_distributed()

@@ -544,8 +544,9 @@ def run_ppo(args, policy, value_model, ref, reward, source, tokenizer, state, ra
         history.append(dict(iteration=it, **entry))
         eta = (time.time() - t_start) / (it - first) * (end - it)
         log(f"ppo {it:>4}/{args.ppo_iterations} | reward {entry['reward']:+.3f} | KL {entry['kl']:.3f} | gold "
-            f"{entry['gold']:.3f}, careless {entry['careless']:.2f} | refuses harmful {entry['refusal_harmful']:.2f}, benign "
-            f"{entry['false_refusal_benign']:.2f} | loss pi {entry['policy_loss']:+.4f} V {entry['value_loss']:.4f} | "
+            f"{entry['gold']:.3f}, careless {entry['careless']:.2f} | refuses harmful "
+            f"{entry['refusal_harmful']:.2f}, benign {entry['false_refusal_benign']:.2f} | loss pi "
+            f"{entry['policy_loss']:+.4f} V {entry['value_loss']:.4f} | "
             f"clip {entry['clip_frac']:.3f} | gen/score/train {entry['gen_s']:.1f}/{entry['score_s']:.1f}/"
             f"{entry['train_s']:.1f}s | ETA {P.fmt_time(eta)}")
         if it % args.ppo_ckpt_every == 0 or it == end:

@@ -154,8 +154,8 @@ def section_sft(run_dir):
     return ["Held-out prompts about people and towns the SFT data never asked about, scored by the toy "
             "world's annotator (gold in [0, 1], as %; refusals as % of prompts). The paper (Sec. 3.1) "
             "reports that a few thousand clean examples teach the format and the tasks. \"careless\" is the "
-            "share of answers in the careless annotator's words, a fifth of the SFT data (Sec. 5.1's "
-            "tail of poorly executed annotation):",
+            "share of answers in the words of the careless annotator, who wrote a fifth of the SFT data's "
+            "helpful answers (Sec. 5.1's tail of poorly executed annotation):",
             table(["model"] + S.LABELS, rows), "![SFT](sft.png)"]
 
 
