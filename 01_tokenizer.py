@@ -102,6 +102,23 @@ def check_inputs(paths):
             raise UserError(f"input file is empty: {path}")
 
 
+def sentencepiece_version() -> tuple:
+    return tuple(int(n) for n in re.findall(r"\d+", spm.__version__)[:3])
+
+
+def chars_present(paths, wanted: str) -> str:
+    """The characters of `wanted` that occur in the files, in wanted's order."""
+    missing, found = set(wanted), set()
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                found |= missing.intersection(line)
+                missing -= found
+                if not missing:
+                    return wanted
+    return "".join(c for c in wanted if c in found)
+
+
 def split_held_out(paths):
     """Hold out every 20th document (sorted order, from the 11th) for measuring bytes per token;
     with fewer than 11 documents, hold out the last one (if there are at least two)."""
@@ -128,11 +145,16 @@ def train_tokenizer(inputs, model_prefix, vocab_size=DEFAULT_VOCAB_SIZE, seed=0)
     model_prefix = Path(model_prefix)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = model_prefix.with_name(model_prefix.name + ".tmp")
+    settings = dict(LLAMA_SPM_SETTINGS)
+    if sentencepiece_version() < (0, 2, 3):
+        # Before 0.2.3, a required character that the corpus lacks kills the whole process (a failed
+        # C++ check, "freq > 0", not an exception): ask only for the ones the corpus has
+        settings["required_chars"] = chars_present(inputs, settings["required_chars"])
     spm.set_random_generator_seed(seed)  # makes the line sampling (input_sentence_size) repeatable
     try:
         spm.SentencePieceTrainer.train(
             input=[str(p) for p in inputs], model_prefix=str(tmp_prefix), vocab_size=vocab_size,
-            num_threads=os.cpu_count(), minloglevel=2, **LLAMA_SPM_SETTINGS)  # quiet; errors still raise
+            num_threads=os.cpu_count(), minloglevel=2, **settings)  # quiet; errors still raise
     except RuntimeError as e:  # SentencePiece's failed checks: say the common ones in plain words
         if m := re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e)):
             raise UserError(f"--vocab-size {vocab_size} is too small for this corpus: it needs at least "

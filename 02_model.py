@@ -111,12 +111,13 @@ class RMSNorm(nn.Module):
 def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0):
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu").float() / head_dim))
     angles = torch.outer(torch.arange(end, device="cpu").float(), freqs)   # (end, head_dim/2)
-    return torch.stack([angles.cos(), angles.sin()])             # (2, end, head_dim/2)
+    # (2, end, 1, head_dim/2): cos and sin, with an axis of 1 that broadcasts over the heads
+    return torch.stack([angles.cos(), angles.sin()])[:, :, None, :]
 
 
 def apply_rotary_emb(x, freqs_cis):
-    """x: (batch, seq, heads, head_dim); freqs_cis: (2, seq, head_dim/2)."""
-    cos, sin = freqs_cis[0][:, None, :], freqs_cis[1][:, None, :]
+    """x: (batch, seq, heads, head_dim); freqs_cis: (2, seq, 1, head_dim/2)."""
+    cos, sin = freqs_cis
     even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
     return rotated.flatten(-2).type_as(x)
@@ -256,7 +257,10 @@ class Transformer(nn.Module):
             raise UserError(f"sequence of {start_pos + seqlen} tokens exceeds the model's "
                             f"RoPE table ({self.freqs_cis.shape[1]}); raise max_seq_len")
         if self.freqs_cis.device != tokens.device:
-            self.freqs_cis = self.freqs_cis.to(tokens.device)
+            # moved on first use, and outside inference mode even inside generate(): a table
+            # made under inference_mode could not be saved for a later training step's backward
+            with torch.inference_mode(False):
+                self.freqs_cis = self.freqs_cis.to(tokens.device)
         h = self.tok_embeddings(tokens)
         freqs_cis = self.freqs_cis[:, start_pos:start_pos + seqlen]
         if mask is None and (start_pos > 0 and seqlen > 1 or not self.layers[0].attention.use_sdpa):
@@ -373,7 +377,8 @@ def generate(model, prompt_tokens, max_gen_len: int, temperature: float = 0.6,
                 next_token = sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
             else:
                 next_token = logits.argmax(dim=-1)
-            next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+            if cur_pos < max_len:   # a longer prompt still runs here: its own token stays
+                next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
             if eos_id is not None:
                 eos_reached |= ~is_prompt[:, cur_pos] & (next_token == eos_id)

@@ -74,21 +74,32 @@ def hf_twin(model, transformers, device):
 
 
 def race(fns: dict, warmup: int, repeats: int, device) -> dict:
-    """Median seconds per call of each function. After the warm-up (which also pays for
-    compilation) the functions take turns, a, b, a, b, ..., so load on the machine hits both."""
+    """Seconds per call of each function, every timed call. After the warm-up (which also pays
+    for compilation) the functions take turns, a b, b a, a b, ...: a slow spell of a shared
+    machine hits both, and neither always goes first."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for i in range(repeats):
+        for name, fn in (fns.items() if i % 2 == 0 else reversed(fns.items())):
             sync()
             t0 = time.perf_counter()
             fn()
             sync()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def speeds(row: dict, times: dict, work: float):
+    """ours_tok_s and hf_tok_s from the median times; the ratio as the median of the ratios of
+    each turn's pair (timed back to back, so they saw the same machine), steadier than the
+    ratio of the two medians on a machine whose speed drifts."""
+    for name, t in times.items():
+        row[f"{name}_tok_s"] = work / statistics.median(t)
+    if "hf" in times:
+        row["ratio"] = statistics.median(h / o for o, h in zip(times["ours"], times["hf"]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -123,20 +134,20 @@ def bench_train(preset: str, batch: int, seq_len: int, accum: int, amp_dtype, co
     x, y = xy[:, :-1], xy[:, 1:]
     row = dict(preset=preset, params=M.count_params(args), batch=batch, seq_len=seq_len, accum=accum,
                dtype=str(amp_dtype).removeprefix("torch."), compile=compile)
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
     fns = {"ours": ours}
     if transformers:
         hf = hf_twin(ours, transformers, device).train()
-        # The same loss on the same batch first: otherwise the race would compare two models.
-        with torch.no_grad(), autocast:
+        # The same logits on the same batch first: otherwise the race would compare two models.
+        # In fp32, the weights' own precision, whatever the race's autocast: there the two agree
+        # to rounding, and a wrong RoPE permutation shows at 1e-3 even at init, where the loss
+        # barely moves. (Under bf16 autocast the two round differently, and that hides it.)
+        with torch.no_grad():
             a, b = ours(x).float(), hf(input_ids=x, use_cache=False).logits.float()
         loss_a, loss_b = (F.cross_entropy(t.flatten(0, 1), y.flatten()).item() for t in (a, b))
         row.update(loss_ours=loss_a, loss_hf=loss_b, max_logit_diff=(a - b).abs().max().item())
-        print(f"  {preset}: loss ours {loss_a:.6f}, transformers {loss_b:.6f} (max logit difference "
+        print(f"  {preset}: fp32 loss ours {loss_a:.6f}, transformers {loss_b:.6f} (max logit difference "
               f"{row['max_logit_diff']:.1e})")
-        # fp32: the logits agree to rounding (a wrong RoPE permutation shows at 1e-3, even at init,
-        # where the loss barely moves); bf16 rounds differently in the two, so the loss only
-        if (row["max_logit_diff"] > 1e-4 if amp_dtype == torch.float32 else abs(loss_a - loss_b) > 2e-2):
+        if row["max_logit_diff"] > 1e-4:
             raise UserError(f"{preset}: the two models disagree (loss {loss_a:.6f} vs {loss_b:.6f}, logits "
                             f"by up to {row['max_logit_diff']:.1e}): the export or a model is wrong, "
                             "so timing them means nothing")
@@ -146,15 +157,11 @@ def bench_train(preset: str, batch: int, seq_len: int, accum: int, amp_dtype, co
         runner = torch.compile(model) if compile else model
         forward = runner if name == "ours" else (lambda t, r=runner: r(input_ids=t, use_cache=False).logits)
         steps[name] = train_step_fn(model, forward, x, y, accum, amp_dtype, device)
-    seconds = race(steps, opts.warmup, opts.repeats, device)
-    tokens = batch * seq_len * accum
+    speeds(row, race(steps, opts.warmup, opts.repeats, device), work=batch * seq_len * accum)
     peak = opts.peak_flops or P.peak_flops(device)
-    for name, s in seconds.items():
-        row[f"{name}_tok_s"] = tokens / s
-        if peak:   # MFU: the model's FLOPs per second over the device's peak
-            row[f"{name}_mfu"] = M.flops_per_token(args, seq_len) * tokens / s / peak
-    if "hf_tok_s" in row:
-        row["ratio"] = row["ours_tok_s"] / row["hf_tok_s"]
+    if peak:   # MFU: the model's FLOPs per second over the device's peak
+        for name in steps:
+            row[f"{name}_mfu"] = M.flops_per_token(args, seq_len) * row[f"{name}_tok_s"] / peak
     print(f"  {preset}: {progress(row)}")
     return row
 
@@ -208,11 +215,7 @@ def bench_generate(preset: str, batch: int, new_tokens: int, dtype, device, tran
                                 f"transformers' at new token {first}")
             print(f"  {preset} batch {batch}: tokens agree up to new token {first} "
                   f"(expected in {row['dtype']}: the two round differently)")
-    seconds = race(fns, opts.warmup, opts.repeats, device)
-    for name, s in seconds.items():
-        row[f"{name}_tok_s"] = batch * new_tokens / s
-    if "hf_tok_s" in row:
-        row["ratio"] = row["ours_tok_s"] / row["hf_tok_s"]
+    speeds(row, race(fns, opts.warmup, opts.repeats, device), work=batch * new_tokens)
     print(f"  {preset} batch {batch}: {progress(row)}")
     return row
 

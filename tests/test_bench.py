@@ -38,13 +38,14 @@ def test_quick_bench_against_transformers(tmp_path):
     assert all(r["identical"] and r["hf_tok_s"] > 0 for r in saved["generate"])
 
 
-def test_a_broken_export_stops_the_bench(tmp_path, monkeypatch):
-    """Without the q/k permutation, transformers rotates the wrong channel pairs: the loss
-    check must refuse to time two different models."""
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_broken_export_stops_the_bench(tmp_path, monkeypatch, dtype):
+    """Without the q/k permutation, transformers rotates the wrong channel pairs: the check
+    must refuse to time two different models, also when the race runs in bf16 (as on a GPU)."""
     pytest.importorskip("transformers")
     monkeypatch.setattr(bench.M, "permute_for_hf", lambda w, n_heads: w)
     with pytest.raises(UserError, match="disagree"):
-        bench.main(["--quick", "--json", str(tmp_path / "bench.json")])
+        bench.main(["--quick", "--dtype", dtype, "--json", str(tmp_path / "bench.json")])
 
 
 def test_rollout_split_comes_from_06_itself(tmp_path):

@@ -207,8 +207,8 @@ def test_hf_permutation_turns_interleaved_rope_into_rotate_half():
     x = torch.randn(1, 10, dim)
     meta = M.apply_rotary_emb((x @ wq.T).view(1, 10, n_heads, head_dim), freqs)
     hf_q = (x @ M.permute_for_hf(wq, n_heads).T).view(1, 10, n_heads, head_dim)
-    cos = torch.cat([freqs[0], freqs[0]], -1)[:, None, :]
-    sin = torch.cat([freqs[1], freqs[1]], -1)[:, None, :]
+    cos = torch.cat([freqs[0], freqs[0]], -1)   # (seq, 1, head_dim)
+    sin = torch.cat([freqs[1], freqs[1]], -1)
     rotate_half = torch.cat([-hf_q[..., head_dim // 2:], hf_q[..., :head_dim // 2]], -1)
     hf = hf_q * cos + rotate_half * sin
     assert torch.allclose(hf, torch.cat([meta[..., 0::2], meta[..., 1::2]], -1), atol=1e-5)
@@ -280,3 +280,14 @@ def test_rope_table_stays_float32_in_bf16():
     tokens = torch.randint(0, MICRO.vocab_size, (1, 8))
     assert model(tokens).dtype == torch.float32
     assert model.freqs_cis.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the RoPE table moves only to another device")
+def test_training_after_generating_on_a_gpu():
+    # generate() runs under inference_mode, and its first forward moves the RoPE table to the
+    # GPU: the table must still serve a training step afterwards (06 generates, then trains)
+    model = micro_model().cuda()
+    M.generate(model, [[1, 5, 9]], 4, temperature=0.0)
+    loss = model(torch.randint(0, MICRO.vocab_size, (2, 8), device="cuda")).logsumexp(-1).mean()
+    loss.backward()
+    assert model.output.weight.grad is not None

@@ -211,3 +211,20 @@ def test_main_end_to_end(tmp_path, capsys):
     tk.main(["--input", *map(str, docs), "--model", str(run_dir / "tokenizer.model"),
              "--run-dir", str(run_dir)])
     assert sorted(p.name for p in run_dir.iterdir()) == ["tokenizer.model", "tokenizer.vocab"]
+
+
+def test_before_sentencepiece_0_2_3_only_present_characters_are_required(tmp_path, monkeypatch):
+    """SentencePiece < 0.2.3 aborts the process on a required character the corpus lacks, so
+    then train_tokenizer asks only for those present; from 0.2.3, every printable ASCII one."""
+    corpus = tmp_path / "plain.txt"
+    text = CORPUS[0].read_text(encoding="utf-8")[:60_000].replace("{", "").replace("~", "")
+    corpus.write_text(text + "\n42 lines\n", encoding="utf-8")
+    assert tk.chars_present([corpus], "a{t~4") == "at4"
+    vocabs = {}
+    for version in ("0.2.2", spm.__version__):
+        monkeypatch.setattr(tk.spm, "__version__", version)
+        model = tk.Tokenizer(tk.train_tokenizer([corpus], tmp_path / version, vocab_size=500))
+        vocabs[version] = {model.id_to_piece(i) for i in range(model.n_words)}
+    assert "{" not in vocabs["0.2.2"] and "4" in vocabs["0.2.2"]
+    if tk.sentencepiece_version() >= (0, 2, 3):   # the version requirements.txt pins
+        assert "{" in vocabs[spm.__version__]
