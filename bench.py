@@ -5,16 +5,17 @@ Each figure is measured side by side in one process against transformers' LlamaF
 holding the same weights (02's save_hf export, q/k rows permuted for HF's RoPE, opened with
 from_pretrained), and reported as ours / theirs:
   * the training step: forward, backward, gradient clipping and AdamW (03's optimizer), in
-    tokens/s, at the --sizes presets; first the two must give the same loss on the same batch;
+    tokens/s, at the --sizes presets; first the two must give the same fp32 logits on the batch;
   * generation with the KV cache, greedy, at --batch-sizes (1 and 8) and --gen-tokens (256)
-    new tokens; first the two must produce identical tokens;
+    new tokens; first the two must produce identical tokens (in fp32; bf16 rounds differently);
   * on a GPU, also a ~1B preset in bf16 with torch.compile: training tokens/s and MFU, the
     model FLOPs done per second (02's flops_per_token) over the device's dense bf16 peak
     (03's PEAK_FLOPS table);
   * 06's rollout throughput, when 06_rs_ppo.py is there.
 Every figure is the median of --repeats timed runs after --warmup runs, ours and theirs taking
-turns, so that a slow spell of a shared machine slows both alike. transformers is optional:
-without it (or with --no-transformers) the script prints our own figures only.
+turns, so that a slow spell of a shared machine slows both alike; a ratio is the median of the
+ratios of the back-to-back pairs. transformers is optional: without it (or with
+--no-transformers) the script prints our own figures only.
 
 Run:
   python bench.py                        # CPU: training steps at toy and small, generation at toy
