@@ -68,8 +68,8 @@ UserError = tok.UserError
 
 # The RS fine-tuning step is SFT on the pool (04's loss, 03's loop and flags): the paper's SFT
 # settings at full scale; on a CPU, a small LR, since the model is already close to its samples.
-PAPER = dict(batch_tokens=64 * 4096, seq_len=4096, micro_batch=1, lr=2e-5, warmup_steps=0,
-             log_every=10, eval_every=200)
+# No --ckpt-every: rs.pt is written once, at the end of each round.
+PAPER = {key: value for key, value in S.PAPER.items() if key != "ckpt_every"}
 TOY = dict(batch_tokens=16 * 128, seq_len=128, micro_batch=16, lr=1e-4, warmup_steps=2,
            log_every=10, eval_every=1000)
 # The budget of RS and PPO: flag -> (full-scale default, CPU-preset default, help). Sec. 3.2.3

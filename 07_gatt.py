@@ -76,8 +76,7 @@ UserError = tok.UserError
 # at LR 1e-3 most answers still named a wrong figure or hobby after 200 steps, and 98% followed
 # every rule after 300; at 2e-3, 78% after 150 steps, 97% after 200; the default 250 leaves a
 # margin. Four rows a step beat eight rows at half the steps. GAtt runs at a quarter of the LR.
-PAPER = dict(batch_tokens=64 * 4096, seq_len=4096, micro_batch=1, lr=2e-5, warmup_steps=0,
-             log_every=10, eval_every=200, ckpt_every=200)
+PAPER = S.PAPER
 TOY = dict(batch_tokens=4 * 512, seq_len=512, micro_batch=4, lr=2e-3, warmup_steps=10,
            log_every=25, eval_every=1000, ckpt_every=50)
 TASK_KINDS = ("arithmetic", "fact", "list")   # short helpful tasks: many turns fit the context
