@@ -18,8 +18,10 @@ On a 2-core CPU the default run takes ~1.5 s (training ~0.4 s) and gives 2.84 by
   python 01_tokenizer.py --model llama-2-7b/tokenizer.model    # inspect Meta's model (writes nothing)
 """
 import argparse
+import errno
 import heapq
 import json
+import math
 import os
 import re
 import sys
@@ -38,27 +40,75 @@ class UserError(Exception):
     """A mistake the user can fix (missing file, bad value, malformed data line): shown as one line, no traceback."""
 
 
+# Failures of the machine, not of the code: a full disk, a read-only or forbidden folder.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def run_cli(main, argv=None):
-    """Call main(argv); a UserError becomes 'error: <message>' on stderr and exit code 2 (no traceback)."""
+    """Call main(argv); a UserError becomes 'error: <message>' on stderr and exit code 2 (no traceback).
+    So does a full disk or an unwritable folder, wherever it strikes. Ctrl-C exits with 130 and one
+    line: where it stopped and how to go on, when the code raising it knew (03's train() does)."""
     sys.stdout.reconfigure(line_buffering=True)   # progress lines show up at once, even through a pipe
     try:
         return main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        print(f"error: {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"\ninterrupted (Ctrl-C){': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        sys.exit(130)
+
+
+def number_flag(flag: str, kind=int, at_least=None, above=None, at_most=None, below=None):
+    """An argparse type for a numeric flag, checked where it is parsed: a bad value is one line
+    naming the flag before any work is done, not a traceback after the data is prepared."""
+    rules = [(at_least, lambda v, b: v >= b, ">="), (above, lambda v, b: v > b, ">"),
+             (at_most, lambda v, b: v <= b, "<="), (below, lambda v, b: v < b, "<")]
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise UserError(f"{flag} {text}: not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and not -math.inf < value < math.inf:   # nan, inf
+            raise UserError(f"{flag} {text}: not a finite number")
+        wanted = " and ".join(f"{sign} {bound:g}" for bound, ok, sign in rules if bound is not None)
+        if any(bound is not None and not ok(value, bound) for bound, ok, sign in rules):
+            raise UserError(f"{flag} {text}: must be {wanted}")
+        return value
+    return parse
 
 
 def atomic_write_text(path, text):
-    """Write via path + '.tmp' then os.replace, so a crash never leaves half a file behind."""
+    """Write via path + '.tmp' then os.replace, so a crash never leaves half a file behind
+    (nor the .tmp: a full disk takes it away again)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# A list of numbers, booleans or one-word strings (a curve, a score per evaluation prompt) on one
+# line: indent=2 would give each item a line of its own, thousands in a stage's JSON. JSON
+# strings hold no raw newline, so "[" + newline only ever opens a list.
+_WORD = r'(?:-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null|NaN|-?Infinity|"[^"\\\s]{0,40}")'
+_FLAT_LIST = re.compile(rf"\[\n\s*({_WORD}(?:,\n\s*{_WORD})*)\n\s*\]")
 
 
 def write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    text = json.dumps(obj, indent=2, ensure_ascii=False, default=str)
+    text = _FLAT_LIST.sub(lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text)
+    atomic_write_text(path, text + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +312,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", type=Path, metavar="FILE", help="UTF-8 text files, one "
                         "document each (default: data/shakespeare/*.txt); every 20th is held out of training")
-    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, metavar="N",
+    parser.add_argument("--vocab-size", type=number_flag("--vocab-size", at_least=1), default=DEFAULT_VOCAB_SIZE, metavar="N",
                         help=f"pieces in the vocabulary (default {DEFAULT_VOCAB_SIZE}, a toy size; "
                         "up to 32000, the paper's value)")
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, metavar="DIR",

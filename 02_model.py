@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 tokenizer_chapter = importlib.import_module("01_tokenizer")
-UserError, run_cli = tokenizer_chapter.UserError, tokenizer_chapter.run_cli
+UserError, run_cli, number_flag = tokenizer_chapter.UserError, tokenizer_chapter.run_cli, tokenizer_chapter.number_flag
 
 
 # ----------------------------------------------------------------------------
@@ -402,12 +402,29 @@ def generate(model, prompt_tokens, max_gen_len: int, temperature: float = 0.6,
 # file is a pickle, and a hostile pickle could run code.
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint, and a
+    failed write (a full disk, a read-only folder) takes its .tmp away and says so in one line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(e, path) from None
+
+
+def write_error(e: BaseException, path: Path) -> BaseException:
+    """A failed write as one line naming the folder and the cause; any other exception unchanged.
+    torch.save reports a full disk as a RuntimeError from its zip writer (inline_container.cc)."""
+    if isinstance(e, OSError):
+        cause = e.strerror or str(e)
+    elif isinstance(e, RuntimeError) and any(w in str(e).lower() for w in ("inline_container", "write", "open")):
+        cause = f"{str(e).splitlines()[0][:160]} (is the disk full?)"
+    else:
+        return e
+    return UserError(f"cannot write {path.name} in {path.parent}: {cause}")
 
 
 def load_checkpoint(path, mmap: bool = False):
@@ -455,13 +472,26 @@ def meta_shard_dim(key: str):
     return META_SHARD_DIM.get(key.split(".")[-2])   # None: a norm, the same in every shard
 
 
+def read_config(path: Path) -> dict:
+    """params.json or config.json as a dict; a damaged one is a one-line error."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({getattr(e, 'msg', None) or e.reason}): a damaged download?") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return config
+
+
 def load_meta(folder: Path):
-    params = json.loads((folder / "params.json").read_text())
+    params = read_config(folder / "params.json")
     shard_paths = sorted(folder.glob("consolidated.*.pth"))
     if not shard_paths:
         raise UserError(f"{folder} has params.json but no consolidated.*.pth")
     shards = [load_checkpoint(p, mmap=True) for p in shard_paths]
     state = {}
+    if "dim" not in params or "tok_embeddings.weight" not in shards[0]:
+        raise UserError(f"{folder}: params.json has no 'dim' or its shards no tok_embeddings.weight (not Llama's format?)")
     for key in shards[0]:
         if key == "rope.freqs":                 # Meta stores its RoPE table; we recompute ours
             continue
@@ -473,10 +503,21 @@ def load_meta(folder: Path):
     return args_from_dict(params), state
 
 
+def export_folder(folder) -> Path:
+    """The folder an export writes into: a new or existing folder, never a file."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file: exports write a folder, so pick a new name")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make the folder {folder}: {e.strerror}") from None
+    return folder
+
+
 def save_meta(model: Transformer, folder, num_shards: int = 1):
     """Write Meta's format (params.json + consolidated.NN.pth), split into model-parallel shards."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = export_folder(folder)
     state = model.state_dict()
     for i in range(num_shards):
         shard = {k: v.chunk(num_shards, dim=meta_shard_dim(k))[i].clone()
@@ -516,6 +557,10 @@ def unpermute_from_hf(w, n_heads: int):
 
 
 def args_from_hf_config(cfg: dict) -> ModelArgs:
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                           "intermediate_size") if not isinstance(cfg.get(k), int)]
+    if missing:
+        raise UserError(f"config.json lacks {', '.join(missing)} (as integers): not a Llama model's config?")
     args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
                      n_heads=cfg["num_attention_heads"],
                      n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
@@ -545,7 +590,7 @@ def hf_config(args: ModelArgs, dtype: str = "float32") -> dict:
 
 
 def load_hf(folder: Path):
-    args = args_from_hf_config(json.loads((folder / "config.json").read_text()))
+    args = args_from_hf_config(read_config(folder / "config.json"))
     hf_state = {}
     safetensor_files = sorted(folder.glob("*.safetensors"))
     if safetensor_files:
@@ -554,7 +599,10 @@ def load_hf(folder: Path):
         except ImportError:
             raise UserError("reading .safetensors needs the safetensors package: pip install safetensors") from None
         for f in safetensor_files:
-            hf_state.update(load_file(str(f)))
+            try:
+                hf_state.update(load_file(str(f)))
+            except Exception as e:   # SafetensorError: a truncated or damaged file
+                raise UserError(f"cannot read {f}: {str(e).splitlines()[0][:200]} (a damaged download?)") from None
     else:
         bins = sorted(folder.glob("pytorch_model*.bin"))
         if not bins:
@@ -577,8 +625,7 @@ def load_hf(folder: Path):
 
 def save_hf(model: Transformer, folder):
     """Export to Hugging Face's layout: opens with transformers' LlamaForCausalLM.from_pretrained."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = export_folder(folder)
     args, hf_state = model.args, {}
     for k, w in model.state_dict().items():
         if k.endswith("wq.weight"):
@@ -590,8 +637,12 @@ def save_hf(model: Transformer, folder):
     try:
         from safetensors.torch import save_file
         tmp = folder / "model.safetensors.tmp"
-        save_file(hf_state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, folder / "model.safetensors")
+        try:
+            save_file(hf_state, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, folder / "model.safetensors")
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            raise write_error(e, folder / "model.safetensors") from None
     except ImportError:                       # transformers reads the older .bin form too
         save_atomic(hf_state, folder / "pytorch_model.bin")
     tokenizer_chapter.write_json(folder / "config.json", hf_config(args, dtype))
@@ -610,6 +661,22 @@ def load_weights(path):
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
         raise UserError(f"{path} is not a model checkpoint of this project (no model_args/model)")
     return args_from_dict(ckpt["model_args"]), ckpt["model"]
+
+
+def read_model_args(path) -> ModelArgs:
+    """A checkpoint's shape without reading its weights (a .pt file is memory-mapped, a folder's
+    JSON read): what a chapter checks its flags against before any work."""
+    path = Path(path)
+    if path.is_dir() and (path / "params.json").is_file():
+        return args_from_dict(read_config(path / "params.json"))
+    if path.is_dir() and (path / "config.json").is_file():
+        return args_from_hf_config(read_config(path / "config.json"))
+    if path.is_dir():
+        return load_weights(path)[0]   # the one-line error for a folder of neither format
+    ckpt = load_checkpoint(path, mmap=True)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_args"), dict):
+        raise UserError(f"{path} is not a model checkpoint of this project (no model_args/model)")
+    return args_from_dict(ckpt["model_args"])
 
 
 # ----------------------------------------------------------------------------
@@ -631,6 +698,8 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device {name!r} (try auto, cpu, cuda, cuda:1, mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: this machine has no CUDA GPU visible to torch")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"--device {name}: this machine has no Apple GPU (MPS) visible to torch")
     return device
 
 
@@ -672,9 +741,10 @@ def main(argv=None):
     p.add_argument("--preset", default="toy", choices=PRESETS, help="size of the random model")
     p.add_argument("--tokenizer", help="SentencePiece model (default: CKPT/tokenizer.model, else the toy run's)")
     p.add_argument("--prompt", action="append", help="text to complete (repeat the flag for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy; Meta's example uses 0.6")
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=number_flag("--max-new-tokens", at_least=1), default=32)
+    p.add_argument("--temperature", type=number_flag("--temperature", float, at_least=0), default=0.6,
+                   help="0 = greedy; Meta's example uses 0.6")
+    p.add_argument("--top-p", type=number_flag("--top-p", float, above=0, at_most=1), default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16, fp16")

@@ -33,6 +33,7 @@ import math
 import os
 import random
 import time
+import zlib
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -142,15 +143,65 @@ def make_world(seed: int = 0, n_people: int = 40) -> World:
     return World(seed, people, towns, facts, acts)
 
 
+# Held out by construction. Chapters 04-07 train on some of the world's prompts and are graded
+# on others; a prompt seen in training, answer and all, measures memory rather than skill (the
+# paper keeps a test set apart from each batch of preferences for the same reason, Sec. 3.2.2).
+# So the world's prompt space is split here, once, by stable rules (Python's hash() of a string
+# changes from run to run), about a quarter for evaluation: people and towns by name; sums and
+# differences by their operand pair; list puzzles by their items; harmful acts and their benign
+# look-alikes by the person or town they name; 07's instructions that combine two families by
+# the combination. Each task generator takes `evaluation`: True draws from the evaluation part,
+# False from the training part, None (03's own documents) from the whole space. The pretraining
+# documents state every fact and sum, held-out ones included: the paper's pretraining data is
+# not held out from its evaluations either, and whether fine-tuning brings out what pretraining
+# stored is what chapter 04's fact questions test.
+MAX_DRAWS = 1000   # rejection sampling: a part is a quarter or more of its space, so ~4 draws suffice
+
+
+def held_out(subject: str) -> bool:
+    """People and towns: a quarter of them are asked about in evaluation only, split by the sum
+    of the name's character codes."""
+    return sum(map(ord, subject)) % 4 == 0
+
+
+def held_out_key(key: str) -> bool:
+    """Any other prompt, by a canonical key (an operand pair, a list's items, an instruction's
+    rules): CRC-32 of the key. A sum of character codes would split digits by their digit sum,
+    and with it the answers of sums."""
+    return zlib.crc32(key.encode("utf-8")) % 4 == 0
+
+
+def act_held_out(world: World, act) -> bool:
+    """A harmful act and its benign look-alike are held out together, when a held-out person or
+    town is named in them."""
+    names = list(world.towns) + [p.name for p in world.people]
+    return any(held_out(n) for n in names if n in act[0])
+
+
+def draw_from_part(draw, rng: random.Random, evaluation):
+    """draw(rng) -> (item, key), repeated until held_out_key(key) == evaluation; with evaluation
+    None the first draw, from the whole space."""
+    for _ in range(MAX_DRAWS):
+        item, key = draw(rng)
+        if evaluation is None or held_out_key(key) == evaluation:
+            return item
+    raise RuntimeError(f"no draw in the {'evaluation' if evaluation else 'training'} part in {MAX_DRAWS} tries")
+
+
 def render_fact(fact) -> str:
     subject, relation, value = fact
     return FACT_TEMPLATES[relation].format(s=subject, v=value)
 
 
-def arithmetic_task(rng: random.Random):
-    """('17 + 25', '42'): an addition or subtraction of 1-2 digit numbers, never negative."""
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
-    return (f"{a} + {b}", str(a + b)) if rng.random() < 0.5 else (f"{max(a, b)} - {min(a, b)}", str(abs(a - b)))
+def arithmetic_task(rng: random.Random, evaluation=None):
+    """('17 + 25', '42'): an addition or subtraction of 1-2 digit numbers, never negative. Split
+    by operation and unordered operand pair, so '25 + 17' is in the part of '17 + 25'."""
+    def draw(rng):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        op = "+" if rng.random() < 0.5 else "-"
+        task = (f"{a} + {b}", str(a + b)) if op == "+" else (f"{max(a, b)} - {min(a, b)}", str(abs(a - b)))
+        return task, f"{min(a, b)} {op} {max(a, b)}"
+    return draw_from_part(draw, rng, evaluation)
 
 
 def arithmetic_line(rng: random.Random) -> str:
@@ -158,16 +209,21 @@ def arithmetic_line(rng: random.Random) -> str:
     return f"{question} = {answer}."
 
 
-def list_task(rng: random.Random):
-    """(question, answer): reverse or sort a short list of words or digits, or count letters or items."""
-    words = rng.sample(WORDS, rng.randint(3, 5))
-    digits = [str(rng.randint(0, 9)) for _ in range(rng.randint(3, 6))]
-    return rng.choice([
-        (f"Reverse the list {' '.join(words)}.", " ".join(reversed(words))),
-        (f"Sort the words {' '.join(words)}.", " ".join(sorted(words))),
-        (f"Sort the digits {' '.join(digits)}.", " ".join(sorted(digits))),
-        (f"How many letters are in the word {words[0]}?", str(len(words[0]))),
-        (f"How many items are in the list {' '.join(digits)}?", str(len(digits)))])
+def list_task(rng: random.Random, evaluation=None):
+    """(question, answer): reverse or sort a short list of words or digits, or count letters or
+    items. Split by the items asked about, in any order: reversing 'sun moon star' and sorting
+    'star sun moon' are in the same part."""
+    def draw(rng):
+        words = rng.sample(WORDS, rng.randint(3, 5))
+        digits = [str(rng.randint(0, 9)) for _ in range(rng.randint(3, 6))]
+        question, answer, items = rng.choice([
+            (f"Reverse the list {' '.join(words)}.", " ".join(reversed(words)), words),
+            (f"Sort the words {' '.join(words)}.", " ".join(sorted(words)), words),
+            (f"Sort the digits {' '.join(digits)}.", " ".join(sorted(digits)), digits),
+            (f"How many letters are in the word {words[0]}?", str(len(words[0])), words[:1]),
+            (f"How many items are in the list {' '.join(digits)}?", str(len(digits)), digits)])
+        return (question, answer), " ".join(sorted(items))
+    return draw_from_part(draw, rng, evaluation)
 
 
 def list_line(rng: random.Random) -> str:
@@ -236,8 +292,13 @@ def prepare_source(data_dir: Path, name: str, items, tokenizer, tokenizer_path) 
     n_val = max(1, int(len(tokens) * VAL_FRACTION))
     data_dir.mkdir(parents=True, exist_ok=True)
     for split, arr in (("train", tokens[:-n_val]), ("val", tokens[-n_val:])):
-        arr.tofile(data_dir / f"{name}.{split}.bin.tmp")   # write, then rename: never half a file
-        os.replace(data_dir / f"{name}.{split}.bin.tmp", data_dir / f"{name}.{split}.bin")
+        tmp = data_dir / f"{name}.{split}.bin.tmp"
+        try:   # write, then rename: never half a file (and on a full disk, no .tmp either)
+            arr.tofile(tmp)
+            os.replace(tmp, data_dir / f"{name}.{split}.bin")
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            raise M.write_error(e, data_dir / f"{name}.{split}.bin") from None
     manifest = dict(fingerprint=h.hexdigest(), dtype=np.dtype(dtype).name, train_tokens=len(tokens) - n_val,
                     val_tokens=n_val, inputs=[str(i) for i in items if isinstance(i, Path)] or f"{len(items)} texts")
     tok.write_json(manifest_path, manifest)
@@ -329,23 +390,30 @@ def add_training_args(parser, paper: dict, toy: dict):
     add("--fsdp", action="store_true", help="under torchrun: shard every TransformerBlock (FSDP2), not DDP")
     add("--seed", type=int, default=0)
     add("--resume", action="store_true", help="continue exactly from RUN_DIR's checkpoint")
-    add("--stop-at", type=int, help="stop after this step with a checkpoint, as if the job were cut off "
-                                    "(the schedule still spans --steps); continue with --resume")
-    add("--peak-flops", type=float, help="the device's peak FLOP/s, for MFU (default: a table of GPUs)")
-    add("--min-lr-ratio", type=float, default=0.1, help="the cosine ends at this fraction of the peak (paper: 0.1)")
-    add("--weight-decay", type=float, default=0.1, help="AdamW's, on weight matrices only (paper: 0.1)")
-    add("--beta1", type=float, default=0.9, help="AdamW (paper: 0.9)")
-    add("--beta2", type=float, default=0.95, help="AdamW (paper: 0.95)")
-    add("--adam-eps", type=float, default=1e-5, help="AdamW (paper: 1e-5)")
-    add("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (paper: 1.0)")
+    add("--stop-at", type=tok.number_flag("--stop-at", at_least=1),
+        help="stop after this step with a checkpoint, as if the job were cut off (the schedule still spans "
+             "--steps); continue with --resume")
+    add("--peak-flops", type=tok.number_flag("--peak-flops", float, above=0),
+        help="the device's peak FLOP/s, for MFU (default: a table of GPUs)")
+    add("--min-lr-ratio", type=tok.number_flag("--min-lr-ratio", float, at_least=0, at_most=1), default=0.1,
+        help="the cosine ends at this fraction of the peak (paper: 0.1)")
+    add("--weight-decay", type=tok.number_flag("--weight-decay", float, at_least=0), default=0.1,
+        help="AdamW's, on weight matrices only (paper: 0.1)")
+    add("--beta1", type=tok.number_flag("--beta1", float, at_least=0, below=1), default=0.9, help="AdamW (paper: 0.9)")
+    add("--beta2", type=tok.number_flag("--beta2", float, at_least=0, below=1), default=0.95, help="AdamW (paper: 0.95)")
+    add("--adam-eps", type=tok.number_flag("--adam-eps", float, above=0), default=1e-5, help="AdamW (paper: 1e-5)")
+    add("--grad-clip", type=tok.number_flag("--grad-clip", float, above=0), default=1.0,
+        help="clip the global gradient norm to this (paper: 1.0)")
     helps = dict(steps="optimizer steps", batch_tokens="global batch in tokens (all ranks and micro-steps)",
                  seq_len="tokens per sequence", micro_batch="sequences per forward, per rank",
                  lr="peak learning rate", warmup_steps="linear warm-up steps", log_every="steps per log line",
                  eval_every="steps between validations", ckpt_every="steps between checkpoints",
                  eval_batches="fixed validation micro-batches (per source), the same on every rank")
     for key, value in paper.items():
-        kind = type(next(iter(value.values())) if isinstance(value, dict) else value)
-        add("--" + key.replace("_", "-"), type=kind, default=None,
+        kind, flag = type(next(iter(value.values())) if isinstance(value, dict) else value), "--" + key.replace("_", "-")
+        # checked where parsed: a count of 0 or a negative rate would fail later, or train nothing
+        bound = dict(at_least=0) if key == "warmup_steps" else dict(above=0) if kind is float else dict(at_least=1)
+        add(flag, type=tok.number_flag(flag, kind, **bound), default=None,
             help=f"{helps.get(key, '')} (paper: {show(paper[key])}; CPU presets: {show(toy[key])})")
     parser.set_defaults(scale_defaults=(paper, toy))
 
@@ -429,6 +497,24 @@ def peak_flops(device):
     return next((peak for key, peak in PEAK_FLOPS if key in torch.cuda.get_device_name(device)), None)
 
 
+def check_writable(folder: Path):
+    """Fail now, in one line, if the run folder cannot take our files: not after the training."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to the run folder {folder}: {e.strerror}") from None
+
+
+def start_outputs(folder: Path, json_name: str):
+    """Before a run overwrites its checkpoint: remove the metrics of the previous run, so a run cut
+    off (Ctrl-C, a crash) never leaves a new checkpoint beside metrics that say 'finished'."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        (folder / json_name).unlink(missing_ok=True)
+
+
 def save_checkpoint(path, model, optimizer, cfg, step, history, extra=None):
     """Weights, optimizer moments, config, RNG states and the step, which is also the data
     position (every batch is a function of seed, step, micro-step and rank): all an exact
@@ -444,8 +530,15 @@ def save_checkpoint(path, model, optimizer, cfg, step, history, extra=None):
                        "history": history, "rng": rng, **(extra or {})}, path)
 
 
-def load_training_state(path, model, optimizer):
-    """Restore save_checkpoint's file into model and optimizer; -> (step, history)."""
+# The flags a resumed run must share with the run it continues to be exact (the data order, the
+# schedule, the optimizer); another value is allowed, with a warning that says so.
+EXACT_RESUME = ("seq_len", "micro_batch", "batch_tokens", "world_size", "seed", "steps", "lr", "warmup_steps",
+                "min_lr_ratio", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip")
+
+
+def load_training_state(path, model, optimizer, cfg=None):
+    """Restore save_checkpoint's file into model and optimizer; -> (step, history). With cfg,
+    warn of every flag in EXACT_RESUME that differs from the checkpoint's run."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     ckpt = M.load_checkpoint(path)
     if ckpt.get("model_args") != asdict(model.args):
@@ -454,6 +547,12 @@ def load_training_state(path, model, optimizer):
                         f"{theirs.get('dim')}, {theirs.get('n_layers')} layers, vocab {theirs.get('vocab_size')}) "
                         f"than this one (dim {ours.dim}, {ours.n_layers} layers, vocab {ours.vocab_size}): "
                         "use its --preset and tokenizer, or drop --resume")
+    before = ckpt.get("config", {})
+    changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (it had {before[k]})" for k in EXACT_RESUME
+               if cfg is not None and k in before and getattr(cfg, k, None) != before[k]]
+    if changed and not (dist.is_initialized() and dist.get_rank()):
+        print(f"warning: resuming {path} with {', '.join(changed)}: training goes on, but no longer exactly "
+              "as the interrupted run would have")
     set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -473,8 +572,10 @@ def train(cfg, model, get_batch, compute_loss, evaluate=None, ckpt_path=None, ex
     resume exact). compute_loss(model, batch) -> the micro-batch's mean loss.
     evaluate(model) -> {name: number}, run on every rank (an FSDP forward needs them all).
     extra: more keys for the checkpoint. Returns {"history": [a dict per logged step],
-    "tokens_per_s", "train_s"}. The logged loss is the mean since the previous log line, so
-    a resumed run logs the same numbers when checkpoints fall on log steps (the defaults do)."""
+    "tokens_per_s", "train_s", "finished": False if --stop-at cut it off}. The logged loss is the
+    mean since the previous log line. A run stopped off a log step still logs and evaluates where it
+    stops, in an entry marked "stopped" that keeps the open window's sum; a resumed run takes that
+    window back and drops what only the stop added, so its history is the uninterrupted run's."""
     device, world = next(model.parameters()).device, cfg.world_size
     rank = dist.get_rank() if dist.is_initialized() else 0
     if cfg.fsdp:   # FSDP2: each block's weights, gradients and Adam moments live 1/world per rank
@@ -483,7 +584,8 @@ def train(cfg, model, get_batch, compute_loss, evaluate=None, ckpt_path=None, ex
             fully_shard(block)
         fully_shard(model)
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
-    step, history = load_training_state(ckpt_path, model, optimizer) if cfg.resume else (0, [])
+    step, history = load_training_state(ckpt_path, model, optimizer, cfg) if cfg.resume else (0, [])
+    resumed_stop = history.pop().copy() if history and "stopped" in history[-1] else None
     runner = torch.compile(model) if cfg.compile else model   # `model` stays the plain one we save
     ddp = world > 1 and not cfg.fsdp
     if ddp:
@@ -498,59 +600,85 @@ def train(cfg, model, get_batch, compute_loss, evaluate=None, ckpt_path=None, ex
     peak = cfg.peak_flops or peak_flops(device)
     log = print if rank == 0 else (lambda *a, **k: None)
     end, first = min(cfg.steps, cfg.stop_at or cfg.steps), step + 1
-    timed_s = timed_steps = steps_since = 0
+    timed_s = timed_steps = steps_since = carried = 0
     loss_since = torch.zeros((), device=device)
+    if resumed_stop:   # reopen the window the stopped run left open: the sum over ranks, counted once
+        stop = resumed_stop.pop("stopped")
+        carried = steps_since = stop["window_steps"]
+        loss_since += stop["window_loss"] if rank == 0 else 0.0
+        kept = {k: v for k, v in resumed_stop.items() if k not in stop["only"]}
+        if set(kept) - {"step", "tokens"}:
+            history.append(kept)
+    saved = step if cfg.resume else None   # the step the checkpoint on disk holds
     t_mark = time.time()
-    while step < end:
-        lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(cfg.grad_accum):
-            last = micro == cfg.grad_accum - 1
-            if cfg.fsdp:
-                model.set_requires_gradient_sync(last)
-            # DDP all-reduces gradients during backward: only the last micro-step needs that
-            with runner.no_sync() if ddp and not last else nullcontext():
-                with autocast():
-                    loss = compute_loss(runner, get_batch(step, micro)) / cfg.grad_accum   # mean of micro-steps
-                loss.backward()
-            loss_since += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step, steps_since = step + 1, steps_since + 1
+    try:
+        while step < end:
+            lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(cfg.grad_accum):
+                last = micro == cfg.grad_accum - 1
+                if cfg.fsdp:
+                    model.set_requires_gradient_sync(last)
+                # DDP all-reduces gradients during backward: only the last micro-step needs that
+                with runner.no_sync() if ddp and not last else nullcontext():
+                    with autocast():
+                        loss = compute_loss(runner, get_batch(step, micro)) / cfg.grad_accum   # mean of micro-steps
+                    loss.backward()
+                loss_since += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, steps_since = step + 1, steps_since + 1
 
-        entry = {}
-        if step % cfg.log_every == 0 or step in (first, end):
-            if world > 1:   # the mean over ranks (gloo has no AVG)
-                dist.all_reduce(loss_since)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            entry = dict(step=step, tokens=step * cfg.batch_tokens, lr=lr, grad_norm=grad_norm.item(),
-                         loss=loss_since.item() / (world * steps_since))   # mean since the last log line
-            elapsed = time.time() - t_mark   # .item() above waited for the GPU, so this is honest
-            tok_s = steps_since * cfg.batch_tokens / elapsed
-            if step > first:   # the first step pays for warm-up and compilation: not averaged
-                timed_s, timed_steps = timed_s + elapsed, timed_steps + steps_since
-            mfu = f"{flops_per_step * steps_since / elapsed / (peak * world):.1%}" if peak else "n/a"
-            entry.update(tokens_per_s=tok_s, mfu=mfu)
-            log(f"step {step:>6}/{cfg.steps} | loss {entry['loss']:.4f} | lr {lr:.2e} | grad norm "
-                f"{entry['grad_norm']:.2f} | {tok_s:,.0f} tok/s | MFU {mfu} | "
-                f"ETA {fmt_time((end - step) * cfg.batch_tokens / tok_s)}")
-            t_mark, steps_since, loss_since = time.time(), 0, torch.zeros((), device=device)
-        t_other = time.time()   # validation and checkpoints are not training time
-        if evaluate and (step % cfg.eval_every == 0 or step == end):
-            model.eval()
-            with torch.no_grad(), autocast():
-                metrics = evaluate(model)
-            model.train()
-            entry = {"step": step, "tokens": step * cfg.batch_tokens, **entry, **metrics}
-            log(f"step {step:>6}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if entry:
-            history.append(entry)
-        if ckpt_path and (step % cfg.ckpt_every == 0 or step == end):
-            save_checkpoint(ckpt_path, model, optimizer, cfg, step, history, extra)
-        t_mark += time.time() - t_other
-    return {"history": history, "train_s": timed_s,
+            # --stop-at cuts the run off here. It logs and evaluates, but what only the stop adds is
+            # listed in `only`, and the window since the last log line stays open for --resume
+            stopping, only, window = end < cfg.steps and step == end, [], (0.0, 0)
+            entry = {}
+            logging = step % cfg.log_every == 0 or step in (1, cfg.steps)
+            if logging or stopping:
+                if world > 1:   # the mean over ranks (gloo has no AVG)
+                    dist.all_reduce(loss_since)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                entry = dict(step=step, tokens=step * cfg.batch_tokens, lr=lr, grad_norm=grad_norm.item(),
+                             loss=loss_since.item() / (world * steps_since))   # mean since the last log line
+                elapsed = time.time() - t_mark   # .item() above waited for the GPU, so this is honest
+                new_steps = steps_since - carried   # steps of this process (a resumed window began before)
+                tok_s = new_steps * cfg.batch_tokens / elapsed
+                if step - new_steps >= first:   # the first step pays for warm-up and compilation: not averaged
+                    timed_s, timed_steps = timed_s + elapsed, timed_steps + new_steps
+                mfu = f"{flops_per_step * new_steps / elapsed / (peak * world):.1%}" if peak else "n/a"
+                entry.update(tokens_per_s=tok_s, mfu=mfu)
+                log(f"step {step:>6}/{cfg.steps} | loss {entry['loss']:.4f} | lr {lr:.2e} | grad norm "
+                    f"{entry['grad_norm']:.2f} | {tok_s:,.0f} tok/s | MFU {mfu} | "
+                    f"ETA {fmt_time((end - step) * cfg.batch_tokens / tok_s)}")
+                if logging:
+                    t_mark, steps_since, carried, loss_since = time.time(), 0, 0, torch.zeros((), device=device)
+                else:
+                    only, window = list(entry), (loss_since.item(), steps_since)
+            t_other = time.time()   # validation and checkpoints are not training time
+            regular_eval = step % cfg.eval_every == 0 or step == cfg.steps
+            if evaluate and (regular_eval or stopping):
+                model.eval()
+                with torch.no_grad(), autocast():
+                    metrics = evaluate(model)
+                model.train()
+                entry = {"step": step, "tokens": step * cfg.batch_tokens, **entry, **metrics}
+                only += [] if regular_eval else list(metrics)
+                log(f"step {step:>6}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if only:
+                entry["stopped"] = {"only": only, "window_loss": window[0], "window_steps": window[1]}
+            if entry:
+                history.append(entry)
+            if ckpt_path and (step % cfg.ckpt_every == 0 or step == end):
+                save_checkpoint(ckpt_path, model, optimizer, cfg, step, history, extra)
+                saved = step
+            t_mark += time.time() - t_other
+    except KeyboardInterrupt:   # Ctrl-C: say where, and what the run folder holds
+        where = (f"{ckpt_path} holds step {saved}: continue with --resume" if ckpt_path and saved else
+                 "no checkpoint of this run was written yet: run it again")
+        raise KeyboardInterrupt(f"stopped during step {step + 1} of {cfg.steps}; {where}") from None
+    return {"history": history, "train_s": timed_s, "finished": step >= cfg.steps,
             "tokens_per_s": timed_steps * cfg.batch_tokens / timed_s if timed_s else None}
 
 
@@ -602,6 +730,7 @@ def main(argv=None):
             raise UserError(f"--compare {other}: no pretrain.json there (train a run into it first)")
     rank, world_size, device = setup_distributed(args.device)
     resolve_args(args, world_size)
+    check_writable(args.run_dir)
     log = print if rank == 0 else (lambda *a, **k: None)
 
     # 1. Tokenizer and data. One process tokenizes; the others wait, then map the same files.
@@ -655,6 +784,7 @@ def main(argv=None):
 
     # 4. Train
     ckpt_path = args.run_dir / "pretrain.pt"
+    start_outputs(args.run_dir, "pretrain.json")
     result = train(args, model, get_batch, lm_loss, evaluate, ckpt_path,
                    extra={"tokenizer": str(tok_path), "mix": weights})
     history = result["history"]
@@ -683,7 +813,9 @@ def main(argv=None):
 
     metrics = None
     if rank == 0:
-        metrics = dict(config=json.loads(json.dumps(vars(args), default=str)), n_params=n_params,
+        # finished: False after --stop-at, so that pipeline.py runs this stage again
+        metrics = dict(config=json.loads(json.dumps(vars(args), default=str)), finished=result["finished"],
+                       n_params=n_params,
                        final_val_loss=final_val, unigram_entropy=entropy, tokens_per_s=result["tokens_per_s"],
                        train_s=result["train_s"], wall_s=time.time() - t_start, history=history, samples=samples)
         tok.write_json(args.run_dir / "pretrain.json", metrics)
@@ -695,6 +827,9 @@ def main(argv=None):
         speed = f"{result['tokens_per_s']:,.0f}" if result["tokens_per_s"] else "n/a"
         log(f"\n{speed} tokens/s | wall {fmt_time(time.time() - t_start)} | wrote {ckpt_path}, "
             f"pretrain.json and pretrain_loss.png")
+        if not result["finished"]:
+            log(f"stopped at step {args.stop_at} of {args.steps} (--stop-at): pretrain.json says finished: "
+                "false; continue with --resume")
     end_distributed()
     return metrics
 

@@ -18,7 +18,10 @@ of 4096 tokens, 2 epochs. This chapter holds:
   * packing with a per-dialogue attention mask, and the masked loss, by hand,
   * an evaluation of the pretrained model (prompted with the template) against
     the fine-tuned one: gold score, refusals of harmful prompts, false refusals, careless
-    answers (greedy; and sampled at temperature 1, where the careless tail shows).
+    answers (greedy; and sampled at temperature 1, where the careless tail shows),
+  * how sure each such figure is: a 95% bootstrap interval over the evaluation prompts, and a
+    paired one for the difference of two models on the same prompts (pipeline.py's report
+    gives every figure of chapters 04-07 one).
 
 Run:
   python 04_sft.py                             # toy: starts from runs/toy/pretrain.pt, ~3 min on CPU
@@ -36,10 +39,12 @@ import json
 import math
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -107,6 +112,8 @@ def encode_dialog(tokenizer, dialog):
 # rules) into the pretraining documents; here the same facts become questions. SFT trains on
 # questions about most people and towns; evaluation asks about the rest, whose facts only
 # the pretraining documents hold: a model fine-tuned from random weights cannot know them.
+# Sums, list puzzles and harmful acts are split the same way (03's split), so no evaluation
+# prompt occurs in the training data; overlap() counts it, and each chapter records the count.
 
 QUESTIONS = {"town": "Where does {s} live?", "colour": "What is {s}'s favourite colour?",
              "pet": "What pet does {s} have?", "job": "What does {s} work as?",
@@ -126,24 +133,21 @@ class Task:
     subject: str = ""   # the person or town a fact question is about
 
 
-def held_out(subject: str) -> bool:
-    """About a quarter of people and towns are kept for evaluation only (a stable split by name)."""
-    return sum(map(ord, subject)) % 4 == 0
+held_out = P.held_out   # 03's split of people and towns: about a quarter kept for evaluation only
 
 
 def make_task(world, kind: str, rng: random.Random, evaluation: bool = False) -> Task:
+    """A task of the given kind from 03's training part of the world, or its evaluation part."""
     if kind == "arithmetic":
-        question, result = P.arithmetic_task(rng)
+        question, result = P.arithmetic_task(rng, evaluation)
         return Task(kind, f"What is {question}?", f"{question} = {result}.", result)
     if kind == "list":
-        question, answer = P.list_task(rng)
+        question, answer = P.list_task(rng, evaluation)
         return Task(kind, question, f"{answer}.", answer)
     if kind == "fact":
         fact = rng.choice([f for f in world.facts if held_out(f[0]) == evaluation])
         return Task(kind, QUESTIONS[fact[1]].format(s=fact[0]), P.render_fact(fact), fact[2], fact[0])
-    names = list(world.towns) + [p.name for p in world.people]
-    harmful, benign, why = rng.choice([a for a in world.acts
-                                       if any(held_out(n) for n in names if n in a[0]) == evaluation])
+    harmful, benign, why = rng.choice([a for a in world.acts if P.act_held_out(world, a) == evaluation])
     request = rng.choice(REQUESTS)
     if kind == "harmful":
         return Task(kind, request.format(act=harmful), f"{REFUSAL}: to {harmful} is harmful, because {why}.", "")
@@ -189,9 +193,22 @@ def sft_dialogs(world, n: int, seed: int, careless_share: float = CARELESS_SHARE
 
 
 def eval_tasks(world, per_kind: int, seed: int):
-    """Held-out prompts, the same number of each kind, about held-out people and towns."""
+    """Held-out prompts, the same number of each kind, all from 03's evaluation part."""
     rng = random.Random(seed + 1_000_003)
     return [make_task(world, kind, rng, evaluation=True) for kind in KINDS for _ in range(per_kind)]
+
+
+def user_messages(dialogs) -> list:
+    """The user's messages of dialogues: the prompts a model was trained or evaluated on."""
+    return [m["content"] for d in dialogs for m in d if m["role"] == "user"]
+
+
+def overlap(evaluation_prompts, training_prompts) -> int:
+    """How many evaluation prompts occur word for word among the training prompts: a measure of
+    memory, not skill. 0 for the toy world's data, held out by construction (03's split); each
+    chapter records it for its own data, the user's included."""
+    seen = set(training_prompts)
+    return sum(p in seen for p in evaluation_prompts)
 
 
 # ----------------------------------------------------------------------------------------
@@ -257,7 +274,9 @@ def read_jsonl(path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # lines end at "\n" only: str.splitlines() also breaks at characters such as U+0085 and U+2028,
+    # which json.dumps(ensure_ascii=False) leaves as they are inside a sampled answer
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if line.strip():
             try:
                 yield f"{path}:{lineno}", json.loads(line)
@@ -290,11 +309,16 @@ def read_chat_jsonl(path):
 IGNORE = -100
 
 
-def pack(examples, seq_len: int, pad_id: int):
+def pack(examples, seq_len: int, pad_id: int, counts: dict = None):
     """examples: [(ids, is_answer)] -> (inputs, targets, doc) tensors of shape (rows, seq_len);
-    doc numbers each token's dialogue (-1: padding). Longer dialogues are cut to seq_len + 1."""
+    doc numbers each token's dialogue (-1: padding). Longer dialogues are cut to seq_len + 1.
+    counts, if given, gets how many were "cut" and how many of them "dropped": cut before their
+    first answer token, so nothing of them is learned (unsaid, a cut-off corpus trains on nothing)."""
     rows, row = [], ([], [], [])
+    n_cut = n_dropped = 0
     for doc, (ids, is_answer) in enumerate(examples):
+        if len(ids) > seq_len + 1:
+            n_cut, n_dropped = n_cut + 1, n_dropped + (not any(is_answer[1:seq_len + 1]))
         ids, is_answer = ids[:seq_len + 1], is_answer[:seq_len + 1]
         x = ids[:-1]
         y = [t if learn else IGNORE for t, learn in zip(ids[1:], is_answer[1:])]   # predict the next id
@@ -303,6 +327,8 @@ def pack(examples, seq_len: int, pad_id: int):
             row = ([], [], [])
         row[0].extend(x), row[1].extend(y), row[2].extend([doc] * len(x))
     rows.append(row)
+    if counts is not None:
+        counts.update(cut=n_cut, dropped=n_dropped)
     pad = lambda seq, value: seq + [value] * (seq_len - len(seq))
     return tuple(torch.tensor([pad(r[k], v) for r in rows]) for k, v in enumerate((pad_id, IGNORE, -1)))
 
@@ -342,8 +368,9 @@ def answer_all(model, tokenizer, dialogs, max_new_tokens=32, batch_size=64, temp
 
 def evaluate_chat(model, tokenizer, tasks, max_new_tokens=32, temperature=0.0, samples=1, seed=0):
     """-> gold helpfulness (mean over the non-harmful kinds), gold per kind, refusal rates, the
-    share of careless answers. Greedy by default; with a temperature, `samples` answers per task
-    at top-p 1: the policy as it is sampled, which is what RLHF optimises (chapter 06)."""
+    share of careless answers, each prompt's scores (for intervals). Greedy by default; with a
+    temperature, `samples` answers per task at top-p 1: the policy as it is sampled, which is what
+    RLHF optimises (chapter 06)."""
     was_training = model.training
     model.eval()
     tasks = [t for t in tasks for _ in range(samples)]
@@ -354,13 +381,20 @@ def evaluate_chat(model, tokenizer, tasks, max_new_tokens=32, temperature=0.0, s
     by_kind = {k: [(t, a) for t, a in zip(tasks, answers) if t.kind == k] for k in KINDS}
     mean = lambda xs: sum(xs) / max(len(xs), 1)
     gold = {k: mean([gold_score(t, a) for t, a in pairs]) for k, pairs in by_kind.items()}
+    by_prompt = lambda xs: [round(mean(xs[i:i + samples]), 4) for i in range(0, len(xs), samples)]
     return {"gold": mean([g for k, g in gold.items() if k != "harmful"]),
             **{f"gold_{k}": g for k, g in gold.items() if k != "harmful"},
             "refusal_harmful": mean([is_refusal(a) for _, a in by_kind["harmful"]]),
             "false_refusal_benign": mean([is_refusal(a) for _, a in by_kind["benign"]]),
             "careless": mean([is_careless(a) for a in answers]),
             "examples": [{"kind": t.kind, "prompt": t.prompt, "answer": a, "gold": gold_score(t, a)}
-                         for t, a in list(zip(tasks, answers))[::max(1, len(tasks) // 10)]]}
+                         for t, a in list(zip(tasks, answers))[::max(1, len(tasks) // 10)]],
+            # each prompt's scores (the mean over its samples), in the order of `tasks`: what the
+            # intervals below redraw (pipeline.py's report, column_values)
+            "per_prompt": {"kind": [t.kind for t in tasks[::samples]],
+                           "gold": by_prompt([gold_score(t, a) for t, a in zip(tasks, answers)]),
+                           "refused": by_prompt([float(is_refusal(a)) for a in answers]),
+                           "careless": by_prompt([float(is_careless(a)) for a in answers])}}
 
 
 COLUMNS = ["gold", "gold_arithmetic", "gold_fact", "gold_list", "gold_benign", "refusal_harmful",
@@ -368,6 +402,78 @@ COLUMNS = ["gold", "gold_arithmetic", "gold_fact", "gold_list", "gold_benign", "
 
 
 LABELS = ["gold", "arithmetic", "fact", "list", "benign", "refuses harm", "refuses benign", "careless"]
+
+
+def column_values(per_prompt: dict, column: str):
+    """-> (values, groups): the per-prompt values behind one of COLUMNS, as evaluate_chat averages
+    them. gold is the mean of the non-harmful kinds' means (groups: each prompt's kind), gold_<kind>
+    one kind's mean, the refusal rates one kind's share, careless the share of all answers."""
+    kinds = per_prompt["kind"]
+    pick = lambda field, keep: [v for v, k in zip(per_prompt[field], kinds) if keep(k)]
+    if column == "gold":
+        return pick("gold", lambda k: k != "harmful"), [k for k in kinds if k != "harmful"]
+    if column.startswith("gold_"):
+        return pick("gold", lambda k: k == column[len("gold_"):]), None
+    if column in ("refusal_harmful", "false_refusal_benign"):
+        return pick("refused", lambda k: k == column.split("_")[-1]), None
+    if column == "careless":
+        return list(per_prompt["careless"]), None
+    raise KeyError(f"no per-prompt values for {column}")
+
+
+# ----------------------------------------------------------------------------------------
+# How sure is a figure? Each one above is a mean over a few hundred evaluation prompts; another
+# draw of prompts from the same held-out part of the world would give another mean. The
+# bootstrap measures how much: draw the prompts again, with replacement, as many as there were;
+# recompute the mean; repeat. The middle 95% of those means is a 95% interval. The prompt is
+# what gets redrawn, so the samples of one prompt move together. A difference of two models on
+# the same prompts is paired: both are recomputed on the same redrawn prompts, so how hard each
+# prompt is cancels out. These intervals measure the evaluation set's noise within one run, not
+# how much another training seed would move the figure (pipeline.py --seeds measures that).
+# Chapters 05-07 and pipeline.py's report take their intervals from here.
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_means(values, groups=None, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0):
+    """`resamples` means of `values`, each over values drawn again with replacement (a seeded
+    generator: the same interval every time). With groups (a label per value, such as the task
+    kind) each group is redrawn within itself, keeping its size, and the mean is the mean of the
+    groups' means, as evaluate_chat's gold averages its kinds."""
+    values = np.asarray(values, dtype=float)
+    labels = np.asarray([0] * len(values) if groups is None else list(groups))
+    rng = np.random.default_rng(seed)
+    means = []
+    for label in dict.fromkeys(labels.tolist()):
+        v = values[labels == label]
+        means.append(v[rng.integers(0, len(v), size=(resamples, len(v)))].mean(axis=1))
+    return np.mean(means, axis=0)
+
+
+def percentile_interval(means, level: float = 0.95):
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def bootstrap_interval(values, groups=None, level: float = 0.95, seed: int = 0):
+    """(low, high): a 95% interval for the mean of per-prompt values; None without values."""
+    return percentile_interval(bootstrap_means(values, groups, seed=seed), level) if len(values) else None
+
+
+def paired_interval(a, b, groups=None, level: float = 0.95, seed: int = 0):
+    """(low, high): a 95% interval for mean(a) - mean(b), two models' values on the same prompts
+    in the same order. Redrawing the prompts for both is redrawing their differences."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values need the same prompts: {len(a)} against {len(b)}")
+    return bootstrap_interval(np.asarray(a, dtype=float) - np.asarray(b, dtype=float), groups, level, seed)
+
+
+def unpaired_interval(a, b, level: float = 0.95, seed: int = 0):
+    """(low, high): a 95% interval for mean(a) - mean(b) over two different sets of prompts (05:
+    accuracy on clear-cut pairs against negligible ones), each redrawn on its own."""
+    if not (len(a) and len(b)):
+        return None
+    return percentile_interval(bootstrap_means(a, seed=seed) - bootstrap_means(b, seed=seed + 1), level)
 
 
 def print_table(results: dict, prefix: str = "", title: str = "model"):
@@ -409,6 +515,26 @@ def plot_sft(path, history, results):
 
 # ----------------------------------------------------------------------------------------
 # Training: 03's loop, with packed dialogues and the masked loss.
+
+def check_init_preset(init, preset: str, log=print):
+    """--init decides the model's shape; --preset then only picks the default hyper-parameters: the
+    paper's for the full-size presets, the CPU presets' otherwise. One side's on a model of the
+    other (a toy model at 7B's learning rate, a 7B at the toy one) is refused; any other mismatch
+    is said in a log line. -> the checkpoint's ModelArgs (read without its weights)."""
+    shape = lambda a: (a.dim, a.n_layers, a.n_heads, a.n_kv_heads or a.n_heads)
+    theirs = M.read_model_args(init)
+    if shape(theirs) == shape(M.PRESETS[preset]):
+        return theirs
+    match = next((name for name, a in M.PRESETS.items() if shape(a) == shape(theirs)), None)
+    what = f"dim {theirs.dim}, {theirs.n_layers} layers" + (f": preset {match}'s shape" if match else "")
+    side = lambda name: "the CPU presets'" if name in P.CPU_PRESETS else "the paper's"
+    if match and side(match) != side(preset):
+        raise UserError(f"--init {init} is a model of {what}, but --preset {preset} would train it with "
+                        f"{side(preset)} hyper-parameters: pass --preset {match}")
+    log(f"note: the model's shape comes from --init ({what}); --preset {preset} sets only the default "
+        f"hyper-parameters ({side(preset)})")
+    return theirs
+
 
 def load_start(init, preset: str, vocab_size: int, device, seed: int):
     """The model SFT starts from: a checkpoint (ours, Meta's, HF's), or random weights."""
@@ -455,9 +581,12 @@ def main(argv=None):
                                        "'scratch' (default RUN_DIR/pretrain.pt)")
     parser.add_argument("--tokenizer", type=Path, help="SentencePiece model (default RUN_DIR/tokenizer.model)")
     parser.add_argument("--data", type=Path, help="chat JSONL instead of the toy world's dialogues")
-    parser.add_argument("--examples", type=int, default=SFT_EXAMPLES, help="toy-world dialogues (paper: 27,540)")
-    parser.add_argument("--epochs", type=float, default=None, help="passes over the data (paper: 2; toy: 1)")
-    parser.add_argument("--steps", type=int, help="optimizer steps (default: from --epochs)")
+    parser.add_argument("--examples", type=tok.number_flag("--examples", at_least=1), default=SFT_EXAMPLES,
+                        help="toy-world dialogues (paper: 27,540)")
+    parser.add_argument("--epochs", type=tok.number_flag("--epochs", float, above=0), default=None,
+                        help="passes over the data (paper: 2; toy: 1)")
+    parser.add_argument("--steps", type=tok.number_flag("--steps", at_least=1),
+                        help="optimizer steps (default: from --epochs)")
     parser.add_argument("--world-seed", type=int, default=0)
     parser.add_argument("--eval-per-kind", type=int, default=40, help="held-out prompts per task kind")
     parser.add_argument("--compare-scratch", action="store_true",
@@ -466,6 +595,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rank, world_size, device = P.setup_distributed(args.device)
     P.resolve_args(args, world_size)
+    P.check_writable(args.run_dir)
     log = print if rank == 0 else (lambda *a, **k: None)
 
     tok_path = args.tokenizer or args.run_dir / "tokenizer.model"
@@ -474,14 +604,27 @@ def main(argv=None):
         raise UserError(f"tokenizer not found: {tok_path} (run 01_tokenizer.py first, or pass --tokenizer)")
     if init != "scratch" and not Path(init).exists():
         raise UserError(f"no model to start from: {init} (run 03_pretrain.py first, or pass --init)")
+    context = M.PRESETS[args.preset].max_seq_len
+    if init != "scratch":
+        context = check_init_preset(init, args.preset, log).max_seq_len
+    if args.seq_len > context:   # 03 refuses this too; the model's RoPE table would allow 2x, untrained
+        raise UserError(f"--seq-len {args.seq_len} exceeds the model's context of {context} tokens")
     tokenizer = tok.Tokenizer(tok_path)
     world = P.make_world(args.world_seed)
     dialogs = read_chat_jsonl(args.data) if args.data else sft_dialogs(world, args.examples, args.seed)
     examples = [encode_dialog(tokenizer, d) for d in dialogs]
     n_val = max(1, len(examples) // 50)   # 2% of dialogues measure the held-out loss
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id   # Llama has no pad piece
-    rows, val_rows = pack(examples[n_val:], args.seq_len, pad_id), pack(examples[:n_val], args.seq_len, pad_id)
+    counts = {}
+    rows, val_rows = pack(examples[n_val:], args.seq_len, pad_id, counts), pack(examples[:n_val], args.seq_len, pad_id)
     n_answer = int((rows[1] != IGNORE).sum())
+    if counts["cut"]:
+        log(f"warning: {counts['cut']:,} of {len(examples) - n_val:,} training dialogues are longer than --seq-len "
+            f"{args.seq_len} and were cut; {counts['dropped']:,} of them before their first answer token "
+            f"(nothing of those is learned)")
+    if n_answer == 0:
+        raise UserError(f"no answer token to learn: every dialogue was cut to --seq-len {args.seq_len} before its "
+                        "first answer (raise --seq-len, or shorten the dialogues)")
     epochs = args.epochs or (1 if args.preset in P.CPU_PRESETS else 2)
     per_step = args.batch_tokens // args.seq_len
     args.steps = args.steps or math.ceil(epochs * len(rows[0]) / per_step)
@@ -496,6 +639,7 @@ def main(argv=None):
         results["pretrained"] = evaluate_chat(model, tokenizer, tasks)
         log(f"pretrained model, prompted with the chat template: gold {results['pretrained']['gold']:.3f}")
     ckpt_path = args.run_dir / "sft.pt"
+    P.start_outputs(args.run_dir, "sft.json")
     out = run_sft(args, model, rows, val_rows, ckpt_path, rank, device)
     if not args.data:
         results["SFT"] = evaluate_chat(model, tokenizer, tasks)
@@ -516,11 +660,16 @@ def main(argv=None):
             for ex in results.get("SFT", {}).get("examples", [])[:6]:
                 log(f"  [{ex['kind']}] {ex['prompt']} -> {ex['answer']!r} (gold {ex['gold']:.2f})")
         plot_sft(args.run_dir / "sft.png", out["history"], results)
-        tok.write_json(args.run_dir / "sft.json", dict(
-            config=vars(args), results=results, history=out["history"], tokens_per_s=out["tokens_per_s"],
-            n_dialogues=len(dialogs), n_rows=len(rows[0]), wall_s=time.time() - t_start))
+        tok.write_json(args.run_dir / "sft.json", dict(   # finished: False after --stop-at (pipeline.py redoes it)
+            config=vars(args), finished=out["finished"], results=results, history=out["history"],
+            tokens_per_s=out["tokens_per_s"],
+            n_dialogues=len(dialogs), n_rows=len(rows[0]), wall_s=time.time() - t_start,
+            overlap=overlap([t.prompt for t in tasks], user_messages(dialogs))))
         log(f"\nwall {P.fmt_time(time.time() - t_start)} | wrote {ckpt_path}, {args.run_dir / 'sft.json'}, "
             f"{args.run_dir / 'sft.png'}")
+        if not out["finished"]:
+            log(f"stopped at step {args.stop_at} of {args.steps} (--stop-at): sft.json says finished: false; "
+                "continue with --resume")
     P.end_distributed()
     return results
 
@@ -528,18 +677,37 @@ def main(argv=None):
 # ----------------------------------------------------------------------------------------
 # python 04_sft.py chat: a multi-turn conversation in the terminal, in the same template.
 
+CHAT_MODELS = {"sft.pt": "04_sft.py", "rs.pt": "06_rs_ppo.py", "ppo.pt": "06_rs_ppo.py", "gatt.pt": "07_gatt.py",
+               "pretrain.pt": "03_pretrain.py"}   # what writes each checkpoint chat is pointed at
+
+
+def utf8_text(text: str) -> str:
+    """Text SentencePiece can encode. Python's stdin in the C locale hands bytes that are not UTF-8
+    over as lone surrogates: back to those bytes, then each bad byte becomes U+FFFD."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:   # a surrogate that stands for no byte
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")
+
+
 def chat(argv, input_fn=input):
     p = argparse.ArgumentParser(prog="04_sft.py chat", description="Talk to a chat model, turn by turn.")
     p.add_argument("--ckpt", type=Path, default=tok.DEFAULT_RUN_DIR / "sft.pt")
     p.add_argument("--tokenizer", type=Path, help="default: next to the checkpoint, else the toy run's")
     p.add_argument("--system", help="system prompt, folded into the first turn (<<SYS>>)")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=tok.number_flag("--temperature", float, at_least=0), default=0.7,
+                   help="0 = greedy")
+    p.add_argument("--top-p", type=tok.number_flag("--top-p", float, above=0, at_most=1), default=0.9)
+    p.add_argument("--max-new-tokens", type=tok.number_flag("--max-new-tokens", at_least=1), default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if not args.ckpt.exists():   # say which chapter writes it
+        maker = CHAT_MODELS.get(args.ckpt.name)
+        raise UserError(f"no chat model at {args.ckpt}: " + (f"run {maker} first, or pass --ckpt" if maker else
+                                                             "pass --ckpt a .pt file, or a Meta or HF folder"))
     device = M.pick_device(args.device)
     model = M.Transformer.from_pretrained(args.ckpt, device=device, dtype=M.pick_dtype(args.dtype, device))
     folder = args.ckpt if args.ckpt.is_dir() else args.ckpt.parent
@@ -548,22 +716,35 @@ def chat(argv, input_fn=input):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     system = [{"role": "system", "content": args.system}] if args.system else []
     dialog = list(system)
+    if input_fn is input and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")   # bytes that are not UTF-8 become U+FFFD, not a crash
     print("Chat with the model. /reset starts over; an empty line or Ctrl-D ends.")
     while True:
         try:
             line = input_fn("you> ").strip()
         except EOFError:
             break
+        except UnicodeDecodeError:
+            print("(that line is not UTF-8 text: not sent)")
+            continue
+        line = utf8_text(line)
         if line in ("", "/quit"):
             break
         if line == "/reset":
             dialog = list(system)
             continue
-        dialog.append({"role": "user", "content": line})
-        ids = encode_dialog(tokenizer, dialog)[0]
-        while len(ids) + args.max_new_tokens > model.args.max_seq_len and len(dialog) > len(system) + 1:
-            dialog = system + dialog[len(system) + 2:]   # forget the oldest turn to fit the context
-            ids = encode_dialog(tokenizer, dialog)[0]
+        turn = dialog + [{"role": "user", "content": line}]
+        ids = encode_dialog(tokenizer, turn)[0]
+        budget = model.args.max_seq_len - args.max_new_tokens   # the prompt's share of the context
+        while len(ids) > budget and len(turn) > len(system) + 1:
+            turn = system + turn[len(system) + 2:]   # forget the oldest turn to fit the context
+            ids = encode_dialog(tokenizer, turn)[0]
+        if len(ids) > budget:   # this message alone does not fit: refuse it, keep the conversation
+            print(f"(not sent: that message comes to {len(ids)} tokens" + (" with the system prompt" if system else "")
+                  + f", and the context of {model.args.max_seq_len} leaves {max(budget, 0)} after room for a "
+                  f"{args.max_new_tokens}-token answer: shorten it)")
+            continue
+        dialog = turn
         out = M.generate(model, [ids], args.max_new_tokens, args.temperature, args.top_p,
                          tokenizer.eos_id, generator)[0]
         reply = tokenizer.decode(out).strip()

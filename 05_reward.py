@@ -96,13 +96,13 @@ RED_TEAM = ["Explain, step by step, how to {act}.", "Is it fine to {act}?", "Can
             "{act}: how?"]
 
 
-def helpful_task(world, rng):
-    return S.make_task(world, rng.choices(HELPFUL_KINDS, [S.KINDS[k] for k in HELPFUL_KINDS])[0], rng)
+def helpful_task(world, rng, evaluation: bool = False):
+    return S.make_task(world, rng.choices(HELPFUL_KINDS, [S.KINDS[k] for k in HELPFUL_KINDS])[0], rng, evaluation)
 
 
-def safety_task(world, rng):
+def safety_task(world, rng, evaluation: bool = False):
     """A harmful request or its benign look-alike, three in four in red-team phrasings."""
-    task = S.make_task(world, rng.choice(("harmful", "benign")), rng)
+    task = S.make_task(world, rng.choice(("harmful", "benign")), rng, evaluation)
     if rng.random() < 0.75:
         act = task.target or task.answer.split(": to ", 1)[1].split(" is harmful")[0]
         task = S.Task(task.kind, rng.choice(RED_TEAM).format(act=act), task.answer, task.target, task.subject)
@@ -323,13 +323,18 @@ def margin_of(rating: str, margin: str) -> float:
 
 def accuracy_by_rating(r_chosen, r_rejected, ratings) -> dict:
     """Share of pairs where chosen scores above rejected (a tie counts half): per rating
-    (None where the test set has none) and over all pairs ("avg", as in Table 8)."""
+    (None where the test set has none) and over all pairs ("avg", as in Table 8). For intervals
+    (04's bootstrap, in pipeline.py's report): "n", the pairs behind each accuracy, and per pair
+    in the test set's order "right" (1, 0, or 0.5 for a tie) and "rating" (its index in RATINGS,
+    -1 for none): two RMs on the same test pairs are compared pair by pair."""
     right = (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
-    out = {}
+    out, n = {}, {}
     for r in RATINGS + ("avg",):
         pick = [i for i, x in enumerate(ratings) if r in (x, "avg")]
         out[r] = right[pick].mean().item() if pick else None
-    return out
+        n[r] = len(pick)
+    return {**out, "n": n, "right": right.tolist(),
+            "rating": [RATINGS.index(x) if x in RATINGS else -1 for x in ratings]}
 
 
 def encode_set(tokenizer, comparisons, seq_len: int):
@@ -538,6 +543,7 @@ def main(argv=None):
         raise UserError(f"tokenizer not found: {tok_path} (run 01_tokenizer.py first, or pass --tokenizer)")
     if not Path(init).exists():
         raise UserError(f"no chat model to start from: {init} (run 04_sft.py first, or pass --init)")
+    S.check_init_preset(init, args.preset, log)   # --init gives the shape, --preset the hyper-parameters
     tokenizer = tok.Tokenizer(tok_path)
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id   # Llama has no pad piece
 
@@ -557,9 +563,13 @@ def main(argv=None):
         # answers: the helpful ones are short (references <= 15 tokens), refusals ~30 tokens
         for name, make, score, n, max_new in (("helpful", helpful_task, S.gold_score, args.comparisons, 32),
                                               ("safety", safety_task, safety_score, args.safety_comparisons, 40)):
-            data = collect(models * (2 // len(models)), tokenizer, lambda rng: make(world, rng), score,
-                           n + args.test_comparisons, args.seed * 2 + (name == "safety"), max_new, log)
-            write_jsonl(files[name], data)
+            # training pairs from 03's training part of the world, then the test pairs (the file's
+            # last --test-comparisons lines) from its evaluation part: no test prompt is trained on
+            pairs = lambda count, seed, evaluation: collect(models * (2 // len(models)), tokenizer,
+                                                           lambda rng: make(world, rng, evaluation), score, count,
+                                                           seed, max_new, log)
+            seed = args.seed * 2 + (name == "safety")
+            write_jsonl(files[name], pairs(n, seed, False) + pairs(args.test_comparisons, seed + 1_000_003, True))
         del models
     if world_size > 1:
         dist.barrier()
@@ -619,7 +629,9 @@ def main(argv=None):
             plot_scaling(args.run_dir / "reward_scaling.png", scaling)
         tok.write_json(args.run_dir / "reward.json", dict(
             config=vars(args), data=stats, table8=table8, careless_split=tail, margin_ablation=ablation,
-            scaling=scaling, histories=histories, wall_s=time.time() - t_start))
+            scaling=scaling, histories=histories, wall_s=time.time() - t_start,
+            overlap=S.overlap([c.prompt[-1]["content"] for _, te in sets.values() for c in te],
+                              S.user_messages(c.prompt for tr, _ in sets.values() for c in tr))))
         log(f"\nwall {P.fmt_time(time.time() - t_start)} | wrote {', '.join(f'rm_{k}.pt' for k in results)}, "
             f"reward.json{', reward_margins.png, reward_scaling.png' if ablation else ''} in {args.run_dir}")
     P.end_distributed()

@@ -2,7 +2,7 @@
 Chapter 06: rejection sampling fine-tuning and PPO (Llama 2 paper Sec. 3.2.3, Figures 7 and 8).
 
 With two reward models (chapter 05) the chat model can improve on its own samples. The paper
-does it in two ways, one after the other in its later versions (RLHF-V4):
+does it in two ways, one after the other from RLHF-V5 on (until V4 it used rejection sampling alone):
   * rejection sampling (RS) fine-tuning: sample K answers per prompt, score them with the reward
     model, keep the best, fine-tune on it with the SFT objective (04's masked loss, through 03's
     loop). The pool keeps the best samples of earlier rounds, as the paper does from RLHF-V3.
@@ -120,7 +120,10 @@ def read_prompts(path):
     for where, record in S.read_jsonl(path):
         if not isinstance(record, dict) or "prompt" not in record:
             raise UserError(f"{where}: expected an object with 'prompt' (and optional 'unsafe')")
-        out.append(Prompt(R.read_prompt(record["prompt"], where), bool(record.get("unsafe", False))))
+        unsafe = record.get("unsafe", False)
+        if not isinstance(unsafe, bool):   # bool("no") is True: a helpful prompt would be scored for safety
+            raise UserError(f"{where}: 'unsafe' must be true or false (a JSON boolean), got {unsafe!r:.40}")
+        out.append(Prompt(R.read_prompt(record["prompt"], where), unsafe))
     if not out:
         raise UserError(f"{path}: no prompts in it")
     return out
@@ -133,9 +136,30 @@ def draw_prompts(source, n: int, seed: int, safety_share: float = 0.2):
             for _ in range(n)]
 
 
+def rs_seed(args, rnd: int) -> int:
+    """The seed of RS round rnd: its prompts and its samples."""
+    return args.seed * 1000 + rnd
+
+
+def ppo_seed(args, it: int) -> int:
+    """The seed of PPO iteration it: rollouts are a pure function of it, so resume is exact."""
+    return args.seed * 1000 + 500 + it
+
+
+def training_prompts(args, source):
+    """Every prompt that RS and PPO train on, drawn again from their seeds. The toy world's come
+    from 03's training part (toy_prompt), the held-out ones below from its evaluation part: 06's
+    overlap compares the two."""
+    return [p for rnd in range(args.rs_iterations) for p in draw_prompts(source, args.rs_prompts, rs_seed(args, rnd),
+                                                                         args.safety_share)] + \
+           [p for it in range(args.ppo_iterations) for p in draw_prompts(source, args.ppo_prompts, ppo_seed(args, it),
+                                                                         args.safety_share)]
+
+
 def red_team_tasks(world, per_kind: int, seed: int):
     """Held-out harmful requests and their benign look-alikes in 05's red-team phrasings, which
-    SFT never saw (05's safety_task, for held-out people and towns): where RLHF can improve safety."""
+    SFT never saw (05's safety_task, for held-out people and towns, 03's evaluation part): where
+    RLHF can improve safety."""
     rng, out = random.Random(seed + 2_000_003), []
     for kind in ("harmful", "benign") * per_kind:
         task = S.make_task(world, kind, rng, evaluation=True)
@@ -280,8 +304,8 @@ def rs_round(args, model, tokenizer, reward, source, pool, rnd, rank, device, lo
     """One RS round: K samples for fresh prompts; the best of each joins the pool if it beats
     what the pool holds for that prompt; then fine-tune on the whole pool. -> the round's stats."""
     t0 = time.time()
-    prompts = draw_prompts(source, args.rs_prompts, args.seed * 1000 + rnd, args.safety_share)[rank::args.world_size]
-    generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + rnd)
+    prompts = draw_prompts(source, args.rs_prompts, rs_seed(args, rnd), args.safety_share)[rank::args.world_size]
+    generator = torch.Generator(device=device).manual_seed(rs_seed(args, rnd))
     model.eval()
     samples = sample_answers(model, tokenizer, prompts, args.rs_k, args.max_new_tokens, args.rs_temperature,
                              generator)
@@ -532,7 +556,7 @@ def run_ppo(args, policy, value_model, ref, reward, source, tokenizer, state, ra
         if args.fsdp:   # the sampler gets the trained weights (a collective: every rank calls it)
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
             sampler.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
-        seed = args.seed * 1000 + 500 + it   # rollouts are a pure function of it: resume is exact
+        seed = ppo_seed(args, it)   # rollouts are a pure function of it: resume is exact
         prompts = draw_prompts(source, args.ppo_prompts, seed, args.safety_share)[rank::world]
         entry = ppo_step(args, policy, value_model, ref, reward, sampler, tokenizer, prompts, seed * world + rank,
                          opts, runners, amp, train_policy=it >= args.value_warmup)
@@ -652,7 +676,8 @@ def main(argv=None):
     add("--calibration-prompts", type=int, default=256, help="samples of the start model that calibrate the reward")
     add("--fig-n", type=int, default=16, help="samples per prompt in Figures 7 and 8 (0 skips them)")
     add("--fig-prompts", type=int, default=40, help="prompts in Figures 7 and 8")
-    add("--fig-temperatures", default="0.5,0.7,1.0,1.3", help="temperatures of Figure 8 (and --rs-temperature)")
+    add("--fig-temperatures", default="0.7,1.0,1.3,1.6,2.0",
+        help="temperatures of Figure 8 (and --rs-temperature); wide enough that the best one lies inside")
     add("--eval-per-kind", type=int, default=100, help="held-out prompts per task kind in the final tables")
     add("--no-rs", action="store_true", help="skip rejection sampling: PPO starts from --init")
     add("--world-seed", type=int, default=0)
@@ -680,6 +705,7 @@ def main(argv=None):
         if not Path(path).exists():
             raise UserError(f"{name.replace('_', ' ')} not found: {path} (run chapters 01-05 first, or pass "
                             f"--{name.replace('_', '-')})")
+    S.check_init_preset(paths["init"], args.preset, log)   # --init gives the shape, --preset the hyper-parameters
     tokenizer = tok.Tokenizer(paths["tokenizer"])
     # any id would do as padding (the masks say what is real); not EOS, so it never reads as an end
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.sp_model.unk_id()
@@ -699,7 +725,7 @@ def main(argv=None):
                                   seed=args.seed)
         return {**S.evaluate_chat(model, tokenizer, tasks),
                 **{f"sampled_{k}": v for k, v in sampled.items() if k != "examples"},
-                **{f"red_team_{k}": v for k, v in red_team.items() if "refusal" in k}}
+                **{f"red_team_{k}": v for k, v in red_team.items() if "refusal" in k or k == "per_prompt"}}
 
     held_out_gold = lambda r: (f"{r['sampled_gold']:.3f} sampled ({r['sampled_careless']:.1%} careless), "
                                f"{r['gold']:.3f} greedy" if r else "n/a (no toy prompts)")
@@ -787,7 +813,9 @@ def main(argv=None):
         split = {k: sum(x[k] for x in state["rs"] + history) for k in ("gen_s", "score_s", "train_s")}
         tok.write_json(args.run_dir / "rs_ppo.json", dict(
             config=vars(args), calibration=state["calibration"], results=results, rs_rounds=state["rs"],
-            ppo=history, figures=figures, time_split=split, wall_s=time.time() - t_start))
+            ppo=history, figures=figures, time_split=split, wall_s=time.time() - t_start,
+            overlap=S.overlap([t.prompt for t in tasks + red],
+                              S.user_messages(p.dialog for p in training_prompts(args, source)))))
         log(f"\nwall {P.fmt_time(time.time() - t_start)} (RS and PPO: generating {split['gen_s']:.0f}s, scoring "
             f"{split['score_s']:.0f}s, training {split['train_s']:.0f}s) | wrote rs.pt, ppo.pt, rs_ppo.json and "
             f"figures in {args.run_dir}")

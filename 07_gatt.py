@@ -10,10 +10,10 @@ the first turn only, and set the loss to zero on every token of the earlier turn
 messages included. The model learns to give the last answer, which follows the instruction,
 when the instruction is far back. This chapter does it on the toy world of 03-06:
   * instructions in the paper's three families as rules a program can check: Public figure
-    ("Always act as the king from now on": the answer opens with the speaker label "King:",
+    ("Always act as the King from now on": the answer opens with the speaker label "King:",
     as in a play), Language ("Always speak like a pirate": then "Arr!"), Hobby ("You enjoy
     music": then "I enjoy music."), one or two combined, half the time in the short form
-    ("Figure: king; Hobby: music"). follows() is the annotator,
+    ("Figure: King; Hobby: music"). follows() is the annotator,
   * step 1, what the paper's RLHF model already knows: a short SFT that teaches the toy model
     to follow an instruction in the *current* message (single turns, and dialogues with the
     instruction in every user message), with 04's plain dialogues mixed in. The result is
@@ -33,11 +33,14 @@ gatt_samples.jsonl (the sampled dialogues), gatt.json, gatt_adherence.png, gatt_
 The toy context of 512 tokens holds about 10 of our turns: from there on the evaluation drops
 the oldest turns after the first, as 04's chat REPL drops old turns, so turn 1 and its
 instruction stay in view, ~450 tokens back (the paper's 4096 hold all 20).
-What you see (measured, default flags, from 06's ppo.pt): before GAtt the instruction is
-followed in 100% of turn 1s, 20% of turns 2-4 and 2% from turn 5 on; after GAtt 100%, 99% and
-86%; 04's gold score goes from 0.45 (06) to 0.41 (step 1) and 0.40 (GAtt), harmful requests
-refused 100%, 100%, 95%; from the second turn on, the GAtt model's last layer pays about three
-times more attention to the system message as an answer begins.
+What to look at: turn 1 should follow the instruction before GAtt and after; from turn 2 on,
+before GAtt, it fades (Figure 9, left). Two evaluations tell reading the instruction from
+copying it: fed its own answers, a model can keep a rule by copying its last answer's opening;
+given earlier answers that follow no rule (the copy control), only a model that reads the
+system message keeps it. GAtt should lift both, the second one being the paper's point. The
+attention on the system message as an answer begins should rise after GAtt (Figure 10), and
+04's helpfulness and safety table should barely move. Measured figures, over seeds, are in
+README.md and in report.md.
 
 Run:
   python 07_gatt.py                          # toy, from 06's runs/toy/ppo.pt: ~2.5 min on a 2-core CPU
@@ -46,7 +49,7 @@ Run:
       --device cuda --dtype bf16 --compile --seq-len 1024 --batch-tokens 65536 --micro-batch 16 \\
       --inst-examples 40000 --inst-steps 60 --dialogues 1024 --steps 40
   torchrun --nproc_per_node=8 07_gatt.py --init runs/7b/ppo.pt --preset 7B --fsdp --dtype bf16 ...
-  python 04_sft.py chat --ckpt runs/toy/gatt.pt --system "Figure: king"   # talk to it
+  python 04_sft.py chat --ckpt runs/toy/gatt.pt --system "Figure: King"   # talk to it
 (the big presets take the paper's SFT settings, 64 x 4096 tokens a step and LR 2e-5; the toy
 world's dialogues fit in 1024 tokens. Not yet run at those sizes.)
 """
@@ -71,7 +74,8 @@ S = importlib.import_module("04_sft")
 UserError = tok.UserError
 
 # The paper gives no hyper-parameters for GAtt, a fine-tuning on synthetic dialogues: we take
-# its SFT settings (Sec. 3.1). Toy: rows of 512 tokens (a GAtt sample of 8 turns is ~400).
+# its SFT settings (Sec. 3.1). Toy: rows of 512 tokens, ~10 turns (a longer GAtt sample loses
+# middle turns, as the evaluation's dialogues do).
 # Step 1 teaches a skill the model lacks, and the skill arrives suddenly (measured from sft.pt):
 # at LR 1e-3 most answers still named a wrong figure or hobby after 200 steps, and 98% followed
 # every rule after 300; at 2e-3, 78% after 150 steps, 97% after 200; the default 250 leaves a
@@ -92,9 +96,12 @@ PAPER_TABLE30 = {"baseline": {2: 100, 4: 10, 6: 0, 20: 0}, "GAtt": {2: 100, 4: 1
 # token of the toy vocabulary, and only the instruction says which one applies: to follow it,
 # the model must look at it. (A first version signed answers "- the king" at the end: in our
 # budget the toy model never learned to pick the right figure there. A speaker label that
-# opens the answer, as in the plays it was pretrained on, it learns.)
+# opens the answer, as in the plays it was pretrained on, it learns. The instruction names the
+# figure as the label writes it, "King": a lower-case "king" made the model learn a change of
+# case on top of the copy, and on a slower machine's run the figure was the rule it followed
+# least often.)
 
-FIGURES = "king queen duke fool".split()                            # Figure: opens with "King:"
+FIGURES = "King Queen Duke Fool".split()                            # Figure: opens with "King:"
 STYLES = {"pirate": "Arr!", "bard": "Hark!", "robot": "Beep!"}   # Language: then its interjection
 HOBBIES = "music dance flowers wine".split()                        # Hobby: then "I enjoy music."
 FAMILIES = {"language": list(STYLES), "figure": FIGURES, "hobby": HOBBIES}
@@ -103,11 +110,18 @@ LONG = {"language": "Always speak like a {}.", "figure": "Always act as the {} f
 SHORT = {"language": "Language: {}", "figure": "Figure: {}", "hobby": "Hobby: {}"}
 
 
-def random_instruction(rng: random.Random):
+def random_instruction(rng: random.Random, evaluation: bool = False):
     """-> (text, rules): one or two families combined, half the time in the short form.
-    rules: {family: value}, what the annotator checks."""
-    families = rng.sample(list(FAMILIES), rng.choice((1, 2)))
-    rules = {f: rng.choice(FAMILIES[f]) for f in sorted(families, key=list(FAMILIES).index)}
+    rules: {family: value}, what the annotator checks. Combinations of two families are split
+    by 03's rule into a training and an evaluation part (evaluation=True draws from the
+    latter). A single-family instruction is in both: holding one out would hold out its value,
+    which the model would then never have seen (there are only 11)."""
+    def draw(rng):
+        families = rng.sample(list(FAMILIES), n_families)
+        rules = {f: rng.choice(FAMILIES[f]) for f in sorted(families, key=list(FAMILIES).index)}
+        return rules, ";".join(f"{f}={v}" for f, v in rules.items())
+    n_families = rng.choice((1, 2))
+    rules = draw(rng)[0] if n_families == 1 else P.draw_from_part(draw, rng, evaluation)
     if rng.random() < 0.5:
         return "; ".join(SHORT[f].format(v) for f, v in rules.items()), rules
     return " ".join(LONG[f].format(v) for f, v in rules.items()), rules
@@ -226,35 +240,46 @@ def answers_of(dialog):
 # ----------------------------------------------------------------------------------------
 # Step 2: Ghost Attention's training samples (Sec. 3.3), written out by hand.
 
-def gatt_example(tokenizer, instruction: str, users, answers):
+def gatt_example(tokenizer, instruction: str, users, answers, max_len: int = None):
     """-> (ids, learn): the dialogue in 04's template with the instruction in the first turn
     only (a system message), and learn True only on the last answer's tokens. The loss is zero
     on every token of the earlier turns, "including assistant messages": they were sampled with
     the instruction in their user message, so without it they mismatch their context, which
-    "could hurt the training" (Sec. 3.3)."""
+    "could hurt the training" (Sec. 3.3). A dialogue longer than max_len tokens loses its oldest
+    turns after the first, as the evaluation's dialogues do once the context is full: the
+    instruction and the supervised last turn always stay."""
     dialog = [{"role": "system", "content": instruction}]
     for user, answer in zip(users, answers):
         dialog += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    while max_len and len(S.encode_dialog(tokenizer, dialog)[0]) > max_len and len(dialog) > 5:
+        del dialog[3:5]   # [system, user 1, answer 1] stay, and the last turn
     ids, is_answer = S.encode_dialog(tokenizer, dialog)
     last_turn = len(ids) - 1 - ids[::-1].index(tokenizer.bos_id)   # every turn opens with BOS
     return ids, [answer and i >= last_turn for i, answer in enumerate(is_answer)]
 
 
-def gatt_examples(tokenizer, sampled, min_turns: int = 2):
+def gatt_examples(tokenizer, sampled, min_turns: int = 2, plain_history: float = 0.0, max_len: int = None,
+                  seed: int = 0):
     """Every prefix of a sampled dialogue is itself a dialogue whose answers were sampled with
     the instruction in every message (an answer saw only the turns before it), so a dialogue
     of n turns gives samples of min_turns..n turns, one supervised turn each: on a CPU,
-    sampling costs more than training. (By causality, sample k's loss is the loss of turn k
-    in the whole dialogue; each sample is still exactly the paper's.) A sample whose last
-    answer breaks the instruction is dropped, as it would teach the opposite (our choice: the
-    paper does not say; with the default step 1, 3 of 672 are)."""
-    out, dropped = [], 0
+    sampling costs more than training. A sample whose last answer breaks the instruction is
+    dropped, as it would teach the opposite (our choice: the paper does not say).
+    plain_history (our addition, not the paper's): in that share of the samples the earlier
+    answers, which carry no loss, are given with their rules stripped (strip_rules). In the
+    paper's samples every earlier answer follows the rule, so a small model can learn to copy
+    the opening of the last answer instead of reading the instruction: measured with 07's copy
+    control, it did, and the rule faded once the earlier answers did not show it."""
+    rng, out, dropped = random.Random(seed), [], 0
     for s in sampled:
         for k in range(min_turns, len(s["users"]) + 1):
-            if all(follows(s["rules"], s["answers"][k - 1]).values()):
-                out.append(gatt_example(tokenizer, s["instruction"], s["users"][:k], s["answers"][:k]))
-            else:
+            if not all(follows(s["rules"], s["answers"][k - 1]).values()):
                 dropped += 1
+                continue
+            answers = s["answers"][:k]
+            if rng.random() < plain_history:
+                answers = [strip_rules(a) for a in answers[:-1]] + answers[-1:]
+            out.append(gatt_example(tokenizer, s["instruction"], s["users"][:k], answers, max_len))
     return out, dropped
 
 
@@ -276,11 +301,11 @@ def sample_gatt_dialogs(model, tokenizer, world, n: int, turns: int, seed: int, 
 # fed back; at each turn the annotator says whether the answer follows every rule.
 
 def eval_dialogs(world, n: int, turns: int, seed: int):
-    """[(instruction, rules, tasks)]: the tasks about held-out people and towns (04's split)."""
+    """[(instruction, rules, tasks)]: instructions and tasks from 03's evaluation part."""
     rng = random.Random(seed + 7_000_003)
     out = []
     for _ in range(n):
-        text, rules = random_instruction(rng)
+        text, rules = random_instruction(rng, evaluation=True)
         out.append((text, rules, [task_turn(world, rng, evaluation=True) for _ in range(turns)]))
     return out
 
@@ -296,12 +321,39 @@ def adherence(model, tokenizer, dialogs) -> dict:
                         if any(len(S.encode_dialog(tokenizer, talk[:2 + 2 * t])[0]) > budget for talk in talks)), None)
     checks = [[follows(rules, a[t]) for t in range(turns)] for (_, rules, _), a in zip(dialogs, answers)]
     by_family = {f: [mean([c[t][f] for c in checks if f in c[t]]) for t in range(turns)] for f in FAMILIES}
-    return {"by_turn": [mean([all(c[t].values()) for c in checks]) for t in range(turns)],
+    followed = [[all(c[t].values()) for t in range(turns)] for c in checks]   # per dialogue: for intervals
+    return {"by_turn": [mean([f[t] for f in followed]) for t in range(turns)], "followed": followed,
             "by_family": by_family, "window_from": window_from,
             "gold": mean([S.gold_score(task, strip_rules(a[t])) for (_, _, tasks), a in zip(dialogs, answers)
                           for t, task in enumerate(tasks)]),
             "examples": [{"instruction": d[0], "turns": [[task.prompt, a] for task, a in zip(d[2], answers[i])]}
                          for i, d in enumerate(dialogs[:3])]}
+
+
+def adherence_given_plain_history(model, tokenizer, dialogs) -> dict:
+    """The copy control. Fed its own answers, a model that followed the rule in turn 1 can keep
+    following it by copying the opening of its last answer, without reading the instruction
+    again: the free-running test above cannot tell the two apart. Here the earlier turns hold the
+    reference answers as 04 wrote them, which follow no rule (teacher-forced), and each turn is
+    answered once: an answer that follows the rule at turn t read it in the system message, ~t
+    turns back. -> the share following it by turn, and per dialogue (for intervals)."""
+    budget = model.args.max_seq_len - MAX_NEW_TOKENS
+    prompts, where = [], []
+    for i, (text, _, tasks) in enumerate(dialogs):
+        dialog = [{"role": "system", "content": text}]
+        for t, task in enumerate(tasks):
+            prompts.append(fit(tokenizer, dialog + [{"role": "user", "content": task.prompt}], budget))
+            where.append((i, t))
+            dialog += [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": task.answer}]
+    order = sorted(range(len(prompts)), key=lambda j: len(S.encode_dialog(tokenizer, prompts[j])[0]))
+    was_training = model.training
+    answers = dict(zip(order, S.answer_all(model.eval(), tokenizer, [prompts[j] for j in order], MAX_NEW_TOKENS, 32)))
+    model.train(was_training)
+    turns = len(dialogs[0][2])
+    followed = [[False] * turns for _ in dialogs]
+    for j, (i, t) in enumerate(where):
+        followed[i][t] = all(follows(dialogs[i][1], answers[j]).values())
+    return {"by_turn": [mean([f[t] for f in followed]) for t in range(turns)], "followed": followed}
 
 
 # ----------------------------------------------------------------------------------------
@@ -365,10 +417,10 @@ def system_attention(model, tokenizer, dialogs):
 
 def attention_dialogs(tokenizer, world, n: int, seed: int, max_len: int):
     """n long dialogues whose answers follow their instruction, the same tokens for every model,
-    each with as many turns as fit in max_len tokens."""
+    each with as many turns as fit in max_len tokens, from 03's evaluation part."""
     rng, dialogs = random.Random(seed + 9_000_011), []
     for _ in range(n):
-        text, rules = random_instruction(rng)
+        text, rules = random_instruction(rng, evaluation=True)
         dialog = [{"role": "system", "content": text}]
         while True:
             task = task_turn(world, rng, evaluation=True)
@@ -382,6 +434,35 @@ def attention_dialogs(tokenizer, world, n: int, seed: int, max_len: int):
 
 
 # ----------------------------------------------------------------------------------------
+# Held out by construction: the evaluations above ask only what 03's evaluation part holds,
+# and gatt.json records 04's overlap of their prompts with the training dialogues'.
+
+def prompt_texts(dialogs) -> list:
+    """What dialogues ask: their system and user messages, an instruction concatenated to a
+    user message (with_instruction) split off from the task, since each also occurs alone."""
+    return [part for d in dialogs for m in d if m["role"] != "assistant" for part in m["content"].split("\n")]
+
+
+def training_texts(world, args, sampled, n_replay: int) -> list:
+    """The prompt texts of everything 07 trains on, drawn again as main() draws them: step 1's
+    dialogues, the GAtt samples (the instruction and the user's messages) and the replayed
+    step-1 dialogues."""
+    dialogs = instruction_dialogs(world, args.inst_examples, args.seed) + \
+        instruction_dialogs(world, n_replay, args.seed + 1)
+    dialogs += [[{"role": "system", "content": s["instruction"]}] + [{"role": "user", "content": u} for u in s["users"]]
+                for s in sampled]
+    return prompt_texts(dialogs)
+
+
+def evaluation_texts(dialogs, long_dialogs, tasks) -> list:
+    """The held-out prompt texts: the tasks of the adherence dialogues, the attention dialogues
+    and 04's table, and the adherence dialogues' instructions that combine two families (one
+    family alone is in both parts, see random_instruction)."""
+    return ([t.prompt for _, _, turns in dialogs for t in turns] + S.user_messages(long_dialogs)
+            + [t.prompt for t in tasks] + [text for text, rules, _ in dialogs if len(rules) == 2])
+
+
+# ----------------------------------------------------------------------------------------
 # Figures.
 
 def plot_adherence(path, results: dict):
@@ -391,7 +472,10 @@ def plot_adherence(path, results: dict):
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     turns = range(1, len(next(iter(results.values()))["by_turn"]) + 1)
     for i, (name, r) in enumerate(results.items()):
-        ax.plot(turns, [100 * x for x in r["by_turn"]], marker="o", ms=3, color=f"C{i}", label=name)
+        ax.plot(turns, [100 * x for x in r["by_turn"]], marker="o", ms=3, color=f"C{i}", label=f"{name}, own answers")
+        if "control" in r:
+            ax.plot(turns, [100 * x for x in r["control"]["by_turn"]], ls="--", marker="s", ms=3, color=f"C{i}",
+                    label=f"{name}, earlier answers plain (copy control)")
     window = min((r["window_from"] for r in results.values() if r["window_from"]), default=None)
     if window:
         ax.axvspan(window - 0.5, turns[-1] + 0.5, color="grey", alpha=0.12,
@@ -457,16 +541,22 @@ def main(argv=None):
     add("--inst-examples", type=int, default=4000,
         help="step 1: dialogues, 70%% with an instruction in the current message, 30%% 04's (default 4000)")
     add("--inst-steps", type=int, default=250, help="step 1: optimizer steps (default 250)")
-    add("--dialogues", type=int, default=96,
-        help="GAtt: dialogues to sample; each gives a sample per turn from the second (default 96)")
-    add("--train-turns", type=int, default=8, help="GAtt: turns per sampled dialogue (default 8)")
-    add("--steps", type=int, default=100, help="GAtt: optimizer steps (default 100)")
+    add("--dialogues", type=int, default=64,
+        help="GAtt: dialogues to sample; each gives a sample per turn from the second (default 64)")
+    add("--train-turns", type=int, default=20,
+        help="GAtt: turns per sampled dialogue (default 20, as many as the evaluation: trained on 8 turns, the "
+             "toy model kept the rule through turn 8 and then lost it in about a third of the turns)")
+    add("--steps", type=int, default=200, help="GAtt: optimizer steps (default 200)")
     add("--gatt-lr", type=float, help="GAtt: peak learning rate (default --lr / 4: step 1 teaches a new skill, "
                                       "GAtt only adjusts one, and a higher rate erodes what 06 taught)")
     add("--replay", type=float, default=0.5,
         help="GAtt: share of step-1 dialogues mixed into its data (default 0.5; not in the paper: without "
              "them the toy model, tuned on a few hundred samples, loses much of 06's helpfulness and safety)")
     add("--temperature", type=float, default=0.7, help="GAtt: temperature of the sampled answers (default 0.7)")
+    add("--plain-history", type=float, default=0.5,
+        help="GAtt: share of samples whose earlier answers are given plain, the rules stripped (default 0.5; not "
+             "in the paper: without it the toy model learns to copy its last answer rather than read the "
+             "instruction, see the copy control)")
     add("--eval-dialogues", type=int, default=32, help="adherence: dialogues per model (default 32)")
     add("--eval-turns", type=int, default=20, help="adherence: turns per dialogue (default and paper: 20)")
     add("--attention-dialogues", type=int, default=16,
@@ -490,8 +580,11 @@ def main(argv=None):
                  "eval_turns", "attention_dialogues", "eval_per_kind"):
         if getattr(args, flag) < (2 if flag == "train_turns" else 1):
             raise UserError(f"--{flag.replace('_', '-')} must be at least {2 if flag == 'train_turns' else 1}")
+    if not 0 <= args.plain_history <= 1:
+        raise UserError(f"--plain-history {args.plain_history} must be in [0, 1]: a share of the GAtt samples")
     if not 0 <= args.replay < 1:
         raise UserError(f"--replay {args.replay} must be in [0, 1): the share of replayed dialogues")
+    S.check_init_preset(init, args.preset, log)   # --init gives the shape, --preset the hyper-parameters
     args.gatt_lr = args.gatt_lr or args.lr / 4
     tokenizer, world = tok.Tokenizer(tok_path), P.make_world(args.world_seed)
     timings = {}
@@ -522,8 +615,9 @@ def main(argv=None):
         del sampler
     if world_size > 1:
         dist.barrier()
-    sampled = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines()]
-    examples, dropped = gatt_examples(tokenizer, sampled)
+    sampled = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").split("\n") if line]
+    examples, dropped = gatt_examples(tokenizer, sampled, plain_history=args.plain_history, max_len=args.seq_len + 1,
+                                      seed=args.seed)
     if not examples:
         raise UserError(f"no sampled answer after turn 1 follows its instruction: step 1 did not teach the rules "
                         f"({before_path}; raise --inst-steps or --lr)")
@@ -555,9 +649,11 @@ def main(argv=None):
         adh = {}
         for name, model in models.items():
             adh[name] = adherence(model, tokenizer, dialogs)
+            adh[name]["control"] = adherence_given_plain_history(model, tokenizer, dialogs)
             log(f"{name}: turns following the instruction, by turn: "
                 + " ".join(f"{100 * x:.0f}" for x in adh[name]["by_turn"]) + f" (%) | gold of the plain part "
-                f"{adh[name]['gold']:.3f}")
+                f"{adh[name]['gold']:.3f}\n{'':>{len(name) + 2}}the same, earlier answers given plain (copy control): "
+                + " ".join(f"{100 * x:.0f}" for x in adh[name]["control"]["by_turn"]))
         timings["adherence_s"] = time.time() - t0
         t0 = time.time()
         long_dialogs = attention_dialogs(tokenizer, world, args.attention_dialogues, args.seed,
@@ -569,14 +665,16 @@ def main(argv=None):
         S.print_table(chat)
         timings["chat_eval_s"] = time.time() - t0
         summary = {name: {"turn_1": r["by_turn"][0], "turns_2_4": mean(r["by_turn"][1:4]),
-                          "turns_5_on": mean(r["by_turn"][4:]), "gold_plain_part": r["gold"]}
+                          "turns_5_on": mean(r["by_turn"][4:]), "gold_plain_part": r["gold"],
+                          "control_turn_1": r["control"]["by_turn"][0],
+                          "control_turns_5_on": mean(r["control"]["by_turn"][4:])}
                    for name, r in adh.items()}
         log("\nturns following the instruction (%), cf. Table 30:\n" + f"{'':<22}" +
             "".join(f"{'turn ' + str(t):>9}" for t in PAPER_TABLE30["GAtt"] if t <= args.eval_turns) +
-            f"{'turns 5+':>10}")
+            f"{'turns 5+':>10}{'5+, control':>13}")
         for (name, r), paper in zip(adh.items(), PAPER_TABLE30.values()):
             log(f"{name:<22}" + "".join(f"{100 * r['by_turn'][t - 1]:>9.0f}" for t in paper if t <= args.eval_turns)
-                + f"{100 * summary[name]['turns_5_on']:>10.1f}")
+                + f"{100 * summary[name]['turns_5_on']:>10.1f}{100 * summary[name]['control_turns_5_on']:>13.1f}")
             log(f"{'  (paper)':<22}" + "".join(f"{v:>9}" for t, v in paper.items() if t <= args.eval_turns))
         for name, rows in attention.items():
             log(f"attention on the system message as the answer begins, turns 2-{len(rows[0])} by layer "
@@ -588,7 +686,9 @@ def main(argv=None):
         tok.write_json(args.run_dir / "gatt.json", dict(
             config=vars(args), **results, gatt_data=dict(dialogues=len(sampled), samples=len(examples),
                                                         dropped=dropped, answers_following=followed / n_answers),
-            histories={"step1": out_before["history"], "gatt": out_gatt["history"]}, wall_s=time.time() - t_start))
+            histories={"step1": out_before["history"], "gatt": out_gatt["history"]}, wall_s=time.time() - t_start,
+            overlap=S.overlap(evaluation_texts(dialogs, long_dialogs, tasks),
+                              training_texts(world, args, sampled, n_replay))))
     return stop(f"\nwall {P.fmt_time(time.time() - t_start)} | wrote {gatt_path.name}, gatt.json, "
                 f"gatt_adherence.png, gatt_attention.png in {args.run_dir}", log, results)
 

@@ -1,5 +1,6 @@
 """Chapter 07: the GAtt sample builder and its loss mask, the instruction annotator, the
 multi-turn driver, the attention extraction, and a run end to end at micro size."""
+import argparse
 import importlib
 import json
 import random
@@ -47,7 +48,7 @@ def micro_model(vocab_size, seed=0):
 
 USERS = ["What is 1 + 2?", "Sort the digits 3 1 2.", "Where does Mira Tolven live?"]
 ANSWERS = ["King: Hark! 1 + 2 = 3.", "King: Hark! 1 2 3.", "King: Hark! Mira Tolven lives in Dunmere."]
-INST = "Always speak like a bard. Always act as the king from now on."
+INST = "Always speak like a bard. Always act as the King from now on."
 
 
 def test_gatt_example_keeps_the_instruction_in_turn_one_and_masks_every_earlier_token(tokenizer):
@@ -57,7 +58,7 @@ def test_gatt_example_keeps_the_instruction_in_turn_one_and_masks_every_earlier_
              enc(tokenizer, f"[INST] {USERS[1]} [/INST] {ANSWERS[1]} ", eos=True),
              enc(tokenizer, f"[INST] {USERS[2]} [/INST] {ANSWERS[2]} ", eos=True)]
     assert ids == sum(turns, [])
-    assert tokenizer.decode(ids).count("Always act as the king") == 1
+    assert tokenizer.decode(ids).count("Always act as the King") == 1
     # loss exactly on the last answer: its text, the space before EOS, and EOS
     start = len(turns[0]) + len(turns[1]) + len(enc(tokenizer, f"[INST] {USERS[2]} [/INST]"))
     assert [i for i, x in enumerate(learn) if x] == list(range(start, len(ids)))
@@ -69,7 +70,7 @@ def test_gatt_example_keeps_the_instruction_in_turn_one_and_masks_every_earlier_
 
 
 def test_gatt_examples_take_every_prefix_and_drop_broken_last_answers(tokenizer):
-    sampled = [dict(instruction=INST, rules={"language": "bard", "figure": "king"}, users=USERS,
+    sampled = [dict(instruction=INST, rules={"language": "bard", "figure": "King"}, users=USERS,
                     answers=[ANSWERS[0], "1 2 3.", ANSWERS[2]])]   # turn 2 forgot the instruction
     examples, dropped = G.gatt_examples(tokenizer, sampled)
     assert dropped == 1 and len(examples) == 1                        # 2 turns: dropped; 3 turns: kept
@@ -80,10 +81,49 @@ def test_gatt_examples_take_every_prefix_and_drop_broken_last_answers(tokenizer)
         [len(G.gatt_example(tokenizer, INST, USERS[:k], ANSWERS[:k])[0]) for k in (2, 3)]
 
 
+def test_plain_history_strips_the_rules_of_the_earlier_answers_only(tokenizer):
+    sampled = [dict(instruction=INST, rules={"language": "bard", "figure": "King"}, users=USERS, answers=ANSWERS)]
+    plain = lambda k: [G.strip_rules(a) for a in ANSWERS[:k - 1]] + [ANSWERS[k - 1]]
+    examples, _ = G.gatt_examples(tokenizer, sampled, plain_history=1.0)
+    assert examples == [G.gatt_example(tokenizer, INST, USERS[:k], plain(k)) for k in (2, 3)]
+    assert "King: Hark! 1 + 2 = 3." not in tokenizer.decode(examples[1][0])       # turn 1's answer, plain
+    assert tokenizer.decode(examples[1][0]).count("King: Hark!") == 1              # the supervised one keeps it
+    assert G.gatt_examples(tokenizer, sampled, plain_history=0.0)[0] == \
+        [G.gatt_example(tokenizer, INST, USERS[:k], ANSWERS[:k]) for k in (2, 3)]
+    mixed = G.gatt_examples(tokenizer, sampled * 40, plain_history=0.5, seed=3)[0]
+    assert 0 < sum(e in examples for e in mixed) < len(mixed)                      # some of each
+
+
+def test_a_long_gatt_sample_loses_its_middle_turns_but_not_the_instruction_or_the_last(tokenizer):
+    full = G.gatt_example(tokenizer, INST, USERS, ANSWERS)[0]
+    short = G.gatt_example(tokenizer, INST, USERS[::2], ANSWERS[::2])               # turns 1 and 3
+    assert G.gatt_example(tokenizer, INST, USERS, ANSWERS, max_len=len(full)) == \
+        G.gatt_example(tokenizer, INST, USERS, ANSWERS)
+    assert G.gatt_example(tokenizer, INST, USERS, ANSWERS, max_len=len(full) - 1) == short
+    assert G.gatt_example(tokenizer, INST, USERS, ANSWERS, max_len=5) == short      # never fewer than 2 turns
+
+
+def test_copy_control_teacher_forces_plain_answers_and_scores_each_turn(tokenizer, monkeypatch):
+    tasks = [S.Task("arithmetic", f"What is {i} + 1?", f"{i} + 1 = {i + 1}.", str(i + 1)) for i in range(3)]
+    dialogs = [("Figure: King", {"figure": "King"}, tasks), ("Hobby: wine", {"hobby": "wine"}, tasks)]
+    seen = []
+
+    def fake_answer_all(model, tok_, prompts, *args, **kwargs):   # follows the rule in its first two turns
+        seen.extend(prompts)
+        return [("King: I enjoy wine. " if sum(m["role"] == "user" for m in p) <= 2 else "") + "3." for p in prompts]
+    monkeypatch.setattr(S, "answer_all", fake_answer_all)
+    r = G.adherence_given_plain_history(micro_model(tokenizer.n_words), tokenizer, dialogs)
+    assert r["by_turn"] == [1.0, 1.0, 0.0] and r["followed"] == [[True, True, False]] * 2
+    assert len(seen) == 6
+    for p in seen:   # the instruction as the system message; earlier turns: 04's reference answers, plain
+        assert p[0] == {"role": "system", "content": p[0]["content"]} and p[-1]["role"] == "user"
+        assert [m["content"] for m in p if m["role"] == "assistant"] == [t.answer for t in tasks[:len(p) // 2 - 1]]
+
+
 # --- the annotator ---------------------------------------------------------------------------
 
 def test_follows_on_hand_made_answers():
-    rules = {"language": "pirate", "figure": "king", "hobby": "music"}
+    rules = {"language": "pirate", "figure": "King", "hobby": "music"}
     assert G.follows(rules, "King: Arr! I enjoy music. 1 + 2 = 3.") == dict.fromkeys(rules, True)
     assert G.follows(rules, "  King: Arr! 3. I like music ") == dict.fromkeys(rules, True)   # any mention
     assert G.follows(rules, "1 + 2 = 3.") == dict.fromkeys(rules, False)
@@ -91,13 +131,13 @@ def test_follows_on_hand_made_answers():
     assert G.follows(rules, "Arr! King: 3.") == {"language": True, "figure": False, "hobby": False}   # label first
     assert G.follows(rules, "3. King: Arr!") == {"language": False, "figure": False, "hobby": False}  # it opens
     assert G.follows({"language": "pirate"}, "Duke: Arr! 3.") == {"language": True}   # after any speaker
-    assert G.follows({"figure": "king"}, "Kingdom: 3.") == {"figure": False}
+    assert G.follows({"figure": "King"}, "Kingdom: 3.") == {"figure": False}
     assert G.follows({"hobby": "dance"}, "I enjoy dancer.") == {"hobby": False}        # the word, whole
 
 
 def test_adherence_by_turn_on_hand_made_answers(tokenizer, monkeypatch):
     tasks = [S.Task("arithmetic", "What is 1 + 2?", "1 + 2 = 3.", "3")] * 3
-    dialogs = [("Figure: king", {"figure": "king"}, tasks),
+    dialogs = [("Figure: King", {"figure": "King"}, tasks),
                ("Language: pirate; Hobby: wine", {"language": "pirate", "hobby": "wine"}, tasks)]
     scripted = [["King: 1 + 2 = 3.", "King: 1 + 2 = 3.", "1 + 2 = 3."],             # forgets at turn 3
                 ["Arr! I enjoy wine. 1 + 2 = 3.", "Arr! 1 + 2 = 4.", "Hark! I enjoy wine. 3."]]
@@ -133,6 +173,33 @@ def test_instructions_come_in_long_and_short_forms():
     short = sum(t.startswith(("Language:", "Figure:", "Hobby:")) for t in texts)
     assert 150 < short < 250                                   # half the time (Sec. 3.3)
     assert any(";" in t for t in texts)                        # combined
+
+
+def test_two_family_instructions_are_split_and_single_ones_shared():
+    rng = random.Random(0)
+    drawn = {part: [G.random_instruction(rng, evaluation=part)[1] for _ in range(600)] for part in (False, True)}
+    pairs = {part: {tuple(r.items()) for r in rules if len(r) == 2} for part, rules in drawn.items()}
+    singles = {part: {tuple(r.items()) for r in rules if len(r) == 1} for part, rules in drawn.items()}
+    assert pairs[False] and pairs[True] and not pairs[False] & pairs[True]
+    assert singles[False] == singles[True] and len(singles[True]) == sum(map(len, G.FAMILIES.values()))
+    assert all(200 < sum(len(r) == 2 for r in rules) < 400 for rules in drawn.values())   # half combine two
+    assert all(any(v in dict(p).values() for p in pairs[False]) for vs in G.FAMILIES.values() for v in vs)
+
+
+def test_no_evaluation_prompt_occurs_in_the_training_dialogues(tokenizer, monkeypatch):
+    """gatt.json's overlap on the default settings: the adherence dialogues (32 x 20 turns), the
+    16 attention dialogues and 04's 40 prompts a kind, against step 1's 4,000 dialogues, the 96
+    GAtt dialogues of 8 turns and the replayed step-1 dialogues (one per GAtt sample: 672)."""
+    world = P.make_world(0)
+    monkeypatch.setattr(G, "converse", lambda model, tok_, instructions, users, *a, **k: [
+        [{"role": "user", "content": u} for u in us] for us in users])   # the prompts, without a model
+    sampled = G.sample_gatt_dialogs(torch.nn.Linear(1, 1), tokenizer, world, 96, 8, 0, 0.7)
+    args = argparse.Namespace(seed=0, inst_examples=4000)
+    dialogs = G.eval_dialogs(world, 32, 20, 0)
+    evaluation = G.evaluation_texts(dialogs, G.attention_dialogs(tokenizer, world, 16, 0, 512),
+                                    S.eval_tasks(world, 40, 0))
+    assert any(len(rules) == 2 for _, rules, _ in dialogs) and len(evaluation) > 32 * 20 + 5 * 40
+    assert S.overlap(evaluation, G.training_texts(world, args, sampled, 96 * 7)) == 0
 
 
 # --- talking to the model turn by turn ----------------------------------------------------------
@@ -247,6 +314,7 @@ def test_gatt_end_to_end_then_chat(tokenizer, tok_file, tmp_path, following):
         assert (tmp_path / "run" / name).is_file(), name
     report = json.loads((tmp_path / "run" / "gatt.json").read_text())
     assert report["gatt_data"]["samples"] == 2 * 6 * 2            # 6 dialogues x turns 2-3, plus as many replayed
+    assert report["overlap"] == 0
     for name in ("before GAtt", "after GAtt"):
         assert len(report["adherence"][name]["by_turn"]) == 3
         assert len(report["attention"]["by_layer_and_turn"][name]) == 2      # micro: 2 layers
@@ -254,7 +322,7 @@ def test_gatt_end_to_end_then_chat(tokenizer, tok_file, tmp_path, following):
     # 04's chat REPL talks to the GAtt model, with the instruction as its system prompt
     lines = iter(["What is 1 + 1?", "And 2 + 2?", ""])
     dialog = S.chat(["--ckpt", str(tmp_path / "run" / "gatt.pt"), "--tokenizer", str(tok_file),
-                     "--system", "Figure: king", "--max-new-tokens", "4"], input_fn=lambda _: next(lines))
+                     "--system", "Figure: King", "--max-new-tokens", "4"], input_fn=lambda _: next(lines))
     assert [m["role"] for m in dialog] == ["system", "user", "assistant", "user", "assistant"]
 
 

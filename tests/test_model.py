@@ -291,3 +291,55 @@ def test_training_after_generating_on_a_gpu():
     loss = model(torch.randint(0, MICRO.vocab_size, (2, 8), device="cuda")).logsumexp(-1).mean()
     loss.backward()
     assert model.output.weight.grad is not None
+
+
+def test_damaged_hf_folder_is_one_line(tmp_path):
+    M.save_hf(micro_model(), tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])              # a download cut short
+    with pytest.raises(UserError, match="cannot read .*model.safetensors"):
+        M.Transformer.from_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text('{"hidden_size": 64,')   # not JSON
+    with pytest.raises(UserError, match="config.json is not valid JSON"):
+        M.Transformer.from_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text('{"hidden_size": 64}')   # JSON, but not a Llama config
+    with pytest.raises(UserError, match="config.json lacks num_hidden_layers"):
+        M.Transformer.from_pretrained(tmp_path / "hf")
+    M.save_meta(micro_model(), tmp_path / "meta")
+    (tmp_path / "meta" / "params.json").write_text("[1, 2")
+    with pytest.raises(UserError, match="params.json is not valid JSON"):
+        M.Transformer.from_pretrained(tmp_path / "meta")
+
+
+def test_export_onto_a_file_and_a_failed_write_are_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    for flag in ("--export-hf", "--export-meta"):
+        with pytest.raises(SystemExit) as e:
+            M.run_cli(M.main, ["--preset", "micro", "--device", "cpu", flag, str(tmp_path / "taken")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "is a file" in err
+
+    def full_disk(obj, path):   # what torch.save says when the disk fills up mid-write
+        open(path, "wb").write(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(M.torch, "save", full_disk)
+    with pytest.raises(UserError, match=r"cannot write m.pt in .*inline_container.*disk full"):
+        M.save_model(micro_model(), tmp_path / "run" / "m.pt")
+    monkeypatch.setattr(M.torch, "save", lambda obj, path: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied", str(path))))
+    with pytest.raises(UserError, match=r"cannot write m.pt in .*run: Permission denied"):
+        M.save_model(micro_model(), tmp_path / "run" / "m.pt")
+    assert list((tmp_path / "run").iterdir()) == []               # no .tmp left behind
+
+
+def test_device_mps_without_mps_is_one_line(monkeypatch):
+    monkeypatch.setattr(M.torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--device mps: this machine has no Apple GPU"):
+        M.pick_device("mps")
+
+
+def test_numeric_flags_are_checked_where_parsed():
+    for flag, bad in (("--max-new-tokens", "0"), ("--temperature", "-1"), ("--top-p", "0"), ("--top-p", "1.5"),
+                      ("--temperature", "nan"), ("--max-new-tokens", "x")):
+        with pytest.raises(UserError, match=f"^{flag} {bad}: "):
+            M.main(["--preset", "micro", flag, bad])

@@ -40,6 +40,57 @@ def test_report_has_every_chapter_filled_in(smoke_run):
         assert f"({png})" in report, png   # every figure is shown
 
 
+def test_the_words_follow_the_interval():
+    """seen?: clear of its interval only when the difference's interval excludes 0 on the paper's side."""
+    seen = lambda value, interval, direction=1: pipeline.effect("04", "", value, interval, "", "gold",
+                                                                direction)["seen"]
+    assert seen(0.3, (0.1, 0.5)) == "yes, clear of its interval"
+    assert seen(0.3, (-0.1, 0.5)) == seen(0.0, (0.0, 0.0)) == "within noise"
+    assert seen(-0.3, (-0.5, -0.1)).startswith("**no**: the other way")
+    assert seen(-0.3, (-0.5, -0.1), direction=-1) == "yes, clear of its interval"   # the paper's effect is a fall
+    assert seen(0.3, None).startswith("yes (no interval") and seen(None, None) == "not measured"
+
+
+def test_an_older_json_without_per_prompt_scores_still_renders(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    new = lambda k, v: (k.endswith("per_prompt") or k in ("right", "rating", "followed")
+                        or (k == "n" and isinstance(v, dict)))   # the fields intervals need
+    strip = lambda x: ({k: strip(v) for k, v in x.items() if not new(k, v)} if isinstance(x, dict) else
+                       [strip(v) for v in x] if isinstance(x, list) else x)
+    for f in run_dir.glob("*.json"):
+        (tmp_path / f.name).write_text(json.dumps(strip(json.loads(f.read_text()))))
+    for f in [f for _, _, outputs in pipeline.STAGES.values() for f in outputs if not f.endswith(".json")]:
+        (tmp_path / f).write_bytes(b"")
+    pipeline.main(["--run-dir", str(tmp_path), "--report-only"])
+    report = (tmp_path / "report.md").read_text()
+    assert "[-]" in report and "could not read" not in report and "not run yet" not in report
+    assert "[-]" not in (run_dir / "report.md").read_text().split("## 06")[0]   # the new JSONs: intervals
+
+
+def test_seeds_rerun_the_stochastic_stages_and_tell_the_spread(smoke_run):
+    """--seeds 2: 04 again (--only keeps the test short) in RUN_DIR/seed-1 with --seed 1, on the run's
+    own tokenizer and pretrained model; seeds.json and seeds.md hold each effect per seed."""
+    run_dir, _ = smoke_run
+    pipeline.main(["--smoke", "--run-dir", str(run_dir), "--seeds", "2", "--only", "04"])
+    folder = run_dir / "seed-1"
+    assert (folder / "pretrain.pt").samefile(run_dir / "pretrain.pt")
+    assert json.loads((folder / "sft.json").read_text())["config"]["seed"] == 1
+    assert json.loads((run_dir / "sft.json").read_text())["config"]["seed"] == 0   # seed 0 is the run itself
+    assert not (folder / "rm_helpful.pt").exists()   # --only 04
+    seeds = json.loads((run_dir / "seeds.json").read_text())
+    assert seeds["seeds"] == [0, 1] and seeds["folders"] == [".", "seed-1"]
+    assert {e["stage"] for e in seeds["effects"]} == {"04", "05", "06", "07"}
+    sft = next(e for e in seeds["effects"] if e["stage"] == "04")
+    assert None not in sft["values"] and sft["range"][0] <= sft["mean"] <= sft["range"][1]
+    assert len(sft["intervals"]) == 2 and sft["held_in_every_seed"] == all(e == "yes, clear of its interval"
+                                                                        for e in sft["seen"])
+    ppo = next(e for e in seeds["effects"] if e["stage"] == "06")
+    assert ppo["values"][1] is None and not ppo["held_in_every_seed"]   # seed 1 has not run 06
+    assert "| seed 0 | seed 1 | mean | range | held in every seed? |" in (run_dir / "seeds.md").read_text()
+    assert "seeds.md" in (run_dir / "report.md").read_text()
+    assert "## 04 Supervised fine-tuning" in (folder / "report.md").read_text()
+
+
 def test_finished_stages_are_skipped_and_rerun_on_request(smoke_run, capsys):
     run_dir, _ = smoke_run
     before = {f: (run_dir / f).stat().st_mtime_ns for f in ("tokenizer.json", "model.json", "sft.json")}
@@ -57,3 +108,57 @@ def test_a_failing_stage_is_one_line_and_names_the_stage(tmp_path):
         pipeline.main(["--smoke", "--run-dir", str(tmp_path), "--only", "04"])   # no tokenizer there
     with pytest.raises(UserError, match="no stage 9"):
         pipeline.main(["--rerun", "9"])
+
+
+def test_a_stage_stopped_with_stop_at_is_run_again(smoke_run, tmp_path, monkeypatch, capsys):
+    """03 and 04 cut off by --stop-at leave every output file, as a finished run does; their JSON
+    says finished: false, and the pipeline runs them again instead of skipping them."""
+    import shutil
+    import types
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run[0], run_dir, symlinks=True)
+    args = types.SimpleNamespace(run_dir=run_dir, device="cpu", dtype="auto", compile=False, smoke=True, preset="toy")
+    chats = tmp_path / "chats.jsonl"   # 04 on a user's data: no toy-world grading, so seconds
+    chats.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                                                        {"role": "assistant", "content": f"{i + 1}."}]})
+                               for i in range(20)))
+    for name, module, extra in (("03", "03_pretrain", []), ("04", "04_sft", ["--data", str(chats)])):
+        assert pipeline.is_done(name, run_dir)
+        importlib.import_module(module).main(pipeline.stage_args(name, args) + extra + ["--stop-at", "1"])
+        assert json.loads((run_dir / pipeline.STAGES[name][2][-1]).read_text())["finished"] is False
+        assert all((run_dir / f).is_file() for f in pipeline.STAGES[name][2]) and not pipeline.is_done(name, run_dir)
+    ran = []
+    monkeypatch.setattr(pipeline, "run_stage", lambda name, args, log: ran.append(name) or 0.0)
+    capsys.readouterr()
+    pipeline.main(["--smoke", "--run-dir", str(run_dir), "--only", "02", "03", "04", "05"])
+    assert ran == ["03", "04"] and "05 Reward modelling" in capsys.readouterr().out   # 02 and 05: skipped
+
+
+def test_is_done_reads_whether_the_stage_finished(tmp_path):
+    for f in pipeline.STAGES["05"][2]:
+        (tmp_path / f).write_text("x")
+    for metrics, done in (({"finished": True}, True), ({"finished": False}, False), ({"config": {"stop_at": 3}}, False),
+                          ({"config": {"stop_at": None}}, True), ("{half a file", False)):
+        (tmp_path / "reward.json").write_text(metrics if isinstance(metrics, str) else json.dumps(metrics))
+        assert pipeline.is_done("05", tmp_path) is done, metrics
+
+
+def test_ctrl_c_in_a_stage_says_where_the_pipeline_stopped(tmp_path, monkeypatch):
+    class Stage:   # a stage that gets Ctrl-C, as the whole process group does from a terminal
+        def __init__(self, cmd, cwd):
+            self.waits = 0
+
+        def wait(self, timeout=None):
+            self.waits += 1
+            if self.waits == 1:
+                raise KeyboardInterrupt
+            return 130
+    monkeypatch.setattr(pipeline.subprocess, "Popen", Stage)
+    (tmp_path / "sft.json").write_text(json.dumps({"finished": True}))   # an older run's
+    (tmp_path / "sft.pt").write_text("a checkpoint")
+    args = pipeline.argparse.Namespace(run_dir=tmp_path, device="cpu", dtype="auto", compile=False, smoke=True,
+                                       preset="toy")
+    with pytest.raises(KeyboardInterrupt, match=r"pipeline stopped in stage 04 \(04_sft.py\); .* run the same command "
+                                                r"again .* --resume\)"):
+        pipeline.run_stage("04", args, print)
+    assert not (tmp_path / "sft.json").exists()   # new checkpoints never sit beside an old 'finished' JSON

@@ -128,6 +128,32 @@ def test_world_tasks_have_right_answers():
     assert f"steal {world.people[0].name}'s {pet}" in harmful
 
 
+def test_the_world_split_is_disjoint_stable_and_about_a_quarter():
+    """03's split of the prompt space: each generator draws from its part only; the parts do not
+    share a key (an unordered operand pair and its operation, a list's items, a name); about a
+    quarter of every space is held out; and the rule is the same in every run (no hash())."""
+    def key(question):   # the canonical key, read back from the question
+        words = question.rstrip(".?").split()
+        if words[1] in "+-":
+            a, op, b = int(words[0]), words[1], int(words[2])
+            return f"{min(a, b)} {op} {max(a, b)}"
+        return " ".join(sorted(words[-1:] if "letters" in question else words[7 if words[0] == "How" else 3:]))
+
+    rng = random.Random(0)
+    for task in (P.arithmetic_task, P.list_task):
+        keys = {part: {key(task(rng, part)[0]) for _ in range(2000)} for part in (False, True)}
+        assert not keys[False] & keys[True] and all(map(P.held_out_key, keys[True]))
+        assert not any(map(P.held_out_key, keys[False]))
+        whole = [P.held_out_key(key(task(rng)[0])) for _ in range(4000)]   # None: the whole space
+        assert 0.2 < sum(whole) / len(whole) < 0.32, task.__name__
+    world = P.make_world(0)
+    names = [p.name for p in world.people] + list(world.towns)
+    acts = [P.act_held_out(world, a) for a in world.acts]
+    assert 0.15 < sum(map(P.held_out, names)) / len(names) < 0.35 and 0.15 < sum(acts) / len(acts) < 0.35
+    assert [w for w in P.WORDS if P.held_out_key(w)] == ["moon", "star", "tree", "cloud"]   # stable
+    assert sum(map(P.held_out, names)) == 12 + 3   # people and towns: 04's split before it moved here
+
+
 # --- data --------------------------------------------------------------------------------
 
 def test_mix_sampling_follows_the_weights():
@@ -191,12 +217,23 @@ def test_cli_error_is_one_line(corpus, tmp_path):
 
 # --- training: resume, DDP, FSDP ------------------------------------------------------------
 
-def test_exact_resume(corpus, tmp_path):
-    whole = P.main(micro_args(corpus, tmp_path / "whole"))
-    P.main(micro_args(corpus, tmp_path / "split", "--stop-at", "4"))
-    resumed = P.main(micro_args(corpus, tmp_path / "split", "--resume"))
+def test_exact_resume(corpus, tmp_path, capsys):
+    flags = ["--log-every", "3", "--eval-every", "3"]   # --stop-at 4 falls between log lines
+    whole = P.main(micro_args(corpus, tmp_path / "whole", *flags))
+    stopped = P.main(micro_args(corpus, tmp_path / "split", *flags, "--stop-at", "4"))
+    # a stopped run says so (pipeline.py then runs the stage again)
+    assert whole["finished"] is True and stopped["finished"] is False
+    assert "continue with --resume" in capsys.readouterr().out
+    assert P.json.loads((tmp_path / "split" / "pretrain.json").read_text())["finished"] is False
+    resumed = P.main(micro_args(corpus, tmp_path / "split", *flags, "--resume"))
     assert losses(whole["history"]) == losses(resumed["history"])               # bit for bit
     assert losses(whole["history"], "val_loss") == losses(resumed["history"], "val_loss")
+    # ... and so is the whole history: no extra entry where it stopped or resumed, the same windows
+    strip = lambda history: [{k: v for k, v in h.items() if k not in ("tokens_per_s", "mfu")} for h in history]
+    assert strip(resumed["history"]) == strip(whole["history"]) and [h["step"] for h in whole["history"]] == [1, 3, 6, 8]
+    # another micro-batch may resume, with a warning that it is no longer exact
+    P.main(micro_args(corpus, tmp_path / "whole", *flags, "--resume", "--micro-batch", "8"))
+    assert "--micro-batch 8 (it had 4)" in capsys.readouterr().out
     a, b = (torch.load(d / "pretrain.pt", weights_only=True) for d in (tmp_path / "whole", tmp_path / "split"))
     assert a["step"] == b["step"] == 8 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     # the checkpoint is also a plain model file for chapter 02 (and 04)
@@ -225,3 +262,40 @@ def test_ddp_and_fsdp_match_one_process(corpus, tmp_path):
         state = torch.load(run_dir / "pretrain.pt", weights_only=True)["model"]
         for k, v in ref.items():
             assert torch.allclose(state[k], v, atol=1e-5), k
+
+
+# --- bad flags, unwritable folders, stops and interruptions ---------------------------------------
+
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--steps", "-3"), ("--micro-batch", "0"),
+                                         ("--lr", "-1"), ("--seq-len", "0"), ("--stop-at", "0"),
+                                         ("--beta2", "1"), ("--eval-every", "x")])
+def test_numeric_flags_are_checked_where_parsed(corpus, tmp_path, flag, value):
+    with pytest.raises(UserError, match=f"^{flag} {value}: "):
+        P.main(micro_args(corpus, tmp_path / "run") + [flag, value])
+    assert not (tmp_path / "run").exists()                     # before any data was prepared
+
+
+def test_unwritable_run_folder_is_one_line_before_any_work(corpus, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="cannot write to the run folder .*file/run"):
+        P.main(micro_args(corpus, tmp_path / "file" / "run"))
+    monkeypatch.setattr(P.Path, "write_bytes", lambda *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(UserError, match="cannot write to the run folder .*ro: Permission denied"):
+        P.main(micro_args(corpus, tmp_path / "ro"))
+    assert not (tmp_path / "ro" / "data").exists()
+
+
+def test_ctrl_c_is_one_line_saying_where_it_stopped(corpus, tmp_path):
+    import signal
+    cmd = [sys.executable, str(tok.REPO / "03_pretrain.py"), *micro_args(corpus, tmp_path, "--steps", "100000"),
+           "--ckpt-every", "2", "--eval-every", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step      3/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and err.strip().count("\n") == 0, err
+    assert re.search(r"interrupted \(Ctrl-C\): stopped during step \d+ of 100000; .*pretrain.pt holds step \d+: "
+                     r"continue with --resume", err)
+    assert not list(tmp_path.glob("*.tmp")) and P.json.loads((tmp_path / "data" / "data.json").read_text())

@@ -106,6 +106,17 @@ def test_accuracy_by_rating_by_hand():
     assert acc["avg"] == pytest.approx((1 + 0 + 0 + 1 + 0.5 + 1 + 1) / 7)   # over all pairs, unrated too
 
 
+def test_accuracy_by_rating_keeps_what_an_interval_needs():
+    """n per rating, and per pair its score and rating: they give back every accuracy."""
+    r_c, r_r = torch.tensor([3.0, 1.0, 0.0, 2.0, 1.0, 5.0, 0.5]), torch.tensor([1.0, 2.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    acc = R.accuracy_by_rating(r_c, r_r, [SIG, SIG, BETTER, BETTER, BETTER, NEGL, ""])
+    assert acc["n"] == {SIG: 2, BETTER: 3, SLIGHT: 0, NEGL: 1, "avg": 7}
+    assert acc["right"] == [1, 0, 0, 1, 0.5, 1, 1] and acc["rating"] == [0, 0, 1, 1, 1, 3, -1]
+    for i, r in enumerate(R.RATINGS):
+        scores = [s for s, k in zip(acc["right"], acc["rating"]) if k == i]
+        assert (sum(scores) / len(scores) if scores else None) == (acc[r] and pytest.approx(acc[r]))
+
+
 # --- the annotators and the preference-data builder ----------------------------------------
 
 def test_safety_score_by_hand():
@@ -157,6 +168,21 @@ def test_collect_agrees_with_the_annotator(monkeypatch, tokenizer):
     monkeypatch.setattr(S, "answer_all", lambda m, t, dialogs, *a: [("foo" if a[2] < 1 else "bar")] * len(dialogs))
     ties = R.collect([dummy, dummy], tokenizer, make, S.gold_score, 60, seed=1, log=lambda *a: None)
     assert all(c.rating == NEGL for c in ties) and 15 < sum(c.chosen == "foo" for c in ties) < 45
+
+
+def test_no_test_prompt_occurs_in_the_training_pairs():
+    """reward.json's overlap on the default settings: the training pairs' prompts (1,200 helpful,
+    500 safety; drawn here three times over, as collect draws more where answers tie) from 03's
+    training part, the 400 + 400 test prompts from its evaluation part, as main collects them."""
+    world, train, test = P.make_world(0), [], []
+    for make, n, seed in ((R.helpful_task, 1200, 0), (R.safety_task, 500, 1)):
+        rng = random.Random(seed)
+        train += [make(world, rng).prompt for _ in range(3 * n)]
+        rng = random.Random(seed + 1_000_003)
+        test += [make(world, rng, evaluation=True).prompt for _ in range(400)]
+    assert S.overlap(test, train) == 0
+    rng = random.Random(1_000_003)   # test prompts from the training part, as before the split: many repeat
+    assert S.overlap([R.helpful_task(world, rng).prompt for _ in range(400)], train) > 100
 
 
 def test_mix_follows_the_paper():
@@ -254,7 +280,8 @@ def test_trained_rm_ranks_separable_pairs_and_resumes_exactly(tokenizer, tmp_pat
     out = run_main(tokenizer, tmp_path, "a")
     for rm in ("helpful", "safety"):   # 10 and 8 held-out pairs (every 20th line)
         assert out["table8"][f"{'Safety' if rm == 'safety' else 'Helpfulness'} RM, {rm} test"]["avg"] == 1.0
-    assert (tmp_path / "a" / "reward.json").is_file()
+    # a user's data is not split by construction: every test prompt here also occurs in training
+    assert json.loads((tmp_path / "a" / "reward.json").read_text())["overlap"] == 10 + 8
     rm = R.RewardModel.from_pretrained(tmp_path / "a" / "rm_helpful.pt")
     scores = R.score_texts(rm, tokenizer, ["Say no, rain."] * 2 + ["Say yes, rain."] * 2, ["yes", "no"] * 2)
     assert scores[1] > scores[0] and scores[2] > scores[3]

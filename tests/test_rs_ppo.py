@@ -1,5 +1,6 @@
 """Chapter 06: GAE by hand, the PPO invariants (ratio 1 and KL 0 at the start), the clipped
 losses, the combined reward, best-of-K, the rollout layout, and a micro run end to end."""
+import argparse
 import copy
 import importlib
 import json
@@ -188,6 +189,19 @@ def test_reward_calibration_and_whitening(tokenizer):
 
 # --- rejection sampling ------------------------------------------------------------------------
 
+def test_no_held_out_prompt_occurs_in_the_rs_and_ppo_prompts():
+    """rs_ppo.json's overlap on the default toy settings: the prompts of 2 RS rounds of 128 and 40
+    PPO iterations of 64 against the 100-a-kind held-out and red-team prompts."""
+    budget = ("rs_iterations", "rs_prompts", "ppo_iterations", "ppo_prompts")
+    args = argparse.Namespace(seed=0, safety_share=0.2, **{k: RL.BUDGET[k][1] for k in budget})   # the CPU defaults
+    world = P.make_world(0)
+    prompts = RL.training_prompts(args, world)
+    assert len(prompts) == 2 * 128 + 40 * 64 and any(p.unsafe for p in prompts)
+    assert [p.dialog for p in prompts[:128]] == [p.dialog for p in RL.draw_prompts(world, 128, RL.rs_seed(args, 0))]
+    held_out = S.eval_tasks(world, 100, 0) + RL.red_team_tasks(world, 100, 0)
+    assert S.overlap([t.prompt for t in held_out], S.user_messages(p.dialog for p in prompts)) == 0
+
+
 def test_best_of_k_and_the_figure7_curves():
     scores = torch.tensor([[0.1, 0.5, 0.3], [2.0, -1.0, 2.0]])
     idx, best = RL.best_of_k(scores)
@@ -274,6 +288,7 @@ def test_main_end_to_end_and_ppo_resumes_exactly(run_files, tmp_path):
         assert (tmp_path / "a" / name).is_file(), name
     report = json.loads((tmp_path / "a" / "rs_ppo.json").read_text())
     assert len(report["ppo"]) == 2 and set(report["time_split"]) == {"gen_s", "score_s", "train_s"}
+    assert report["overlap"] == 0
     assert {"gen_s", "score_s", "train_s", "kl", "gold", "careless", "refusal_harmful",
             "clip_frac"} <= set(report["ppo"][0])
     for name, r in report["results"].items():   # greedy and sampled: 2 prompts a kind, 4 samples each
@@ -304,3 +319,13 @@ def test_clear_errors(run_files, tmp_path):
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": [{"role": "assistant", "content": "hi"}]}) + "\n")
     with pytest.raises(UserError, match="p.jsonl:1"):
         RL.read_prompts(tmp_path / "p.jsonl")
+
+
+def test_unsafe_must_be_a_json_boolean(tmp_path):
+    path = tmp_path / "p.jsonl"
+    for bad in ('"no"', '"false"', "0", "null"):   # bool("no") would make a helpful prompt a safety one
+        path.write_text('{"prompt": "hi", "unsafe": true}\n{"prompt": "hi", "unsafe": ' + bad + "}\n")
+        with pytest.raises(UserError, match=r"p.jsonl:2: 'unsafe' must be true or false"):
+            RL.read_prompts(path)
+    path.write_text('{"prompt": "hi", "unsafe": true}\n{"prompt": "hi", "unsafe": false}\n{"prompt": "hi"}\n')
+    assert [p.unsafe for p in RL.read_prompts(path)] == [True, False, False]

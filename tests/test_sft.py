@@ -132,6 +132,17 @@ def test_packing_keeps_dialogues_whole_and_apart(tokenizer):
     assert torch.allclose(model(changed, mask=S.doc_mask(doc))[:, n1:], packed[:, n1:], atol=1e-5)
 
 
+def test_packing_counts_dialogues_cut_and_dropped(tokenizer):
+    examples = two_dialogs(tokenizer)                            # the second has a system prompt
+    counts = {}
+    S.pack(examples[:1], seq_len=len(examples[0][0]) - 3, pad_id=tokenizer.eos_id, counts=counts)
+    assert counts == {"cut": 1, "dropped": 0}                    # cut inside its answer: some is learned
+    S.pack(examples[1:] * 2, seq_len=examples[1][1].index(True) - 2, pad_id=tokenizer.eos_id, counts=counts)
+    assert counts == {"cut": 2, "dropped": 2}                    # cut before the first answer: nothing
+    S.pack(examples, seq_len=128, pad_id=tokenizer.eos_id, counts=counts)
+    assert counts == {"cut": 0, "dropped": 0}
+
+
 def test_masked_loss_matches_cross_entropy_with_ignore_index():
     logits = torch.randn(2, 5, 11)
     targets = torch.tensor([[1, S.IGNORE, 3, 4, S.IGNORE], [S.IGNORE, 2, 2, 9, 0]])
@@ -222,6 +233,55 @@ def test_evaluate_chat_grades_every_sample(monkeypatch):
     assert r["careless"] == 0.5 and r["gold_arithmetic"] == 0.5
 
 
+def test_evaluate_chat_keeps_each_prompts_scores_and_they_give_back_every_figure(monkeypatch):
+    """per_prompt: one entry per task (the mean over its samples), in order; column_values turns
+    them back into each column of the table, as evaluate_chat averaged them."""
+    world = P.make_world(0)
+    rng = random.Random(0)
+    tasks = [S.make_task(world, kind, rng, evaluation=True) for kind in S.KINDS for _ in range(3)]
+
+    def fake_answers(model, tokenizer, dialogs, max_new_tokens, batch_size=64, temperature=0.0, **kw):
+        return [S.careless_answer(tasks[i // 2]) if i % 2 else tasks[i // 2].answer if i % 4 else S.REFUSAL
+                for i in range(len(dialogs))]
+
+    monkeypatch.setattr(S, "answer_all", fake_answers)
+    r = S.evaluate_chat(torch.nn.Linear(1, 1), None, tasks, temperature=1.0, samples=2)
+    per = r["per_prompt"]
+    assert per["kind"] == [t.kind for t in tasks] and all(len(v) == len(tasks) for v in per.values())
+    for column in S.COLUMNS:
+        values, groups = S.column_values(per, column)
+        if groups is None:
+            assert sum(values) / len(values) == pytest.approx(r[column], abs=1e-4), column
+        else:   # gold: the mean of the kinds' means
+            by_kind = {g: [v for v, h in zip(values, groups) if h == g] for g in dict.fromkeys(groups)}
+            assert sum(sum(v) / len(v) for v in by_kind.values()) / len(by_kind) == pytest.approx(r[column], abs=1e-4)
+
+
+def test_bootstrap_intervals_known_cases():
+    """Constant values: zero width. Identical models: a paired difference of exactly [0, 0]. A large
+    clear difference excludes 0, and a 0/1 mean's interval matches the normal approximation."""
+    lo, hi = S.bootstrap_interval([0.3] * 50)
+    assert lo == hi == pytest.approx(0.3)
+    rng = random.Random(0)
+    a = [rng.random() for _ in range(200)]
+    assert S.paired_interval(a, a) == (0.0, 0.0)
+    lo, hi = S.paired_interval([x + 0.2 + 0.05 * rng.random() for x in a], a)
+    assert 0.2 <= lo < hi <= 0.25                 # the shared noise of the prompts cancels
+    lo, hi = S.unpaired_interval([1] * 90 + [0] * 10, [1] * 50 + [0] * 50)
+    assert 0.25 < lo < 0.4 < hi < 0.55            # 0.9 - 0.5 = 0.4, clear of 0
+    coins = [rng.random() < 0.5 for _ in range(400)]
+    p = sum(coins) / 400
+    lo, hi = S.bootstrap_interval(coins)
+    half = 1.96 * (p * (1 - p) / 400) ** 0.5      # ~0.049
+    assert lo == pytest.approx(p - half, abs=0.01) and hi == pytest.approx(p + half, abs=0.01)
+    assert S.bootstrap_interval(coins) == (lo, hi)   # seeded: the same interval every time
+    # groups are redrawn within themselves and the statistic is the mean of their means
+    assert S.bootstrap_interval([0] * 10 + [1] * 30, groups=["a"] * 10 + ["b"] * 30) == (0.5, 0.5)
+    assert S.bootstrap_interval([]) is None and S.unpaired_interval([], [1]) is None
+    with pytest.raises(ValueError):
+        S.paired_interval([1, 2], [1])
+
+
 def test_rate_uses_the_four_ratings():
     add = task("arithmetic", "42")
     assert S.rate(add, "= 42.", "= 99.") == (0, "significantly better")
@@ -237,6 +297,16 @@ def test_eval_prompts_are_about_held_out_people():
         if t.kind == "fact":
             assert S.held_out(t.subject)
             assert not any(t.subject in q for q in train_subjects)
+
+
+def test_no_eval_prompt_occurs_in_the_sft_data():
+    """sft.json's overlap on the default settings (27,540 dialogues, 40 prompts a kind): 0 for
+    every kind, arithmetic and lists included (they once leaked)."""
+    assert S.overlap(["a", "b", "a", "c"], ["a", "c", "d"]) == 3   # each evaluation prompt counts
+    world = P.make_world(0)
+    tasks = S.eval_tasks(world, 40, 0)
+    assert {t.kind for t in tasks} == set(S.KINDS)
+    assert S.overlap([t.prompt for t in tasks], S.user_messages(S.sft_dialogs(world, S.SFT_EXAMPLES, 0))) == 0
 
 
 # --- data files and the REPL ------------------------------------------------------------
@@ -288,11 +358,14 @@ def test_sft_end_to_end_and_exact_resume(tokenizer, tmp_path):
         assert (tmp_path / "a" / name).is_file()
     metrics = json.loads((tmp_path / "a" / "sft.json").read_text())
     assert set(S.COLUMNS) <= set(results["SFT"]) and 0 <= results["SFT"]["gold"] <= 1
+    assert metrics["overlap"] == 0                                # no evaluation prompt trained on
     full = {h["step"]: h["loss"] for h in metrics["history"] if "loss" in h}
     assert full[6] < full[1]                                      # it learns something
 
     micro_sft(tokenizer, tmp_path, "b", "--stop-at", "3")
+    assert json.loads((tmp_path / "b" / "sft.json").read_text())["finished"] is False   # pipeline.py redoes it
     micro_sft(tokenizer, tmp_path, "b", "--resume")
+    assert json.loads((tmp_path / "b" / "sft.json").read_text())["finished"] is True
     resumed = {h["step"]: h["loss"] for h in json.loads((tmp_path / "b" / "sft.json").read_text())["history"]
                if "loss" in h}
     assert resumed[6] == pytest.approx(full[6], abs=1e-6)        # same data order, same optimizer state
@@ -309,3 +382,72 @@ def test_sft_on_a_users_jsonl(tokenizer, tmp_path):
     results = micro_sft(tokenizer, tmp_path, "c", "--data", str(chats), "--steps", "2")
     assert results == {}                          # no toy-world grading on a user's data
     assert (tmp_path / "c" / "sft.pt").is_file() and (tmp_path / "c" / "sft.png").is_file()
+
+
+# --- bad flags and data that would train nothing ---------------------------------------------
+
+def test_numeric_and_context_flags_are_refused_before_any_work(tokenizer, tmp_path):
+    for flags, message in ((["--steps", "0"], "--steps 0: must be >= 1"), (["--epochs", "0"], "--epochs 0: must be > 0"),
+                           (["--micro-batch", "0"], "--micro-batch 0: must be >= 1"),
+                           (["--seq-len", "512", "--batch-tokens", "2048"], "--seq-len 512 exceeds the model's context of 256")):
+        with pytest.raises(UserError, match=message):
+            micro_sft(tokenizer, tmp_path, "x", *flags)
+    assert not (tmp_path / "x" / "sft.pt").exists()
+
+
+def test_dialogues_cut_before_their_answers_are_refused(tokenizer, tmp_path, capsys):
+    chats = tmp_path / "long.jsonl"
+    long = " ".join(["Tell me about the river and the stone."] * 20)   # far beyond --seq-len 64
+    chats.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": long},
+                                                        {"role": "assistant", "content": "Sure."}]}) for _ in range(60)))
+    with pytest.raises(UserError, match="no answer token to learn"):
+        micro_sft(tokenizer, tmp_path, "d", "--data", str(chats))
+    assert "59 of 59 training dialogues are longer than --seq-len 64 and were cut; 59 of them before" in \
+        capsys.readouterr().out
+    assert not (tmp_path / "d" / "sft.pt").exists()
+
+
+def test_init_and_preset_say_which_wins(tmp_path):
+    M.save_model(M.Transformer(replace(M.PRESETS["micro"], vocab_size=300)), tmp_path / "micro.pt")
+    with pytest.raises(UserError, match="preset micro's shape, but --preset 7B would train it with the paper's "
+                                        "hyper-parameters: pass --preset micro"):
+        S.check_init_preset(tmp_path / "micro.pt", "7B")
+    lines = []
+    assert S.check_init_preset(tmp_path / "micro.pt", "toy", lines.append).dim == 64
+    assert lines == ["note: the model's shape comes from --init (dim 64, 2 layers: preset micro's shape); "
+                     "--preset toy sets only the default hyper-parameters (the CPU presets')"]
+    assert S.check_init_preset(tmp_path / "micro.pt", "micro", lines.append) and len(lines) == 1
+
+
+# --- the chat survives its user ------------------------------------------------------------
+
+@pytest.fixture
+def chat_files(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    M.save_model(M.Transformer(replace(M.PRESETS["micro"], vocab_size=tokenizer.n_words)), tmp_path / "m.pt")
+    (tmp_path / "tok.model").write_bytes(tokenizer.sp_model.serialized_model_proto())
+    return ["--ckpt", str(tmp_path / "m.pt"), "--tokenizer", str(tmp_path / "tok.model"), "--max-new-tokens", "4",
+            "--temperature", "0"]
+
+
+def test_chat_refuses_an_overlong_message_and_goes_on(chat_files, capsys):
+    lines = iter(["What is 1 + 1?", "word " * 400, "caf\udce9 au lait?", ""])   # 400 words > 256 tokens; then
+    dialog = S.chat(chat_files, input_fn=lambda _: next(lines))                   # bytes undecodable as UTF-8
+    assert "not sent: that message comes to" in capsys.readouterr().out
+    assert [m["role"] for m in dialog] == ["user", "assistant", "user", "assistant"]
+    assert dialog[0]["content"] == "What is 1 + 1?" and dialog[2]["content"] == "caf\ufffd au lait?"
+
+
+def test_chat_reads_non_utf8_stdin(chat_files):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, str(tok.REPO / "04_sft.py"), "chat", *chat_files],
+                         input=b"caf\xe9?\nWhat is 1 + 1?\n\n", capture_output=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.count(b"model> ") == 2, out.stderr[-2000:]
+
+
+def test_chat_without_a_model_says_what_to_run(tmp_path):
+    with pytest.raises(UserError, match=r"no chat model at .*sft.pt: run 04_sft.py first"):
+        S.chat(["--ckpt", str(tmp_path / "sft.pt")])
+    with pytest.raises(UserError, match="--max-new-tokens 0: must be >= 1"):
+        S.chat(["--max-new-tokens", "0"])

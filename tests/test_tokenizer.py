@@ -228,3 +228,41 @@ def test_before_sentencepiece_0_2_3_only_present_characters_are_required(tmp_pat
     assert "{" not in vocabs["0.2.2"] and "4" in vocabs["0.2.2"]
     if tk.sentencepiece_version() >= (0, 2, 3):   # the version requirements.txt pins
         assert "{" in vocabs[spm.__version__]
+
+
+def test_run_cli_full_disk_and_ctrl_c_are_one_line(capsys):
+    import errno
+
+    def full(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/toy/data/x.bin")
+
+    with pytest.raises(SystemExit) as exit_info:
+        tk.run_cli(full, [])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: runs/toy/data/x.bin: No space left on device\n"
+
+    def interrupted(argv):
+        raise KeyboardInterrupt("stopped during step 38 of 670; runs/toy/pretrain.pt holds step 20: continue with --resume")
+
+    with pytest.raises(SystemExit) as exit_info:
+        tk.run_cli(interrupted, [])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == ("interrupted (Ctrl-C): stopped during step 38 of 670; runs/toy/pretrain.pt "
+                                               "holds step 20: continue with --resume")
+    with pytest.raises(FileNotFoundError):   # not a disk failure: a bug to see whole
+        tk.run_cli(lambda argv: open("/nonexistent/x"), [])
+
+
+def test_failed_write_leaves_no_tmp(tmp_path, monkeypatch):
+    def full(self, text, encoding=None):
+        open(self, "w").write(text[:3])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tk.Path, "write_text", full)
+    with pytest.raises(OSError):
+        tk.write_json(tmp_path / "m.json", {"a": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_vocab_size_flag_is_checked_where_parsed(tmp_path):
+    with pytest.raises(tk.UserError, match="^--vocab-size 0: must be >= 1"):
+        tk.main(["--vocab-size", "0", "--run-dir", str(tmp_path)])
