@@ -400,7 +400,8 @@ def add_training_args(parser, paper: dict, toy: dict):
     add("--weight-decay", type=tok.number_flag("--weight-decay", float, at_least=0), default=0.1,
         help="AdamW's, on weight matrices only (paper: 0.1)")
     add("--beta1", type=tok.number_flag("--beta1", float, at_least=0, below=1), default=0.9, help="AdamW (paper: 0.9)")
-    add("--beta2", type=tok.number_flag("--beta2", float, at_least=0, below=1), default=0.95, help="AdamW (paper: 0.95)")
+    add("--beta2", type=tok.number_flag("--beta2", float, at_least=0, below=1), default=0.95,
+        help="AdamW (paper: 0.95)")
     add("--adam-eps", type=tok.number_flag("--adam-eps", float, above=0), default=1e-5, help="AdamW (paper: 1e-5)")
     add("--grad-clip", type=tok.number_flag("--grad-clip", float, above=0), default=1.0,
         help="clip the global gradient norm to this (paper: 1.0)")
@@ -721,7 +722,8 @@ def main(argv=None):
                         help="your corpus instead of the default mix: .txt files (a document each) and/or "
                              ".bin token files (uint16 ids; uint32 for vocabularies of 65536 or more)")
     parser.add_argument("--world-seed", type=int, default=0, help="seed of the toy world (make_world)")
-    parser.add_argument("--world-docs", type=int, default=10_000, help="toy-world documents to generate")
+    parser.add_argument("--world-docs", type=tok.number_flag("--world-docs", at_least=1), default=10_000,
+        help="toy-world documents to generate")
     parser.add_argument("--compare", nargs="+", type=Path, default=[], metavar="RUN_DIR",
                         help="overlay these runs' curves (their pretrain.json) on the figure")
     args = parser.parse_args(argv)

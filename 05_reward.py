@@ -521,13 +521,18 @@ def main(argv=None):
     add("--tokenizer", type=Path, help="SentencePiece model (default RUN_DIR/tokenizer.model)")
     add("--helpful-data", type=Path, help="helpfulness comparisons (JSONL) instead of the toy world's")
     add("--safety-data", type=Path, help="safety comparisons (JSONL) instead of the toy world's")
-    add("--comparisons", type=int, default=1200, help="toy helpfulness comparisons to collect for training")
-    add("--safety-comparisons", type=int, default=500, help="toy safety comparisons for training")
-    add("--test-comparisons", type=int, default=400, help="held-out toy comparisons per set")
+    add("--comparisons", type=tok.number_flag("--comparisons", at_least=1), default=1200,
+        help="toy helpfulness comparisons to collect for training")
+    add("--safety-comparisons", type=tok.number_flag("--safety-comparisons", at_least=1), default=500,
+        help="toy safety comparisons for training")
+    add("--test-comparisons", type=tok.number_flag("--test-comparisons", at_least=1), default=400,
+        help="held-out toy comparisons per set")
     add("--margin", default="small", choices=MARGINS, help="Table 27's margin of the two RMs (default small)")
     add("--mix", default="paper", choices=("paper", "none"), help="the paper's data mix of each RM, or own set only")
-    add("--epochs", type=float, default=1.0, help="passes over the data (paper: 1; more over-fits)")
-    add("--warmup-steps", type=int, help="default: 3%% of the steps, at least 5 (paper)")
+    add("--epochs", type=tok.number_flag("--epochs", float, above=0), default=1.0,
+        help="passes over the data (paper: 1; more over-fits)")
+    add("--warmup-steps", type=tok.number_flag("--warmup-steps", at_least=0),
+        help="default: 3%% of the steps, at least 5 (paper)")
     add("--no-ablations", action="store_true", help="skip the margin ablation and the data-size curve")
     add("--fractions", default="0.125,0.5", help="helpfulness data fractions for the data-size curve (and 1)")
     add("--world-seed", type=int, default=0)

@@ -659,26 +659,38 @@ def main(argv=None):
     P.add_training_args(parser, PAPER, TOY)   # 03's flags; those of the loop apply to the RS fine-tuning
     add = parser.add_argument
     show = lambda v: ", ".join(f"{k} {x:g}" for k, x in v.items()) if isinstance(v, dict) else f"{v:g}"
-    for key, (paper, toy, help) in BUDGET.items():
-        add("--" + key.replace("_", "-"), type=type(toy), help=f"{help} [full scale: {show(paper)}; CPU: {show(toy)}]")
+    for key, (paper, toy, help) in BUDGET.items():   # a count of 0 skips a phase; a rate must be positive
+        flag = "--" + key.replace("_", "-")
+        bound = dict(at_least=0) if key in ("rs_iterations", "ppo_iterations", "value_warmup", "kl_beta") else \
+            dict(above=0) if type(toy) is float else dict(at_least=1)
+        add(flag, type=tok.number_flag(flag, type(toy), **bound), help=f"{help} [full scale: {show(paper)}; CPU: {show(toy)}]")
     add("--init", help="chat model to start from (default RUN_DIR/sft.pt)")
     add("--rm-helpful", type=Path, help="Helpfulness RM (default RUN_DIR/rm_helpful.pt); the value model's start")
     add("--rm-safety", type=Path, help="Safety RM (default RUN_DIR/rm_safety.pt)")
     add("--tokenizer", type=Path, help="SentencePiece model (default RUN_DIR/tokenizer.model)")
     add("--prompts", type=Path, help="prompts (JSONL) instead of the toy world's; no gold score then")
-    add("--safety-share", type=float, default=0.2, help="toy prompts: the share of safety ones (harmful or benign)")
-    add("--ppo-temperature", type=float, default=1.0, help="PPO rollout temperature (the log-probs use it too)")
-    add("--ppo-epochs", type=int, default=1, help="passes over each iteration's rollouts (1: one step per mini-batch)")
-    add("--clip-eps", type=float, default=0.2, help="PPO's clip range (paper: 0.2)")
-    add("--value-clip", type=float, default=0.2, help="clip range of the value loss")
-    add("--gamma", type=float, default=1.0, help="GAE discount")
-    add("--lam", type=float, default=0.95, help="GAE lambda")
-    add("--calibration-prompts", type=int, default=256, help="samples of the start model that calibrate the reward")
-    add("--fig-n", type=int, default=16, help="samples per prompt in Figures 7 and 8 (0 skips them)")
-    add("--fig-prompts", type=int, default=40, help="prompts in Figures 7 and 8")
+    add("--safety-share", type=tok.number_flag("--safety-share", float, at_least=0, at_most=1), default=0.2,
+        help="toy prompts: the share of safety ones (harmful or benign)")
+    add("--ppo-temperature", type=tok.number_flag("--ppo-temperature", float, above=0), default=1.0,
+        help="PPO rollout temperature (the log-probs use it too)")
+    add("--ppo-epochs", type=tok.number_flag("--ppo-epochs", at_least=1), default=1,
+        help="passes over each iteration's rollouts (1: one step per mini-batch)")
+    add("--clip-eps", type=tok.number_flag("--clip-eps", float, above=0), default=0.2,
+        help="PPO's clip range (paper: 0.2)")
+    add("--value-clip", type=tok.number_flag("--value-clip", float, above=0), default=0.2,
+        help="clip range of the value loss")
+    add("--gamma", type=tok.number_flag("--gamma", float, at_least=0, at_most=1), default=1.0, help="GAE discount")
+    add("--lam", type=tok.number_flag("--lam", float, at_least=0, at_most=1), default=0.95, help="GAE lambda")
+    add("--calibration-prompts", type=tok.number_flag("--calibration-prompts", at_least=2), default=256,
+        help="samples of the start model that calibrate the reward")
+    add("--fig-n", type=tok.number_flag("--fig-n", at_least=0), default=16,
+        help="samples per prompt in Figures 7 and 8 (0 skips them)")
+    add("--fig-prompts", type=tok.number_flag("--fig-prompts", at_least=1), default=40,
+        help="prompts in Figures 7 and 8")
     add("--fig-temperatures", default="0.7,1.0,1.3,1.6,2.0",
         help="temperatures of Figure 8 (and --rs-temperature); wide enough that the best one lies inside")
-    add("--eval-per-kind", type=int, default=100, help="held-out prompts per task kind in the final tables")
+    add("--eval-per-kind", type=tok.number_flag("--eval-per-kind", at_least=1), default=100,
+        help="held-out prompts per task kind in the final tables")
     add("--no-rs", action="store_true", help="skip rejection sampling: PPO starts from --init")
     add("--world-seed", type=int, default=0)
     args = parser.parse_args(argv)

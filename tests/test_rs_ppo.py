@@ -329,3 +329,14 @@ def test_unsafe_must_be_a_json_boolean(tmp_path):
             RL.read_prompts(path)
     path.write_text('{"prompt": "hi", "unsafe": true}\n{"prompt": "hi", "unsafe": false}\n{"prompt": "hi"}\n')
     assert [p.unsafe for p in RL.read_prompts(path)] == [True, False, False]
+
+
+@pytest.mark.parametrize("main, flag, value", [
+    (R.main, "--comparisons", "0"), (R.main, "--epochs", "-1"), (R.main, "--warmup-steps", "-2"),
+    (RL.main, "--fig-n", "-1"), (RL.main, "--rs-k", "0"), (RL.main, "--ppo-lr", "-0.00001"), (RL.main, "--lam", "1.5"),
+    (RL.main, "--safety-share", "nan"), (RL.main, "--ppo-iterations", "-3"), (RL.main, "--calibration-prompts", "1")])
+def test_numeric_flags_of_05_and_06_are_checked_where_parsed(tmp_path, main, flag, value):
+    """One line naming the flag, before any file is looked at (the run folder does not exist)."""
+    with pytest.raises(tok.UserError, match=f"^{flag} {value}: "):
+        main(["--run-dir", str(tmp_path / "nowhere"), flag, value])
+    assert not (tmp_path / "nowhere").exists()
