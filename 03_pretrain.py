@@ -723,7 +723,7 @@ def main(argv=None):
                              ".bin token files (uint16 ids; uint32 for vocabularies of 65536 or more)")
     parser.add_argument("--world-seed", type=int, default=0, help="seed of the toy world (make_world)")
     parser.add_argument("--world-docs", type=tok.number_flag("--world-docs", at_least=1), default=10_000,
-        help="toy-world documents to generate")
+                        help="toy-world documents to generate")
     parser.add_argument("--compare", nargs="+", type=Path, default=[], metavar="RUN_DIR",
                         help="overlay these runs' curves (their pretrain.json) on the figure")
     args = parser.parse_args(argv)

@@ -589,7 +589,7 @@ def main(argv=None):
                         help="optimizer steps (default: from --epochs)")
     parser.add_argument("--world-seed", type=int, default=0)
     parser.add_argument("--eval-per-kind", type=tok.number_flag("--eval-per-kind", at_least=1), default=40,
-        help="held-out prompts per task kind")
+                        help="held-out prompts per task kind")
     parser.add_argument("--compare-scratch", action="store_true",
                         help="also fine-tune random weights with the same budget, to show why SFT starts "
                              "from a pretrained model")
