@@ -469,7 +469,7 @@ def plot_adherence(path, results: dict):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=(10.5, 4.2))
     turns = range(1, len(next(iter(results.values()))["by_turn"]) + 1)
     for i, (name, r) in enumerate(results.items()):
         ax.plot(turns, [100 * x for x in r["by_turn"]], marker="o", ms=3, color=f"C{i}", label=f"{name}, own answers")
@@ -487,7 +487,7 @@ def plot_adherence(path, results: dict):
            ylim=(-5, 105), title="Multi-turn adherence before and after GAtt (cf. Figure 28, Table 30)")
     ax.set_xticks(turns)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))   # outside: curves fill the box
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -355,7 +355,9 @@ def section_gatt(run_dir):
     d = load(run_dir, "gatt.json")
     adherence = d["adherence"]
     turns = [t for t in (1, 2, 4, 6, 10, 20) if t <= min(len(a["by_turn"]) for a in adherence.values())]
-    paper = {"before GAtt": (100, 10, 0, 0, None, 0), "after GAtt": (100, 100, 100, 100, None, 100)}   # Table 30
+    table30 = importlib.import_module("07_gatt").PAPER_TABLE30   # turns 2, 4, 6 and 20 only
+    paper = {name: tuple(table30[key].get(t) for t in (1, 2, 4, 6, 10, 20))
+             for name, key in (("before GAtt", "baseline"), ("after GAtt", "GAtt"))}
     rows = []
     turn_ci = lambda a, t: ci(a["by_turn"][t - 1], S.bootstrap_interval([f[t - 1] for f in a["followed"]])
                               if "followed" in a else None)   # over the dialogues

@@ -40,6 +40,23 @@ def test_report_has_every_chapter_filled_in(smoke_run):
         assert f"({png})" in report, png   # every figure is shown
 
 
+def test_table30_rows_quote_the_paper_at_its_own_turns(smoke_run, tmp_path):
+    """The paper's Table 30 gives turns 2, 4, 6 and 20 (baseline 100, 10, 0, 0): a 20-turn gatt.json
+    must show them there, and nothing at turns 1 and 10."""
+    run_dir, _ = smoke_run
+    g = json.loads((run_dir / "gatt.json").read_text())
+    for a in g["adherence"].values():   # stretch the smoke run's 3 turns to 20
+        for part in (a, a.get("control") or {}):
+            for key in ("by_turn",):
+                part[key] = (part[key] * 7)[:20]
+            part["followed"] = [(f * 7)[:20] for f in part["followed"]]
+    (tmp_path / "gatt.json").write_text(json.dumps(g))
+    text = "\n".join(pipeline.section_gatt(tmp_path))
+    assert "| before GAtt (paper) | - | 100 | 10 | 0 | - | 0 |" in text
+    assert "| after GAtt (paper) | - | 100 | 100 | 100 | - | 100 |" in text
+    assert "copy control (ours)" in text
+
+
 def test_the_words_follow_the_interval():
     """seen?: clear of its interval only when the difference's interval excludes 0 on the paper's side."""
     seen = lambda value, interval, direction=1: pipeline.effect("04", "", value, interval, "", "gold",
