@@ -312,7 +312,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", type=Path, metavar="FILE", help="UTF-8 text files, one "
                         "document each (default: data/shakespeare/*.txt); every 20th is held out of training")
-    parser.add_argument("--vocab-size", type=number_flag("--vocab-size", at_least=1), default=DEFAULT_VOCAB_SIZE, metavar="N",
+    parser.add_argument("--vocab-size", type=number_flag("--vocab-size", at_least=1), default=DEFAULT_VOCAB_SIZE,
+                        metavar="N",
                         help=f"pieces in the vocabulary (default {DEFAULT_VOCAB_SIZE}, a toy size; "
                         "up to 32000, the paper's value)")
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, metavar="DIR",

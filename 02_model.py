@@ -477,7 +477,8 @@ def read_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({getattr(e, 'msg', None) or e.reason}): a damaged download?") from None
+        why = getattr(e, 'msg', None) or e.reason
+        raise UserError(f"{path} is not valid JSON ({why}): a damaged download?") from None
     if not isinstance(config, dict):
         raise UserError(f"{path} is not a JSON object")
     return config
@@ -491,7 +492,8 @@ def load_meta(folder: Path):
     shards = [load_checkpoint(p, mmap=True) for p in shard_paths]
     state = {}
     if "dim" not in params or "tok_embeddings.weight" not in shards[0]:
-        raise UserError(f"{folder}: params.json has no 'dim' or its shards no tok_embeddings.weight (not Llama's format?)")
+        raise UserError(f"{folder}: params.json has no 'dim' or its shards no tok_embeddings.weight "
+                        "(not Llama's format?)")
     for key in shards[0]:
         if key == "rope.freqs":                 # Meta stores its RoPE table; we recompute ours
             continue

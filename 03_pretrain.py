@@ -411,7 +411,8 @@ def add_training_args(parser, paper: dict, toy: dict):
                  eval_every="steps between validations", ckpt_every="steps between checkpoints",
                  eval_batches="fixed validation micro-batches (per source), the same on every rank")
     for key, value in paper.items():
-        kind, flag = type(next(iter(value.values())) if isinstance(value, dict) else value), "--" + key.replace("_", "-")
+        kind = type(next(iter(value.values())) if isinstance(value, dict) else value)
+        flag = "--" + key.replace("_", "-")
         # checked where parsed: a count of 0 or a negative rate would fail later, or train nothing
         bound = dict(at_least=0) if key == "warmup_steps" else dict(above=0) if kind is float else dict(at_least=1)
         add(flag, type=tok.number_flag(flag, kind, **bound), default=None,

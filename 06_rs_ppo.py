@@ -663,7 +663,8 @@ def main(argv=None):
         flag = "--" + key.replace("_", "-")
         bound = dict(at_least=0) if key in ("rs_iterations", "ppo_iterations", "value_warmup", "kl_beta") else \
             dict(above=0) if type(toy) is float else dict(at_least=1)
-        add(flag, type=tok.number_flag(flag, type(toy), **bound), help=f"{help} [full scale: {show(paper)}; CPU: {show(toy)}]")
+        add(flag, type=tok.number_flag(flag, type(toy), **bound),
+            help=f"{help} [full scale: {show(paper)}; CPU: {show(toy)}]")
     add("--init", help="chat model to start from (default RUN_DIR/sft.pt)")
     add("--rm-helpful", type=Path, help="Helpfulness RM (default RUN_DIR/rm_helpful.pt); the value model's start")
     add("--rm-safety", type=Path, help="Safety RM (default RUN_DIR/rm_safety.pt)")

@@ -251,7 +251,8 @@ def section_pretrain(run_dir):
     p = load(run_dir, "pretrain.json")
     losses = [h["loss"] for h in p["history"] if "loss" in h]
     return [table(["", "ours"], [
-        ("parameters", p["n_params"]), ("steps x batch tokens", f"{p['config']['steps']} x {p['config']['batch_tokens']:,}"),
+        ("parameters", p["n_params"]),
+        ("steps x batch tokens", f"{p['config']['steps']} x {p['config']['batch_tokens']:,}"),
         ("first logged training loss", losses[0]), ("last logged training loss", losses[-1]),
         ("final validation loss (nats/token)", p["final_val_loss"]),
         ("unigram entropy of the data (a model that learned nothing)", p["unigram_entropy"]),
