@@ -36,7 +36,7 @@ with gold flat means the policy is gaming the reward model).
 --warmup-steps) set the RS fine-tuning; --stop-at N stops after PPO iteration N (then --resume).
 
 Run:
-  python 06_rs_ppo.py                                  # toy, from runs/toy: ~2 min on 2 CPU cores
+  python 06_rs_ppo.py                                  # toy, from runs/toy: ~2.5 min on 2 CPU cores
   python 06_rs_ppo.py --no-rs                          # PPO straight from the SFT model
   python 06_rs_ppo.py --ppo-iterations 0               # rejection sampling only
   python 06_rs_ppo.py --init runs/1b/sft.pt --tokenizer runs/1b/tokenizer.model --preset 1B \\
