@@ -320,6 +320,7 @@ def section_rs_ppo(run_dir):
             table(["model"] + S.LABELS, [chat_row(name, res, S.COLUMNS, "sampled_") for name, res in r.items()]),
             "and greedy answers, as 04 and 07 grade them:",
             table(["model"] + labels, [chat_row(name, res, columns) for name, res in r.items()]),
+            greedy_change(r),
             "Figure 7 analogue: the reward of the best and of the median of N samples, and the gold "
             "score of the reward's pick (if it falls as N grows, best-of-N is exploiting the RM):",
             table(["N"] + [str(bon["n"][i]) for i in picks],
@@ -337,6 +338,22 @@ def section_rs_ppo(run_dir):
             f"time per phase: " + ", ".join(
                 f"{k.removesuffix('_s')} {v:.0f}s" for k, v in d["time_split"].items()) + ".",
             "![PPO](ppo_curves.png)"]
+
+
+def greedy_change(results: dict) -> str:
+    """Greedy gold after RS and PPO against SFT's, each with its paired interval: RLHF optimises the
+    sampled policy (the effects table), and greedy answers need not follow; this says whether they
+    moved, and which way."""
+    if "SFT" not in results:
+        return ""
+    parts = []
+    for name in [n for n in results if n != "SFT"]:
+        diff = results[name]["gold"] - results["SFT"]["gold"]
+        iv = paired_chat_interval(results[name], results["SFT"], "gold")
+        words = {"clear": "up, clear of its interval", "other way": "**down**, clear of its interval",
+                 "noise": "within noise"}.get(judge(diff, iv), "no interval")
+        parts.append(f"{name} {gold_ci(diff, iv, '+')} ({words})")
+    return "Greedy gold, change from SFT (paired 95% interval): " + "; ".join(parts) + "."
 
 
 def bracket(temps: dict) -> str:

@@ -57,6 +57,19 @@ def test_table30_rows_quote_the_paper_at_its_own_turns(smoke_run, tmp_path):
     assert "copy control (ours)" in text
 
 
+def test_greedy_change_says_which_way_from_the_paired_interval():
+    kinds = ["arithmetic", "fact"] * 20
+    chat = lambda gold: {"gold": sum(gold) / len(gold), "per_prompt": {"kind": kinds, "gold": gold}}
+    base = [0.2, 0.6] * 20
+    results = {"SFT": chat(base), "+RS": chat([g + 0.1 for g in base]), "+PPO": chat([g - 0.1 for g in base]),
+               "+noise": chat([g + (0.1 if i % 2 else -0.1) for i, g in enumerate(base[:20])] + base[20:])}
+    text = pipeline.greedy_change(results)
+    assert "+RS +0.100 [+0.100, +0.100] (up, clear of its interval)" in text
+    assert "+PPO -0.100 [-0.100, -0.100] (**down**, clear of its interval)" in text
+    assert "+noise" in text and "(within noise)" in text
+    assert "(no interval)" in pipeline.greedy_change({"SFT": {"gold": 0.3}, "+RS": {"gold": 0.4}})
+
+
 def test_the_words_follow_the_interval():
     """seen?: clear of its interval only when the difference's interval excludes 0 on the paper's side."""
     seen = lambda value, interval, direction=1: pipeline.effect("04", "", value, interval, "", "gold",
