@@ -253,6 +253,10 @@ class Transformer(nn.Module):
         """Final hidden states (after the last RMSNorm): what the LM head, and
         later the reward model's scalar head (chapter 05), read."""
         bsz, seqlen = tokens.shape
+        if start_pos > 0 and self.layers[0].attention.cache_k is None:   # Meta's model always has its cache
+            raise UserError(f"forward(tokens, start_pos={start_pos}) continues from the KV cache, and there is none: "
+                            "call setup_cache(batch, max_seq_len) first, as generate() does (without it, attention "
+                            "would see only the new tokens)")
         if start_pos + seqlen > self.freqs_cis.shape[1]:
             raise UserError(f"sequence of {start_pos + seqlen} tokens exceeds the model's "
                             f"RoPE table ({self.freqs_cis.shape[1]}); raise max_seq_len")
@@ -517,6 +521,24 @@ def export_folder(folder) -> Path:
     return folder
 
 
+# What Meta's params.json holds: the fields of its ModelArgs except max_seq_len and
+# max_batch_size, which Llama.build passes itself (ModelArgs(max_seq_len=..., max_batch_size=...,
+# **params): a params.json holding them fails with "multiple values for keyword argument").
+META_PARAMS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+               "norm_eps")
+
+
+def meta_params(model: Transformer) -> dict:
+    """params.json as Meta's loader reads it: its keys only, no None fields, the vocabulary the
+    embedding has. Llama 2's RoPE base is fixed at 10,000 in Meta's code; another base is written as
+    rope_theta, as Code Llama's params.json does (Llama 2's own ModelArgs then refuses it, rightly)."""
+    params = {k: getattr(model.args, k) for k in META_PARAMS if getattr(model.args, k) is not None}
+    params["vocab_size"] = model.tok_embeddings.weight.shape[0]
+    if model.args.rope_theta != 10000.0:
+        params["rope_theta"] = model.args.rope_theta
+    return params
+
+
 def save_meta(model: Transformer, folder, num_shards: int = 1):
     """Write Meta's format (params.json + consolidated.NN.pth), split into model-parallel shards."""
     folder = export_folder(folder)
@@ -525,7 +547,7 @@ def save_meta(model: Transformer, folder, num_shards: int = 1):
         shard = {k: v.chunk(num_shards, dim=meta_shard_dim(k))[i].clone()
                  if meta_shard_dim(k) is not None else v for k, v in state.items()}
         save_atomic(shard, folder / f"consolidated.{i:02d}.pth")
-    tokenizer_chapter.write_json(folder / "params.json", asdict(model.args))
+    tokenizer_chapter.write_json(folder / "params.json", meta_params(model))
 
 
 # Hugging Face's names for Meta's weights (the layer index is the same).

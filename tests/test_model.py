@@ -187,6 +187,46 @@ def test_meta_format_round_trip(tmp_path, num_shards):
     assert torch.equal(model(tokens), loaded(tokens))
 
 
+def test_meta_export_params_open_with_metas_model_args(tmp_path):
+    """Meta's Llama.build does ModelArgs(max_seq_len=..., max_batch_size=..., **params): the fields
+    below are Llama 2's ModelArgs (llama/model.py); the old params.json (all our fields) failed here."""
+    from dataclasses import dataclass
+    from typing import Optional
+
+    @dataclass
+    class MetaModelArgs:
+        dim: int = 4096
+        n_layers: int = 32
+        n_heads: int = 32
+        n_kv_heads: Optional[int] = None
+        vocab_size: int = -1
+        multiple_of: int = 256
+        ffn_dim_multiplier: Optional[float] = None
+        norm_eps: float = 1e-5
+        max_batch_size: int = 32
+        max_seq_len: int = 2048
+    model = micro_model()
+    M.save_meta(model, tmp_path)
+    params = json.loads((tmp_path / "params.json").read_text())
+    args = MetaModelArgs(max_seq_len=MICRO.max_seq_len, max_batch_size=4, **params)
+    assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.vocab_size) == \
+        (MICRO.dim, MICRO.n_layers, MICRO.n_heads, MICRO.n_kv_heads, MICRO.vocab_size)
+    assert None not in params.values()
+    tokens = torch.randint(0, MICRO.vocab_size, (2, 16))
+    assert torch.equal(model(tokens), M.Transformer.from_pretrained(tmp_path)(tokens))
+
+
+def test_forward_past_position_0_without_a_cache_is_an_error_not_wrong_logits():
+    model, tokens = micro_model(), torch.randint(0, MICRO.vocab_size, (1, 8))
+    with pytest.raises(UserError, match="call setup_cache"):
+        model(tokens[:, 7:], start_pos=7)
+    full = model(tokens)
+    model.setup_cache(1, MICRO.max_seq_len)   # Meta's way: prefill, then one token at its position
+    model(tokens[:, :7])
+    assert torch.allclose(model(tokens[:, 7:], start_pos=7)[:, -1], full[:, -1], atol=1e-5)
+    model.clear_cache()
+
+
 def test_hf_format_round_trip(tmp_path):
     model = micro_model()
     M.save_hf(model, tmp_path)
