@@ -15,7 +15,8 @@ On a 2-core CPU the default run takes ~1.5 s (training ~0.4 s) and gives 2.84 by
 (3.55 with --vocab-size 32000). No GPU or torchrun is needed for this chapter. Run:
   python 01_tokenizer.py                                       # toy vocabulary of 4096 pieces
   python 01_tokenizer.py --vocab-size 32000 --input my/*.txt   # the paper's size, your text
-  python 01_tokenizer.py --model llama-2-7b/tokenizer.model    # inspect Meta's model (writes nothing)
+  python 01_tokenizer.py --model tokenizer.model               # inspect Meta's model (writes nothing;
+                                                               # its download puts it beside llama-2-7b/)
 """
 import argparse
 import errno
@@ -86,12 +87,15 @@ def number_flag(flag: str, kind=int, at_least=None, above=None, at_most=None, be
 
 def atomic_write_text(path, text):
     """Write via path + '.tmp' then os.replace, so a crash never leaves half a file behind
-    (nor the .tmp: a full disk takes it away again)."""
+    (nor the .tmp: a full disk takes it away again). Bytes are written as they are."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        if isinstance(text, bytes):
+            tmp.write_bytes(text)
+        else:
+            tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -133,6 +137,7 @@ LLAMA_SPM_SETTINGS = dict(
     split_by_whitespace=True,            # ...nor spans two words ('▁' only at its start, or all '▁')...
     split_by_number=True,                # ...nor mixes letters and digits
     max_sentence_length=4192,            # Meta's value, in bytes: longer lines are skipped in training
+                                         # (train_tokenizer counts them and says so: SentencePiece only logs it)
     input_sentence_size=1_000_000,       # at most 1M lines, a seeded random sample if more (Meta: 200M)
     shuffle_input_sentence=True,
     # Not one of Meta's settings: Shakespeare writes numbers in words, so at this coverage most
@@ -169,6 +174,16 @@ def chars_present(paths, wanted: str) -> str:
     return "".join(c for c in wanted if c in found)
 
 
+def count_long_lines(paths, max_bytes: int) -> int:
+    """Lines SentencePiece's trainer skips: longer than max_sentence_length. It reads each line
+    without its newline and compares its size in bytes, not characters (trainer_interface.cc)."""
+    count = 0
+    for path in paths:
+        with open(path, "rb") as f:
+            count += sum(len(line.rstrip(b"\n")) > max_bytes for line in f)
+    return count
+
+
 def split_held_out(paths):
     """Hold out every 20th document (sorted order, from the 11th) for measuring bytes per token;
     with fewer than 11 documents, hold out the last one (if there are at least two)."""
@@ -186,8 +201,10 @@ def read_document(path):
         raise UserError(f"not UTF-8 text: {path} (byte {e.start}: {e.reason})") from None
 
 
-def train_tokenizer(inputs, model_prefix, vocab_size=DEFAULT_VOCAB_SIZE, seed=0):
-    """Train SentencePiece BPE with Llama's settings; writes model_prefix.model and .vocab atomically."""
+def train_tokenizer(inputs, model_prefix, vocab_size=DEFAULT_VOCAB_SIZE, seed=0, log=print):
+    """Train SentencePiece BPE with Llama's settings; writes model_prefix.model and .vocab atomically.
+    Lines longer than max_sentence_length are left out of training, as with Meta's settings; SentencePiece
+    only logs that (at a level we silence), so it is counted and said here."""
     check_inputs(inputs)
     if vocab_size <= 3 + 256:
         raise UserError(f"--vocab-size {vocab_size} leaves no room to learn: Llama's layout already "
@@ -215,6 +232,10 @@ def train_tokenizer(inputs, model_prefix, vocab_size=DEFAULT_VOCAB_SIZE, seed=0)
         raise UserError(f"SentencePiece training failed: {' '.join(str(e).split())}") from None
     for suffix in (".model", ".vocab"):
         os.replace(f"{tmp_prefix}{suffix}", f"{model_prefix}{suffix}")
+    limit = settings["max_sentence_length"]
+    if skipped := count_long_lines(inputs, limit):
+        log(f"note: {skipped:,} line{'s' * (skipped > 1)} longer than {limit} bytes (max_sentence_length, Meta's "
+            "value) left out of training; break long paragraphs into lines to use them")
     return Path(f"{model_prefix}.model")
 
 
@@ -233,6 +254,8 @@ class Tokenizer:
         self.pad_id = self.sp_model.pad_id()  # -1 in Llama: there is no pad piece
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
+        if not isinstance(s, str):   # Meta asserts type(s) is str; sentencepiece would take a list and nest
+            raise UserError(f"Tokenizer.encode takes one string, not {type(s).__name__}: encode each text alone")
         ids = self.sp_model.encode(s)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 

@@ -10,9 +10,10 @@ reader can diff the two files and Meta's weights load with no key map.
 
 Run it:
     python 02_model.py                        # presets: params and FLOPs, then a random toy model generates
-    python 02_model.py --ckpt llama-2-7b --tokenizer llama-2-7b/tokenizer.model \
-        --prompt "The capital of France is" --device cuda --dtype bf16
-    python 02_model.py --ckpt runs/toy/pretrain.pt --export-hf out/hf   # opens with transformers
+    python 02_model.py --ckpt llama-2-7b --prompt "The capital of France is" --device cuda --dtype bf16
+        # finds tokenizer.model in llama-2-7b/ or beside it, where Meta's download puts it
+    python 02_model.py --ckpt runs/toy/pretrain.pt --export-hf out/hf   # opens with transformers,
+        # model and tokenizer (AutoTokenizer, with Meta's chat template)
 
 Meta's folders (params.json + consolidated.*.pth), Hugging Face folders
 (config.json + *.safetensors or *.bin) and our own .pt checkpoints all load
@@ -358,6 +359,8 @@ def generate(model, prompt_tokens, max_gen_len: int, temperature: float = 0.6,
              top_p: float = 0.9, eos_id: Optional[int] = None, generator=None):
     """prompt_tokens: list of token-id lists. Returns the generated ids of each
     prompt (prompt excluded), cut after the first eos_id. temperature 0 = greedy."""
+    if max_gen_len < 1:   # else total_len falls to the prompt's length and the error below blames the prompts
+        raise UserError(f"max_gen_len {max_gen_len}: must be >= 1 (the number of tokens to generate)")
     bsz = len(prompt_tokens)
     device = model.output.weight.device
     min_len = min(len(t) for t in prompt_tokens)
@@ -539,8 +542,12 @@ def meta_params(model: Transformer) -> dict:
     return params
 
 
-def save_meta(model: Transformer, folder, num_shards: int = 1):
-    """Write Meta's format (params.json + consolidated.NN.pth), split into model-parallel shards."""
+def save_meta(model: Transformer, folder, num_shards: int = 1, tokenizer=None):
+    """Write Meta's format (params.json + consolidated.NN.pth), split into model-parallel shards, and the
+    tokenizer's tokenizer.model if given. Meta's download.sh puts tokenizer.model beside the model folders
+    (./tokenizer.model, ./llama-2-7b/), and Llama.build takes its path on its own (--tokenizer_path) and
+    reads only *.pth and params.json from --ckpt_dir: in the folder, it travels with the model, Meta's
+    code passes over it, and our loader finds it."""
     folder = export_folder(folder)
     state = model.state_dict()
     for i in range(num_shards):
@@ -548,6 +555,8 @@ def save_meta(model: Transformer, folder, num_shards: int = 1):
                  if meta_shard_dim(k) is not None else v for k, v in state.items()}
         save_atomic(shard, folder / f"consolidated.{i:02d}.pth")
     tokenizer_chapter.write_json(folder / "params.json", meta_params(model))
+    if tokenizer is not None:
+        tokenizer_chapter.atomic_write_text(folder / "tokenizer.model", tokenizer.sp_model.serialized_model_proto())
 
 
 # Hugging Face's names for Meta's weights (the layer index is the same).
@@ -580,6 +589,29 @@ def unpermute_from_hf(w, n_heads: int):
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def rope_theta_from_hf_config(cfg: dict) -> float:
+    """RoPE's base from config.json, in either layout: transformers 4 writes rope_theta at the top and
+    rope_scaling beside it (null for Llama 2); transformers 5 writes rope_parameters = {"rope_type":
+    "default", "rope_theta": ...} (modeling_rope_utils.py). Any other rope_type (linear, dynamic, yarn,
+    llama3, ...) rescales the positions, which this file does not implement: refused by name, rather
+    than loaded with plain RoPE and wrong logits."""
+    theta = cfg.get("rope_theta", 10000.0)
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = cfg.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise UserError(f"config.json: {key} is {rope!r:.60}, not a JSON object")
+        kind = rope.get("rope_type", rope.get("type", "default"))   # "type" is the older spelling
+        if kind != "default":
+            raise UserError(f"config.json: {key} asks for RoPE scaling {kind!r}, which this model does not "
+                            "implement (only plain RoPE, rope_type 'default', as in Llama 2)")
+        theta = rope.get("rope_theta", theta)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
+        raise UserError(f"config.json: rope_theta {theta!r:.40} is not a positive number")
+    return float(theta)
+
+
 def args_from_hf_config(cfg: dict) -> ModelArgs:
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                            "intermediate_size") if not isinstance(cfg.get(k), int)]
@@ -589,7 +621,7 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
                      n_heads=cfg["num_attention_heads"],
                      n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
                      vocab_size=cfg["vocab_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
-                     rope_theta=cfg.get("rope_theta", 10000.0),
+                     rope_theta=rope_theta_from_hf_config(cfg),
                      max_seq_len=cfg.get("max_position_embeddings", 4096))
     # HF stores the FFN width itself; Meta derives it from multiple_of and
     # ffn_dim_multiplier. Find the Table 1 rule that gives it (the 70B's for
@@ -607,7 +639,9 @@ def hf_config(args: ModelArgs, dtype: str = "float32") -> dict:
             "hidden_size": args.dim, "intermediate_size": ffn_hidden_dim(args),
             "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
             "num_key_value_heads": args.n_kv_heads or args.n_heads, "vocab_size": args.vocab_size,
-            "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+            "rms_norm_eps": args.norm_eps,
+            # RoPE's base in both layouts: transformers 4 reads rope_theta, transformers 5 rope_parameters
+            "rope_theta": args.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
             "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": False,
             "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2,
             "torch_dtype": dtype}
@@ -647,8 +681,92 @@ def load_hf(folder: Path):
     return args, state
 
 
-def save_hf(model: Transformer, folder):
-    """Export to Hugging Face's layout: opens with transformers' LlamaForCausalLM.from_pretrained."""
+# The tokenizer beside a Hugging Face export, so that the folder opens as a whole (AutoTokenizer too).
+#
+# Meta's chat format (generation.py's chat_completion, written out in 04_sft.py's encode_dialog) as the
+# Jinja template of transformers' apply_chat_template: each user turn is BOS "[INST] {user} [/INST]",
+# each answer " {answer} " EOS, and a system prompt goes inside the first user message between <<SYS>>
+# markers. It is the template of Meta's Llama-2-chat-hf, with roles checked as encode_dialog does.
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = none %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% if message['role'] != ['user', 'assistant'][loop.index0 % 2] %}"
+    "{{ raise_exception('after an optional system message, roles must alternate user, assistant, ...') }}"
+    "{% endif %}"
+    "{% set content = message['content'] %}"
+    "{% if loop.first and system is not none %}"
+    "{% set content = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + content %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% else %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}")
+
+
+def hf_tokenizer_json(tokenizer) -> dict:
+    """tokenizer.json, the file of the `tokenizers` library behind transformers' fast tokenizers: our
+    SentencePiece BPE, in the form of the tokenizer.json in Meta's Llama-2-hf folders. (transformers
+    can convert tokenizer.model itself, but only with protobuf installed; this file needs nothing.)
+    SentencePiece merges the adjacent pair whose joined piece has the best score; `tokenizers` merges
+    the pair listed first in `merges`. So every split of a piece into two pieces is listed, the
+    best-scoring piece first, as transformers' own converter does (convert_slow_tokenizer.py)."""
+    sp = tokenizer.sp_model
+    n = sp.get_piece_size()
+    special = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]   # <unk>, <s>, </s>
+    mergeable = {sp.id_to_piece(i) for i in range(n) if not (i in special or sp.is_byte(i))}
+    merges = []
+    for i in sorted(range(n), key=lambda i: -sp.get_score(i)):   # sorted() is stable: ties stay in id order
+        piece = sp.id_to_piece(i)
+        if piece in mergeable:
+            merges += [[piece[:k], piece[k:]] for k in range(1, len(piece))
+                       if piece[:k] in mergeable and piece[k:] in mergeable]
+    bos = sp.id_to_piece(tokenizer.bos_id)
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        # the specials are matched in the text before anything else, and never split
+        "added_tokens": [dict(id=i, content=sp.id_to_piece(i), single_word=False, lstrip=False, rstrip=False,
+                              normalized=False, special=True) for i in special],
+        # SentencePiece's normalisation with Llama's settings (no Unicode rules): a dummy-prefix space,
+        # then every space as '▁'. As a normalizer (Llama's "legacy" form) it runs on each stretch of
+        # text between special tokens, so "</s><s>[INST]" encodes "[INST]" as Meta's per-turn encode does.
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": None,
+        "post_processor": {   # BOS before every text, no EOS: Meta's encode(s, bos=True, eos=False)
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}}},
+        "decoder": {"type": "Sequence", "decoders": [   # '▁' back to spaces, <0xNN> pieces back to bytes
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
+            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": sp.id_to_piece(sp.unk_id()),
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                  "byte_fallback": True, "ignore_merges": False,
+                  "vocab": {sp.id_to_piece(i): i for i in range(n)}, "merges": merges},
+    }
+
+
+def hf_tokenizer_files(tokenizer, max_seq_len: int) -> dict:
+    """File name -> content (bytes or a JSON-ready dict): what AutoTokenizer.from_pretrained reads."""
+    sp = tokenizer.sp_model
+    specials = dict(bos_token=sp.id_to_piece(tokenizer.bos_id), eos_token=sp.id_to_piece(tokenizer.eos_id),
+                    unk_token=sp.id_to_piece(sp.unk_id()))
+    config = dict(
+        # the class that uses tokenizer.json as written. LlamaTokenizer in transformers 5 rebuilds its
+        # pipeline from flags instead, and then differs from SentencePiece on text that starts with a
+        # space (Metaspace adds no dummy prefix before a space that is already there)
+        tokenizer_class="PreTrainedTokenizerFast", add_bos_token=True, add_eos_token=False, **specials,
+        pad_token=None, clean_up_tokenization_spaces=False, model_max_length=max_seq_len,
+        chat_template=LLAMA2_CHAT_TEMPLATE)
+    return {"tokenizer.model": sp.serialized_model_proto(), "tokenizer.json": hf_tokenizer_json(tokenizer),
+            "tokenizer_config.json": config, "special_tokens_map.json": specials}
+
+
+def save_hf(model: Transformer, folder, tokenizer=None):
+    """Export to Hugging Face's layout: opens with transformers' LlamaForCausalLM.from_pretrained, and,
+    given the tokenizer, with AutoTokenizer.from_pretrained (the same ids, Meta's chat template)."""
     folder = export_folder(folder)
     args, hf_state = model.args, {}
     for k, w in model.state_dict().items():
@@ -670,6 +788,13 @@ def save_hf(model: Transformer, folder):
     except ImportError:                       # transformers reads the older .bin form too
         save_atomic(hf_state, folder / "pytorch_model.bin")
     tokenizer_chapter.write_json(folder / "config.json", hf_config(args, dtype))
+    for name, content in (hf_tokenizer_files(tokenizer, args.max_seq_len) if tokenizer else {}).items():
+        if name == "tokenizer.json":   # a few MB at 32000 pieces: on one line, as machine data
+            content = json.dumps(content, ensure_ascii=False)
+        if isinstance(content, dict):
+            tokenizer_chapter.write_json(folder / name, content)
+        else:
+            tokenizer_chapter.atomic_write_text(folder / name, content)
 
 
 def load_weights(path):
@@ -757,13 +882,24 @@ def print_presets():
           "at each preset's max_seq_len)")
 
 
+def tokenizer_places(ckpt=None) -> list:
+    """Where a checkpoint's tokenizer.model is looked for: in its folder (our runs, Hugging Face folders,
+    our exports), then in the folder above, where Meta's download.sh puts it, beside llama-2-7b/ and the
+    other model folders. Without a checkpoint, the random model takes the toy run's tokenizer."""
+    if ckpt is None:
+        return [tokenizer_chapter.DEFAULT_RUN_DIR / "tokenizer.model"]
+    folder = Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent
+    return list(dict.fromkeys([folder / "tokenizer.model", folder.parent / "tokenizer.model"]))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="The Llama 2 model (paper Sec. 2.2): sizes, loading, generation.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", help="Meta folder, Hugging Face folder or our .pt file "
                                   "(default: a randomly initialised --preset model)")
     p.add_argument("--preset", default="toy", choices=PRESETS, help="size of the random model")
-    p.add_argument("--tokenizer", help="SentencePiece model (default: CKPT/tokenizer.model, else the toy run's)")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: tokenizer.model in CKPT's folder or the "
+                                       "one above it; without --ckpt, the toy run's)")
     p.add_argument("--prompt", action="append", help="text to complete (repeat the flag for a batch)")
     p.add_argument("--max-new-tokens", type=number_flag("--max-new-tokens", at_least=1), default=32)
     p.add_argument("--temperature", type=number_flag("--temperature", float, at_least=0), default=0.6,
@@ -773,8 +909,10 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16, fp16")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "plain"])
-    p.add_argument("--export-hf", metavar="DIR", help="write the model in Hugging Face's format and stop")
-    p.add_argument("--export-meta", metavar="DIR", help="write the model in Meta's format and stop")
+    p.add_argument("--export-hf", metavar="DIR", help="write the model in Hugging Face's format and stop "
+                                                      "(with the tokenizer, when there is one)")
+    p.add_argument("--export-meta", metavar="DIR", help="write the model in Meta's format and stop "
+                                                        "(with the tokenizer, when there is one)")
     p.add_argument("--json", metavar="PATH", help="also write the preset table there (the pipeline's model.json)")
     args = p.parse_args(argv)
     if args.json:
@@ -783,40 +921,46 @@ def main(argv=None):
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
-    tok_path = args.tokenizer
+    places = tokenizer_places(args.ckpt)
+    tok_path = args.tokenizer or next((path for path in places if path.is_file()), None)
+    if tok_path is None and args.prompt:   # without one, every prompt would become BOS alone
+        raise UserError(f"--prompt needs a tokenizer, and there is no {' nor '.join(map(str, places))}: "
+                        "pass --tokenizer PATH")
+    tokenizer = tokenizer_chapter.Tokenizer(tok_path) if tok_path else None
     if args.ckpt:
         t0 = time.time()
         model = Transformer.from_pretrained(args.ckpt, device=device, dtype=dtype)
         print(f"loaded {args.ckpt} ({count_params(model.args):,} parameters) in {time.time() - t0:.1f}s")
-        if tok_path is None and (Path(args.ckpt) / "tokenizer.model").is_file():
-            tok_path = Path(args.ckpt) / "tokenizer.model"
     else:
         print_presets()
         model_args = PRESETS[args.preset]
-        if tok_path is None and (tokenizer_chapter.DEFAULT_RUN_DIR / "tokenizer.model").is_file():
-            tok_path = tokenizer_chapter.DEFAULT_RUN_DIR / "tokenizer.model"
-        if tok_path is not None:
-            model_args = replace(model_args, vocab_size=tokenizer_chapter.Tokenizer(tok_path).n_words)
+        if tokenizer is not None:
+            model_args = replace(model_args, vocab_size=tokenizer.n_words)
         model = Transformer(model_args).to(device=device, dtype=dtype).eval()
         print(f"\nA random {args.preset} model ({count_params(model_args):,} parameters) on {device}, "
               "untrained, so expect noise:")
+    if tokenizer is not None and tokenizer.n_words != model.args.vocab_size:
+        raise UserError(f"tokenizer {tok_path} has {tokenizer.n_words} pieces, the model "
+                        f"{model.args.vocab_size}: they do not belong together (pass --tokenizer PATH)")
     model.set_attention(args.attention)
+    exported = "model and tokenizer" if tokenizer else f"model only: no {' nor '.join(map(str, places))}"
     if args.export_hf:
-        save_hf(model, args.export_hf)
-        print(f"wrote Hugging Face format to {args.export_hf}")
+        save_hf(model, args.export_hf, tokenizer)
+        print(f"wrote Hugging Face format to {args.export_hf} ({exported})")
     if args.export_meta:
-        save_meta(model, args.export_meta)
-        print(f"wrote Meta format to {args.export_meta}")
+        save_meta(model, args.export_meta, tokenizer=tokenizer)
+        print(f"wrote Meta format to {args.export_meta} ({exported})")
+        if tokenizer:   # Meta's loader takes the tokenizer's path on its own
+            print(f"  Meta's code: torchrun example_text_completion.py --ckpt_dir {args.export_meta} "
+                  f"--tokenizer_path {Path(args.export_meta) / 'tokenizer.model'}")
     if args.export_hf or args.export_meta:
         return
 
-    tokenizer = tokenizer_chapter.Tokenizer(tok_path) if tok_path else None
-    if tokenizer is not None and tokenizer.n_words != model.args.vocab_size:
-        raise UserError(f"tokenizer {tok_path} has {tokenizer.n_words} pieces, the model "
-                        f"{model.args.vocab_size}: they do not belong together")
-    prompts = args.prompt or ["To be, or not to be"]
-    # Meta's text completion: BOS, then the prompt; stop at EOS
-    prompt_tokens = [tokenizer.encode(s, bos=True, eos=False) if tokenizer else [1] for s in prompts]
+    if tokenizer is None:   # no text in or out: generate after BOS alone, and show the ids
+        prompts, prompt_tokens = ["<s> (no tokenizer: BOS alone, token ids shown)"], [[1]]
+    else:                   # Meta's text completion: BOS, then the prompt; stop at EOS
+        prompts = args.prompt or ["To be, or not to be"]
+        prompt_tokens = [tokenizer.encode(s, bos=True, eos=False) for s in prompts]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.time()
     outputs = generate(model, prompt_tokens, args.max_new_tokens, args.temperature, args.top_p,

@@ -72,13 +72,21 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 ROLES = ("system", "user", "assistant")
 
 
-def check_dialog(dialog, where="dialog"):
-    """Meta's rule: an optional system message, then user and assistant alternating."""
+def check_dialog(dialog, where="dialog", answers_too=True):
+    """Meta's rules: an optional system message, then user and assistant alternating, and no message
+    holding the template's own markers (chat_completion's SPECIAL_TAGS check): "[/INST]" inside a user
+    message would end the turn early and write the model's part. answers_too=False leaves the assistant's
+    messages unchecked: encode_dialog's, as chapters 05-07 encode the model's own samples, tags and all."""
     if not isinstance(dialog, list) or not dialog:
         raise UserError(f"{where}: a dialog is a non-empty list of messages")
     for m in dialog:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise UserError(f"{where}: each message needs a role in {ROLES} and a string content, got {m!r:.80}")
+        if answers_too or m["role"] != "assistant":
+            for tag in (B_INST, E_INST, B_SYS.strip(), E_SYS.strip()):
+                if tag in m["content"]:
+                    raise UserError(f"{where}: the {m['role']}'s message holds {tag}, a marker of the chat "
+                                    "template (Meta's chat_completion refuses it too): take it out")
     turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
     if not turns or [m["role"] for m in turns] != ["user", "assistant"] * (len(turns) // 2) + ["user"] * (len(turns) % 2):
         raise UserError(f"{where}: after an optional system message, roles must alternate user, assistant, ...")
@@ -88,7 +96,7 @@ def encode_dialog(tokenizer, dialog):
     """-> (ids, is_answer): Meta's chat format as token ids, and for each id whether it belongs
     to an assistant answer (its text, the space before EOS, and EOS: what SFT learns). A dialog
     that ends with a user message ends with the open prompt the model is to answer."""
-    check_dialog(dialog)
+    check_dialog(dialog, answers_too=False)
     if dialog[0]["role"] == "system":
         dialog = [{"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]},
                   *dialog[2:]]
@@ -101,7 +109,10 @@ def encode_dialog(tokenizer, dialog):
         else:   # one string, as Meta encodes it; the answer starts with a space, so BPE never
                 # merges across the boundary and the prompt's ids are a prefix of the turn's
             turn = tokenizer.encode(f"{prompt} {dialog[i + 1]['content'].strip()} ", bos=True, eos=True)
-            assert turn[:len(prompt_ids)] == prompt_ids, "tokenizer merged across [/INST]"
+            if turn[:len(prompt_ids)] != prompt_ids:   # an if, not an assert: python -O drops asserts
+                raise UserError(f"this tokenizer joins the end of {E_INST} and the answer into one piece, so the "
+                                "answer's tokens cannot be told apart: use one whose pieces never cross a space "
+                                "(SentencePiece's split_by_whitespace, as in Llama's)")
         ids += turn
         is_answer += [False] * len(prompt_ids) + [True] * (len(turn) - len(prompt_ids))
     return ids, is_answer

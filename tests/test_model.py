@@ -383,3 +383,111 @@ def test_numeric_flags_are_checked_where_parsed():
                       ("--temperature", "nan"), ("--max-new-tokens", "x")):
         with pytest.raises(UserError, match=f"^{flag} {bad}: "):
             M.main(["--preset", "micro", flag, bad])
+
+
+# --- the tokenizer beside a checkpoint, and exports that open elsewhere as a whole (issue 17) ------
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    """A tokenizer with the micro model's vocabulary (512 pieces), trained here on part of a play."""
+    tk = importlib.import_module("01_tokenizer")
+    root = tmp_path_factory.mktemp("tok512")
+    text = (tk.DEFAULT_CORPUS_DIR / "hamlet_gut.txt").read_text(encoding="utf-8")[:80_000]
+    (root / "play.txt").write_text(text, encoding="utf-8")
+    return tk.train_tokenizer([root / "play.txt"], root / "tokenizer", vocab_size=MICRO.vocab_size)
+
+
+def test_prompt_without_a_tokenizer_is_one_line_naming_where_it_looked(tmp_path, capsys):
+    M.save_meta(micro_model(), tmp_path / "llama-2-7b")          # no tokenizer.model anywhere
+    with pytest.raises(SystemExit) as e:
+        M.run_cli(M.main, ["--ckpt", str(tmp_path / "llama-2-7b"), "--prompt", "Hello", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --prompt needs a tokenizer") and err.count("\n") == 1
+    assert str(tmp_path / "llama-2-7b" / "tokenizer.model") in err and str(tmp_path / "tokenizer.model") in err
+
+
+def test_tokenizer_is_found_beside_a_meta_folder(tmp_path, tokenizer_path, capsys):
+    """Meta's download puts tokenizer.model beside llama-2-7b/, not in it: the prompt must be encoded with
+    it (the old code found none there and generated after BOS alone, printing ids under the prompt)."""
+    tk = importlib.import_module("01_tokenizer")
+    model = micro_model()
+    M.save_meta(model, tmp_path / "llama-2-7b")
+    (tmp_path / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    M.main(["--ckpt", str(tmp_path / "llama-2-7b"), "--prompt", "To be, or not", "--temperature", "0",
+            "--max-new-tokens", "5", "--device", "cpu"])
+    tokenizer = tk.Tokenizer(tokenizer_path)
+    expected = M.generate(model, [tokenizer.encode("To be, or not", bos=True, eos=False)], 5, temperature=0.0)[0]
+    assert f"> To be, or not\n{tokenizer.decode(expected)}\n" in capsys.readouterr().out
+
+
+def test_generate_with_nothing_to_generate_says_so():
+    with pytest.raises(UserError, match="max_gen_len 0: must be >= 1"):   # not "prompts must hold ..."
+        M.generate(micro_model(), [[1, 5, 9]], 0)
+
+
+def test_hf_config_reads_rope_theta_in_the_transformers_5_layout(tmp_path):
+    """transformers 5 writes RoPE's base inside rope_parameters, with no top-level rope_theta; reading
+    only the top level loaded this checkpoint with theta 10000, and wrong logits, silently."""
+    transformers = pytest.importorskip("transformers")
+    cfg = {k: v for k, v in M.hf_config(MICRO).items() if k not in ("rope_theta", "rope_parameters")}
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 500.0}
+    assert M.args_from_hf_config(cfg).rope_theta == 500.0
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=300, max_position_embeddings=128, rope_theta=500.0)).eval()
+    hf.save_pretrained(tmp_path)
+    ours = M.Transformer.from_pretrained(tmp_path)
+    assert ours.args.rope_theta == 500.0
+    tokens = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        assert torch.allclose(ours(tokens), hf(tokens).logits, atol=1e-4)
+
+
+def test_hf_config_refuses_rope_scaling_it_does_not_implement():
+    base = M.hf_config(MICRO)
+    for key, rope, kind in (("rope_scaling", {"type": "linear", "factor": 2.0}, "linear"),
+                            ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}, "dynamic"),
+                            ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}, "llama3")):
+        with pytest.raises(UserError, match=f"^config.json: {key} asks for RoPE scaling '{kind}'"):
+            M.args_from_hf_config({**base, key: rope})
+    assert M.args_from_hf_config({**base, "rope_scaling": None}).rope_theta == MICRO.rope_theta   # Llama 2's own
+
+
+def test_hf_export_opens_in_transformers_with_its_tokenizer(tmp_path, tokenizer_path):
+    """--export-hf beside a tokenizer: AutoTokenizer gives our ids for a mixed text (digits, accents, CJK,
+    an emoji, runs of spaces) and, through the chat template, encode_dialog's ids for a chat; the model
+    gives our logits on them."""
+    transformers = pytest.importorskip("transformers")
+    tk, S = importlib.import_module("01_tokenizer"), importlib.import_module("04_sft")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    model = micro_model()
+    M.save_model(model, tmp_path / "run" / "pretrain.pt")
+    M.main(["--ckpt", str(tmp_path / "run" / "pretrain.pt"), "--export-hf", str(tmp_path / "hf")])
+    ours = tk.Tokenizer(tokenizer_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "  In 2025, naïve Hamlet wrote 31 lines: 日本語 🦙\tdone."
+    ids = ours.encode(text, bos=True, eos=False)
+    assert theirs(text).input_ids == ids and theirs.decode(ids, skip_special_tokens=True) == text
+    tokenizers = pytest.importorskip("tokenizers")      # tokenizer.json as written, as transformers 4 reads it
+    assert tokenizers.Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json")).encode(text).ids == ids
+    chat = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "content": "2 + 3 = 5."}, {"role": "user", "content": "And 40 + 2? "}]
+    chat_ids = theirs.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+    assert chat_ids == S.encode_dialog(ours, chat)[0]
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        for seq in (ids, chat_ids):
+            tokens = torch.tensor([seq])
+            assert torch.allclose(hf(tokens).logits, model(tokens), atol=1e-4)
+
+
+def test_meta_export_carries_the_tokenizer(tmp_path, tokenizer_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    M.save_model(micro_model(), tmp_path / "run" / "pretrain.pt")
+    M.main(["--ckpt", str(tmp_path / "run" / "pretrain.pt"), "--export-meta", str(tmp_path / "meta")])
+    assert (tmp_path / "meta" / "tokenizer.model").read_bytes() == tokenizer_path.read_bytes()
+    assert f"--tokenizer_path {tmp_path / 'meta' / 'tokenizer.model'}" in capsys.readouterr().out
+    M.main(["--ckpt", str(tmp_path / "meta"), "--prompt", "To be", "--max-new-tokens", "2"])   # found there

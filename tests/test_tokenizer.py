@@ -4,6 +4,7 @@ trained inside the tests on a slice of the bundled corpus (about a second)."""
 import importlib
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -266,3 +267,34 @@ def test_failed_write_leaves_no_tmp(tmp_path, monkeypatch):
 def test_vocab_size_flag_is_checked_where_parsed(tmp_path):
     with pytest.raises(tk.UserError, match="^--vocab-size 0: must be >= 1"):
         tk.main(["--vocab-size", "0", "--run-dir", str(tmp_path)])
+
+
+def test_encode_takes_one_string(tok):
+    """Meta's encode asserts a str; sentencepiece alone takes a list and returns a list of lists."""
+    with pytest.raises(tk.UserError, match="^Tokenizer.encode takes one string, not list"):
+        tok.encode(["to be", "or not"], bos=True, eos=False)
+
+
+def test_lines_too_long_to_train_on_are_counted_and_said(tmp_path, capfd):
+    """SentencePiece leaves lines longer than max_sentence_length (bytes) out of training and only logs
+    it. Our count must be SentencePiece's own, read from its log at full verbosity."""
+    limit = tk.LLAMA_SPM_SETTINGS["max_sentence_length"]
+    text = CORPUS[0].read_text(encoding="utf-8")[:30_000]
+    long_lines = ["x" * limit,               # exactly the limit: kept
+                  "y" * (limit + 1),         # one byte over
+                  "日" * (limit // 3 + 1),    # fewer characters than the limit, more bytes
+                  ("a paragraph on one line. " * 400).strip()]
+    corpus = tmp_path / "long.txt"
+    corpus.write_text(text + "\n" + "\n".join(long_lines) + "\n", encoding="utf-8")
+    said = []
+    tk.train_tokenizer([corpus], tmp_path / "m", vocab_size=400, log=said.append)
+    assert len(said) == 1 and said[0].startswith(f"note: 3 lines longer than {limit} bytes")
+    capfd.readouterr()
+    settings = {k: v for k, v in tk.LLAMA_SPM_SETTINGS.items() if k != "required_chars"}   # (< 0.2.3 aborts)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "spm"), vocab_size=400,
+                                   minloglevel=0, **settings)
+    skipped = re.search(r"Skipped (\d+) too long sentences", capfd.readouterr().err)
+    assert skipped and said[0].startswith(f"note: {skipped[1]} lines")
+    said.clear()
+    tk.train_tokenizer(CORPUS[:1], tmp_path / "short", vocab_size=400, log=said.append)
+    assert said == []                       # nothing skipped, nothing said
