@@ -24,6 +24,7 @@ Run:
       --tokenizer llama-2-7b/tokenizer.model --data my_tokens.bin   # the paper's other numbers are the defaults
   python 03_pretrain.py --preset micro --run-dir runs/micro && \\
       python 03_pretrain.py --compare runs/micro         # two sizes on one figure
+  python 03_pretrain.py --preset 7B --fsdp --plan --gpus 8 --gpu-memory 80   # will it fit? (any of 03-07)
 """
 import argparse
 import hashlib
@@ -150,7 +151,7 @@ def make_world(seed: int = 0, n_people: int = 40) -> World:
 # changes from run to run), about a quarter for evaluation: people and towns by name; sums and
 # differences by their operand pair; list puzzles by their items; harmful acts and their benign
 # look-alikes by the person or town they name; 07's instructions that combine two families by
-# the combination. Each task generator takes `evaluation`: True draws from the evaluation part,
+# the combination (on a diagonal: held_out_pair). Each task generator takes `evaluation`: True draws from the evaluation part,
 # False from the training part, None (03's own documents) from the whole space. The pretraining
 # documents state every fact and sum, held-out ones included: the paper's pretraining data is
 # not held out from its evaluations either, and whether fine-tuning brings out what pretraining
@@ -171,6 +172,15 @@ def held_out_key(key: str) -> bool:
     return zlib.crc32(key.encode("utf-8")) % 4 == 0
 
 
+def held_out_pair(i: int, j: int, n: int) -> bool:
+    """A pair of values from two short lists (07's instruction families), by their places i and j,
+    n the longer list's length: on a diagonal, (i + j) % n == 0. That holds out a quarter of the
+    pairs when n is 4, and each value with at most one value of the other list, so every value is
+    trained in combination with the others. (CRC-32 held out 3 of the 4 hobbies paired with one
+    language: the test then asked for a combination the model had barely seen.)"""
+    return (i + j) % n == 0
+
+
 def act_held_out(world: World, act) -> bool:
     """A harmful act and its benign look-alike are held out together, when a held-out person or
     town is named in them."""
@@ -178,12 +188,12 @@ def act_held_out(world: World, act) -> bool:
     return any(held_out(n) for n in names if n in act[0])
 
 
-def draw_from_part(draw, rng: random.Random, evaluation):
-    """draw(rng) -> (item, key), repeated until held_out_key(key) == evaluation; with evaluation
-    None the first draw, from the whole space."""
+def draw_from_part(draw, rng: random.Random, evaluation, rule=held_out_key):
+    """draw(rng) -> (item, key), repeated until rule(key) == evaluation; with evaluation None the
+    first draw, from the whole space. rule: held_out_key, or held_out_pair for a key (i, j, n)."""
     for _ in range(MAX_DRAWS):
         item, key = draw(rng)
-        if evaluation is None or held_out_key(key) == evaluation:
+        if evaluation is None or (rule(*key) if isinstance(key, tuple) else rule(key)) == evaluation:
             return item
     raise RuntimeError(f"no draw in the {'evaluation' if evaluation else 'training'} part in {MAX_DRAWS} tries")
 
@@ -405,6 +415,24 @@ def add_training_args(parser, paper: dict, toy: dict):
     add("--adam-eps", type=tok.number_flag("--adam-eps", float, above=0), default=1e-5, help="AdamW (paper: 1e-5)")
     add("--grad-clip", type=tok.number_flag("--grad-clip", float, above=0), default=1.0,
         help="clip the global gradient norm to this (paper: 1.0)")
+    add("--activation-checkpointing", action="store_true",
+        help="keep only each TransformerBlock's input for backward and recompute the rest there "
+             "(torch.utils.checkpoint): far less activation memory for about a third more compute")
+    # The planner (plan_stage below): what this command needs per GPU, and how long it takes
+    add("--plan", action="store_const", const="stage",
+        help="print the memory per rank, phase by phase, and the compute of this command on --gpus GPUs of "
+             "--gpu-memory GB, with a verdict, and exit: no GPU, data or checkpoint is touched")
+    add("--plan-table2", dest="plan", action="store_const", const="table2",
+        help="print the paper's Table 2 from first principles (6 N D against its GPU-hours) and exit")
+    add("--gpus", type=tok.number_flag("--gpus", at_least=1), default=1,
+        help="--plan: the GPUs (ranks) the command runs on, as torchrun would start them")
+    add("--gpu-memory", type=tok.number_flag("--gpu-memory", float, above=0), default=80.0,
+        help="--plan: usable memory of a GPU in GB (1e9 bytes)")
+    add("--plan-json", type=Path, metavar="FILE", help="--plan: also write the plan as JSON")
+    add("--plan-prompt-tokens", type=tok.number_flag("--plan-prompt-tokens", at_least=1), default=128,
+        help="--plan: the longest prompt of a generation batch (the planner reads no data)")
+    add("--mfu", type=tok.number_flag("--mfu", float, above=0, at_most=1), default=0.4,
+        help="--plan: model FLOPs utilisation for the time estimate")
     helps = dict(steps="optimizer steps", batch_tokens="global batch in tokens (all ranks and micro-steps)",
                  seq_len="tokens per sequence", micro_batch="sequences per forward, per rank",
                  lr="peak learning rate", warmup_steps="linear warm-up steps", log_every="steps per log line",
@@ -567,6 +595,21 @@ def fmt_time(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
+def checkpoint_blocks(model, on: bool):
+    """--activation-checkpointing: each TransformerBlock keeps only its input for backward, and
+    backward runs its forward again to get the rest (torch.utils.checkpoint, non-reentrant; it
+    re-enters the autocast of the first pass). Set on the instances, as an attribute `forward`
+    that shadows the class's, so 02's model and its checkpoints are unchanged; on=False takes it
+    off. Without gradients (evaluation, generation) the block runs plainly."""
+    from torch.utils.checkpoint import checkpoint
+    for block in (m for m in model.modules() if isinstance(m, M.TransformerBlock)):
+        block.__dict__.pop("forward", None)
+        if on:
+            plain = block.forward   # the class's method, bound to this block
+            block.forward = lambda *a, plain=plain: (checkpoint(plain, *a, use_reentrant=False)
+                                                     if torch.is_grad_enabled() else plain(*a))
+
+
 def train(cfg, model, get_batch, compute_loss, evaluate=None, ckpt_path=None, extra=None):
     """The loop of every chapter. cfg: flags from add_training_args, after resolve_args.
     model: the plain module on its device, with .args (a ModelArgs). get_batch(step,
@@ -580,6 +623,8 @@ def train(cfg, model, get_batch, compute_loss, evaluate=None, ckpt_path=None, ex
     window back and drops what only the stop added, so its history is the uninterrupted run's."""
     device, world = next(model.parameters()).device, cfg.world_size
     rank = dist.get_rank() if dist.is_initialized() else 0
+    checkpointing = getattr(cfg, "activation_checkpointing", False)
+    checkpoint_blocks(model, checkpointing)
     if cfg.fsdp:   # FSDP2: each block's weights, gradients and Adam moments live 1/world per rank
         from torch.distributed.fsdp import fully_shard
         for block in [m for m in model.modules() if isinstance(m, M.TransformerBlock)]:
@@ -596,8 +641,12 @@ def train(cfg, model, get_batch, compute_loss, evaluate=None, ckpt_path=None, ex
     amp_dtype = M.pick_dtype(cfg.dtype, device)
     if amp_dtype == torch.float16:
         raise UserError("--dtype fp16 would need loss scaling: train in bf16 or fp32")
-    # bf16 autocast: matmuls in bf16; weights, optimizer state and reductions stay fp32
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+    # bf16 autocast: matmuls in bf16; weights, optimizer state and reductions stay fp32. Autocast
+    # caches each weight's bf16 copy until the forward ends; with checkpointing that cache would
+    # be the one whole copy of the model left, so it is off then (each weight is cast once a
+    # forward anyway, and the recomputation in backward casts its block's again)
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32,
+                                      cache_enabled=not checkpointing)
     flops_per_step = M.flops_per_token(model.args, cfg.seq_len) * cfg.batch_tokens
     peak = cfg.peak_flops or peak_flops(device)
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -680,8 +729,602 @@ def train(cfg, model, get_batch, compute_loss, evaluate=None, ckpt_path=None, ex
         where = (f"{ckpt_path} holds step {saved}: continue with --resume" if ckpt_path and saved else
                  "no checkpoint of this run was written yet: run it again")
         raise KeyboardInterrupt(f"stopped during step {step + 1} of {cfg.steps}; {where}") from None
+    if checkpointing:   # the model leaves as it came: later chapters sample from it, copy it, save it
+        checkpoint_blocks(model, False)
     return {"history": history, "train_s": timed_s, "finished": step >= cfg.steps,
             "tokens_per_s": timed_steps * cfg.batch_tokens / timed_s if timed_s else None}
+
+
+# ------------------------------------------------------------------------------------------
+# The planner (issue 18): will a command fit on N GPUs of G GB each, and how long will it take?
+# `--plan` on 03-07 comes here instead of running the stage, before any GPU, data or checkpoint
+# is touched. The stage's models are built on the meta device (shapes, no memory), and each
+# phase of the stage is costed per rank as TODAY's code holds its tensors, not as it could:
+#   * a trained model is fp32 (weights, gradients and AdamW's two moments: 16 bytes a
+#     parameter), sharded 1/N by FSDP, whole under DDP (which adds its gradient buckets, a
+#     second copy of the gradients) or on one GPU,
+#   * every model is built or loaded whole on every rank before FSDP shards it,
+#   * under bf16 autocast the residual stream and the norms stay fp32, and each matmul saves a
+#     bf16 copy of its weight for backward: a whole bf16 copy of the model, even under FSDP
+#     (there is no MixedPrecisionPolicy; a test checks this on CPU),
+#   * FSDP2 accumulating over micro-steps with set_requires_gradient_sync(False) keeps the
+#     unsharded fp32 gradients between them (FSDPParam holds them whole until the last one),
+#   * generation runs outside autocast, so the KV cache has the weights' dtype: fp32 for a
+#     trained model,
+#   * frozen models (reference, reward models) sit whole in bf16 on every rank.
+# Prompt lengths come from no data: --plan-prompt-tokens stands for the longest prompt in a
+# generation batch. The activation figures follow autograd's saved tensors, layer by layer;
+# tests/test_plan.py checks them against the tensors autograd really saves for backward, on CPU.
+
+GB = 1e9   # bytes. --gpu-memory is in GB too: an "80 GB" card holds 80 GiB = 85.9 GB, and the CUDA
+           # context and the allocator's fragmentation take a few of them, so 80 is a fair usable figure
+KINDS = ("weights", "grads", "optimizer", "activations", "kv_cache", "other_models")
+PAPER_TOKENS = 2e12   # Table 2: every size pretrained on 2T tokens
+TABLE2_GPU_HOURS = {"7B": 184_320, "13B": 368_640, "34B": 1_038_336, "70B": 1_720_320}   # A100-80GB hours
+A100_PEAK = dict(PEAK_FLOPS)["A100"]   # dense bf16, 312 TFLOP/s: the paper's GPU
+PLAN_BATCHES = dict(answer_all=64, sample_answers=64, score_rows=64, evaluate_rm=128, converse=32)   # the
+# batch sizes the chapters generate and score with (04's answer_all, 06's sample_answers, 05's score_rows and
+# evaluate_rm, 07's converse): none is a flag, so no flag shrinks them
+PLAN_NEW_TOKENS = dict(evaluate_chat=32, toy_comparisons=40, gatt=40)   # answer lengths that are no flag either:
+# 04's evaluate_chat, 05's toy sampling (its longer, safety answers), 07's MAX_NEW_TOKENS
+
+
+@dataclass
+class PlanModel:
+    """What the planner needs of a model, read off a copy built on the meta device."""
+    args: M.ModelArgs
+    params: int
+    matmul: int      # weights of the nn.Linear layers: what autocast casts to bf16, and saves
+    root: int        # outside the blocks (embedding, final norm, head): FSDP2's root group
+    block: int       # one TransformerBlock
+    lm_head: bool    # logits over the vocabulary (a language model), else a scalar (a reward model)
+
+
+def plan_model(model_args, cls=None) -> PlanModel:
+    with torch.device("meta"):
+        model = (cls or M.Transformer)(model_args)
+    params = sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    return PlanModel(model_args, params,
+                     matmul=sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)),
+                     root=params - block * model_args.n_layers, block=block,
+                     lm_head=getattr(model, "output", None) is not None)
+
+
+@dataclass
+class PlanSetup:
+    gpus: int
+    memory: float     # usable bytes a GPU
+    fsdp: bool
+    elem: int         # bytes of an element in the compute dtype: 2 (bf16 autocast) or 4 (fp32)
+    ckpt: bool        # --activation-checkpointing (03's loop only)
+    prompt: int       # longest prompt of a generation batch, in tokens
+
+    @property
+    def shards(self):   # FSDP's share of a trained model on each rank
+        return self.gpus if self.fsdp else 1
+
+    @property
+    def parallelism(self):
+        return f"FSDP over {self.gpus} rank(s)" if self.fsdp else f"DDP over {self.gpus} ranks" \
+            if self.gpus > 1 else "one GPU, no parallelism"
+
+
+def layer_activation_bytes(a, elem: int) -> float:
+    """Bytes one TransformerBlock saves for backward per token (02's code, read op by op). The
+    residual stream is fp32 (the embedding is not autocast): each RMSNorm keeps its fp32 input and
+    output (4 + 4 bytes a channel, twice a block). Under bf16 autocast each of the five linear layers
+    that read a norm's output casts it to bf16 for itself (wq, wk, wv; w1, w3) and saves its copy;
+    attention saves q, k, v and its output (flash or memory-efficient kernels: no seq x seq
+    matrix) and a float per head; SwiGLU saves w1 x, w3 x, silu(w1 x) and their product. In fp32
+    the linear layers read the norm's output itself."""
+    d, hidden, heads = a.dim, M.ffn_hidden_dim(a), a.n_heads
+    kv = (a.n_kv_heads or heads) / heads
+    norms = 2 * (4 + 4) * d
+    casts = (3 + 2) * elem * d if elem < 4 else 0
+    attention = elem * d * (2 + 2 * kv) + 4 * heads
+    return norms + casts + attention + 4 * elem * hidden
+
+
+def training_activations(m: PlanModel, s: PlanSetup, rows: int, seq: int, mask: bool, ckpt: bool, label: str):
+    """Saved tensors of one micro-step's forward (rows x seq tokens), at their peak (backward's
+    start). mask: the chapter passes an attention mask (04's packing, 06's padding), which the
+    fused kernel takes as a bias in the compute dtype, made and saved by every layer; with grouped
+    kv heads no fused kernel takes a mask with enable_gqa, and SDPA falls back to the math kernel,
+    which saves the seq x seq attention probabilities and the repeated keys and values."""
+    a, e, tokens = m.args, s.elem, rows * seq
+    per_layer = layer_activation_bytes(a, e) * tokens
+    if mask:
+        per_layer += rows * seq * seq * e
+        if (a.n_kv_heads or a.n_heads) < a.n_heads:
+            per_layer += rows * a.n_heads * seq * seq * e + 2 * e * a.dim * tokens
+    if ckpt:   # each block keeps its input only, and backward recomputes one block at a time
+        layers = a.n_layers * 4 * a.dim * tokens + per_layer
+        what = f"{label} activations, checkpointed: {a.n_layers} block inputs + one block recomputed"
+    else:
+        layers = a.n_layers * per_layer
+        what = f"{label} activations, {a.n_layers} blocks x {rows} x {seq:,} tokens"
+    items = [(what + (" (attention mask: math kernel)" if mask and (a.n_kv_heads or a.n_heads) < a.n_heads
+                      else " (attention mask as a bias)" if mask else ""), "activations", layers, False)]
+    head = tokens * (8 * a.dim + (e * a.dim if e < 4 else 0))   # the final norm, the head's input
+    if m.lm_head:   # the loss keeps fp32 log-probabilities over the vocabulary
+        head += 4 * a.vocab_size * tokens
+    items.append((f"{label} head and loss" + (", fp32 log-probabilities" if m.lm_head else ""), "activations",
+                  head, False))
+    if m.lm_head:   # backward starts with two more fp32 tensors of that size (the incoming and outgoing gradient)
+        items.append((f"{label} loss gradients at backward's start, fp32", "activations",
+                      8 * a.vocab_size * tokens, False))
+    if e < 4 and not ckpt:   # each matmul saves its weight's bf16 copy for backward
+        items.append((f"{label} weights cast to bf16 by autocast, saved for backward, whole", "activations",
+                      2 * m.matmul, False))
+    elif e < 4:   # checkpointing, with autocast's cache off (train()): the head's and one block's copies
+        block_matmul = m.block - 2 * a.dim   # a block's weights less its two norms' gains
+        items.append((f"{label} weights cast to bf16: the head's and the recomputed block's", "activations",
+                      2 * (m.matmul - (a.n_layers - 1) * block_matmul), False))
+    return items
+
+
+def trained_state(m: PlanModel, s: PlanSetup, label: str, grads: bool, accumulate: bool = False,
+                  running: bool = True, kinds=("weights", "grads", "optimizer")):
+    """Weights, gradients and AdamW's moments of a model being trained, per rank, as 03's train()
+    (and 06's PPO loop) hold them. grads: in backward (else they are freed: zero_grad(set_to_none)).
+    accumulate: FSDP with gradient accumulation in 03's loop. running: it computes in this phase."""
+    n, share = m.params, s.shards
+    part = f", 1/{s.gpus} a rank" if s.fsdp else ", whole"
+    items = [(f"{label} weights, fp32{part}", kinds[0], 4 * n / share, s.fsdp),
+             (f"{label} AdamW moments, fp32{part}", kinds[2], 8 * n / share, s.fsdp)]
+    if s.fsdp and running:   # FSDP2's working set: the root group stays unsharded through forward and backward,
+        # and two blocks are gathered at a time (this one and the prefetched next one)
+        items.append((f"{label}: FSDP's gathered root and two blocks, fp32", kinds[0], 4 * (m.root + 2 * m.block),
+                      False))
+    if grads:
+        items.append((f"{label} gradients, fp32{part}", kinds[1], 4 * n / share, s.fsdp))
+        if s.fsdp and accumulate:
+            items.append((f"{label} gradients kept unsharded between micro-steps (FSDP2 without sync), fp32",
+                          kinds[1], 4 * n, False))
+        elif s.fsdp:
+            items.append((f"{label}: two blocks' unsharded gradients before reduce-scatter", kinds[1],
+                          8 * m.block, False))
+        elif s.gpus > 1:
+            items.append((f"{label}: DDP's gradient buckets, fp32, a second copy", kinds[1], 4 * n, False))
+    return items
+
+
+def whole(m: PlanModel, label: str, kind: str, elem: int = 4):
+    return [(f"{label}, {'fp32' if elem == 4 else 'bf16'}, whole on this rank", kind, elem * m.params, False)]
+
+
+def held(m: PlanModel, s: PlanSetup, label: str, kind: str, running: bool = False):
+    """A trained model kept after its training, without gradients or optimizer: sharded under FSDP.
+    running: it computes in this phase, so FSDP gathers its root and blocks."""
+    if not s.fsdp:
+        return whole(m, label, kind)
+    return [(f"{label}, fp32, 1/{s.gpus} a rank", kind, 4 * m.params / s.gpus, True)] + \
+        [(f"{label}: FSDP's gathered root and two blocks, fp32", kind, 4 * (m.root + 2 * m.block), False)] * running
+
+
+def forward_transient(m: PlanModel, rows: int, seq: int, elem: int, logits_copies: int, label: str):
+    """The most a forward without gradients holds at once: the residual stream in and out and a
+    norm's output (fp32), SwiGLU's three intermediates, and the logits (fp32, all positions)."""
+    a, tokens = m.args, rows * seq
+    nbytes = tokens * (12 * a.dim + 3 * elem * M.ffn_hidden_dim(a))
+    if m.lm_head:
+        nbytes += logits_copies * 4 * a.vocab_size * tokens
+    return [(f"{label}: a forward of {rows} x {seq:,} tokens", "activations", nbytes, False)]
+
+
+def kv_cache(a, rows: int, length: int, elem: int) -> float:
+    return 2 * a.n_layers * rows * length * (a.n_kv_heads or a.n_heads) * (a.dim // a.n_heads) * elem
+
+
+def generation(m: PlanModel, rows: int, prompt: int, new: int, label: str):
+    """02's generate on an fp32 model (sampling runs outside autocast): the KV cache in fp32 for
+    rows x min(context, prompt + new) positions, and the prompt's forward (its fp32 logits)."""
+    length = min(m.args.max_seq_len, prompt + new)
+    return [(f"{label}: KV cache, fp32, {rows} x {length:,} positions", "kv_cache",
+             kv_cache(m.args, rows, length, 4), False),
+            *forward_transient(m, rows, min(prompt, length - 1), 4, 1, f"{label}: the prompts' forward")]
+
+
+def phase_total(items) -> float:
+    return sum(i[2] for i in items)
+
+
+# -- the stages, phase by phase: [(name, [(what, kind, bytes, shrinks with more GPUs)])] ------
+
+def plan_pretrain(args, s: PlanSetup, models):
+    m = models["policy"]
+    train = trained_state(m, s, "model", grads=True, accumulate=args.grad_accum > 1) + training_activations(
+        m, s, args.micro_batch, args.seq_len, mask=False, ckpt=s.ckpt, label="model")
+    return ([("build: the model, whole, before FSDP shards it", whole(m, "model", "weights"))] if s.fsdp else []) + \
+        [(f"train: {args.micro_batch} x {args.seq_len:,} tokens a micro-step, {args.grad_accum} micro-steps", train)]
+
+
+def sft_training(args, s, m, label):
+    """04's run_sft (also 06's RS fine-tuning and 07's two steps): 03's loop with 04's packing mask."""
+    return trained_state(m, s, label, grads=True, accumulate=args.grad_accum > 1) + training_activations(
+        m, s, args.micro_batch, args.seq_len, mask=True, ckpt=s.ckpt, label=label)
+
+
+def plan_sft(args, s: PlanSetup, models):
+    m, phases = models["policy"], []
+    evaluate = not getattr(args, "data", None)   # 04 evaluates on the toy world's tasks only
+    answers = lambda: generation(m, PLAN_BATCHES["answer_all"], s.prompt, PLAN_NEW_TOKENS["evaluate_chat"],
+                                 "evaluation")
+    if evaluate and getattr(args, "init", None) != "scratch":
+        phases.append(("evaluate the start model (answer_all)", whole(m, "model", "weights") + answers()))
+    if s.fsdp:
+        phases.append(("build: the model loads whole before FSDP shards it", whole(m, "model", "weights")))
+    phases.append(("SFT: 03's loop, 04's packing mask", sft_training(args, s, m, "model")))
+    if evaluate:
+        phases.append(("evaluate the SFT model (answer_all)", held(m, s, "model", "weights", True) + answers()))
+    if getattr(args, "compare_scratch", False):
+        phases.append(("--compare-scratch: random weights train, the SFT model held",
+                       held(m, s, "SFT model", "other_models") + sft_training(args, s, m, "scratch model")))
+    return phases
+
+
+def plan_reward(args, s: PlanSetup, models):
+    rm, lm, phases = models["reward"], models["policy"], []
+    toy = not (args.helpful_data or args.safety_data)
+    if toy:   # rank 0 samples and judges the toy comparisons with one or two chat models
+        n = 2 if args.sample_b else 1
+        phases.append(("toy comparisons: rank 0 samples answers (answer_all)",
+                       [(f"{n} chat model(s), fp32, whole", "other_models", n * 4 * lm.params, False)]
+                       + generation(lm, PLAN_BATCHES["answer_all"], s.prompt, PLAN_NEW_TOKENS["toy_comparisons"],
+                                    "sampling")))
+    names = [n for n, f in (("Helpfulness", args.helpful_data), ("Safety", args.safety_data)) if f or toy]
+    for i, name in enumerate(names):
+        kept = held(rm, s, f"the {names[0]} RM, trained", "other_models") if i else []   # main's `rms` dict
+        if s.fsdp:
+            phases.append((f"{name} RM: loads whole before FSDP shards it", kept + whole(rm, "RM", "weights")))
+        phases.append((f"{name} RM: train ({args.micro_batch} rows of up to {args.seq_len:,} tokens)",
+                       kept + trained_state(rm, s, "RM", grads=True, accumulate=args.grad_accum > 1)
+                       + training_activations(rm, s, args.micro_batch, args.seq_len, False, s.ckpt, "RM")))
+        rows = PLAN_BATCHES["evaluate_rm"]
+        phases.append((f"{name} RM: evaluate_rm, {rows} rows a batch (rows up to --seq-len)",
+                       kept + trained_state(rm, s, "RM", grads=False)
+                       + forward_transient(rm, rows, args.seq_len, s.elem, 0, "evaluate_rm")))
+    return phases
+
+
+def plan_rs_ppo(args, s: PlanSetup, models):
+    m, rm, W, e = models["policy"], models["reward"], s.gpus, s.elem
+    frozen = "bf16" if e == 2 else "fp32"
+    rms = [(f"Helpfulness and Safety RMs, {frozen}, whole", "other_models", 2 * e * rm.params, False)]
+    policy = whole(m, "policy", "weights")
+    length = min(m.args.max_seq_len, s.prompt + args.max_new_tokens)   # prompt + answer (+ EOS within it)
+    rows = lambda n: max(1, min(PLAN_BATCHES["sample_answers"], n))
+    first_rows = rows(max(args.calibration_prompts, args.fig_prompts * args.fig_n,
+                          args.rs_prompts // W * args.rs_k if args.rs_iterations else 0))
+    phases = [("load: both RMs and the policy, whole on every rank", rms + policy),
+              ("calibration, Figures 7-8 (rank 0) and RS: sample_answers",
+               rms + policy + generation(m, first_rows, s.prompt, args.max_new_tokens, "sampling")),
+              ("calibration: both RMs score the samples (score_rows)",
+               rms + policy + forward_transient(rm, first_rows, length, e, 0, "scoring"))]
+    if args.rs_iterations:
+        phases += [("RS fine-tuning: 03's loop on the pool, the RMs held", rms + sft_training(args, s, m, "policy")),
+                   ("RS: rs.pt loads whole, the trained model still held",
+                    rms + held(m, s, "trained model", "other_models") + policy)]
+    if not args.ppo_iterations:
+        return phases
+    ref = [(f"reference policy, {frozen}, whole", "other_models", e * m.params, False)]
+    phases += [("PPO: the policy loads while the previous model is held",
+                rms + whole(m, "previous model", "other_models") + policy),
+               ("PPO: reference and value model load, whole", rms + policy + ref + whole(rm, "value model",
+                                                                                         "other_models"))]
+    sampler = []
+    if s.fsdp:   # run_ppo: a whole fp32 copy samples, refreshed every iteration
+        sampler = whole(m, "sampler copy of the policy (deepcopy)", "other_models")
+        phases.append(("PPO: the sampler copied before FSDP shards policy and value",
+                       rms + policy + ref + whole(rm, "value model", "other_models") + sampler))
+    value = lambda grads, running: trained_state(rm, s, "value model", grads, running=running,
+                                                 kinds=("other_models",) * 3)
+    steady = lambda running: rms + ref + sampler + trained_state(m, s, "policy", False, running=running) + \
+        value(False, running)
+    ppo_rows = rows(args.ppo_prompts // W)
+    if s.fsdp:
+        gathered = [("policy's full state dict, gathered on every rank, fp32", "other_models", 4 * m.params, False)]
+        phases.append(("PPO iteration: the policy's full state gathered for the sampler", steady(False) + gathered))
+    phases += [("PPO iteration: rollouts (sample_answers)",
+                steady(False) + generation(m, ppo_rows, s.prompt, args.max_new_tokens, "rollouts")),
+               ("PPO iteration: both RMs score the rollouts (score_rows)",
+                steady(False) + forward_transient(rm, ppo_rows, length, e, 0, "scoring")),
+               ("PPO iteration: old and reference log-probs, values (no gradients)",
+                steady(True) + forward_transient(m, args.ppo_micro_batch, length, e, 3, "log-probs")),
+               (f"PPO update: policy and value graphs of {args.ppo_micro_batch} rollouts alive together",
+                rms + ref + sampler + trained_state(m, s, "policy", grads=True) + value(True, True)
+                + training_activations(m, s, args.ppo_micro_batch, length, True, False, "policy")
+                + training_activations(rm, s, args.ppo_micro_batch, length, True, False, "value model")),
+               ("after PPO: ppo.pt loads whole for the evaluation, the PPO models held",
+                steady(False) + whole(m, "ppo.pt", "other_models"))]
+    return phases
+
+
+def plan_gatt(args, s: PlanSetup, models):
+    m = models["policy"]
+    a, ctx = m.args, m.args.max_seq_len
+    new = PLAN_NEW_TOKENS["gatt"]
+    build = [("build: the model loads whole before FSDP shards it", whole(m, "model", "weights"))] if s.fsdp else []
+    two = whole(m, "models before and after GAtt", "other_models") * 2
+    maps = a.n_layers * a.n_heads * ctx * ctx * 4   # every layer's (1, heads, seq, seq) fp32 probabilities
+    # dialogues of up to 20 turns: fit() cuts them to the context less an answer's room, so the
+    # context bounds their length (attention_dialogs builds them that long on purpose)
+    sampling = generation(m, min(PLAN_BATCHES["converse"], args.dialogues), ctx - new, new, "sampling")
+    return build + [
+        ("step 1: instructions in the current message (03's loop)", sft_training(args, s, m, "model")),
+        ("GAtt sampling (rank 0): the step-1 model, whole; converse, dialogues up to the context",
+         whole(m, "step-1 model", "weights") + sampling)] + build + [
+        ("step 2: Ghost Attention (03's loop)", sft_training(args, s, m, "model")),
+        ("evaluation (rank 0): adherence, before and after GAtt whole, dialogues up to the context",
+         two + generation(m, min(PLAN_BATCHES["converse"], args.eval_dialogues), ctx - new, new, "adherence")),
+        ("evaluation (rank 0): attention maps of a dialogue the length of the context (Figure 10)",
+         two + [(f"attention probabilities of all {a.n_layers} layers, fp32, kept", "activations", maps, False),
+                ("one layer's scores while computed, fp32", "activations", 2 * a.n_heads * ctx * ctx * 4, False)]),
+        ("evaluation (rank 0): 04's table, the start model loads beside the two",
+         two + whole(m, "start model (--init)", "other_models")
+         + generation(m, PLAN_BATCHES["answer_all"], s.prompt, PLAN_NEW_TOKENS["evaluate_chat"], "evaluation"))]
+
+
+PLAN_STAGES = {"pretrain": plan_pretrain, "sft": plan_sft, "reward": plan_reward, "rs_ppo": plan_rs_ppo,
+               "gatt": plan_gatt}
+
+
+# -- compute: FLOPs and time at a given MFU ------------------------------------------------
+
+def rm_flops_per_token(a, seq: int) -> float:
+    """A reward model's training FLOPs per token: 02's count without the vocabulary head (its head
+    is one row)."""
+    return M.flops_per_token(a, seq) - 6 * (a.vocab_size - 1) * a.dim
+
+
+def plan_flops(stage: str, args, s: PlanSetup, models):
+    """-> (FLOPs of the run or None, FLOPs a step, what was counted). Training counts
+    forward + backward (02's flops_per_token); a forward alone is a third of it."""
+    a = models["policy"].args
+    train = M.flops_per_token(a, args.seq_len)
+    step = args.batch_tokens * train
+    if stage == "pretrain":
+        return args.steps * step, step, f"{args.steps:,} steps x {args.batch_tokens:,} tokens"
+    if stage == "sft":
+        if args.steps:
+            return args.steps * step, step, f"{args.steps:,} steps x {args.batch_tokens:,} tokens"
+        return None, step, "the steps follow from the data (pass --steps to count them)"
+    if stage == "reward":
+        return None, args.batch_tokens * rm_flops_per_token(a, args.seq_len), \
+            "a step of an RM; the steps follow from the data"
+    if stage == "gatt":
+        steps = args.inst_steps + args.steps
+        return steps * step, step, f"{steps:,} training steps (step 1 and GAtt); sampling and evaluation not counted"
+    # 06, with every answer as long as --max-new-tokens allows (an upper bound)
+    length = min(a.max_seq_len, s.prompt + args.max_new_tokens)
+    fwd, rm_fwd = M.flops_per_token(a, length) / 3, rm_flops_per_token(a, length) / 3
+    judged = fwd + 2 * rm_fwd   # generate, then both RMs score
+    iteration = args.ppo_prompts * length * (judged + 2 * fwd + rm_fwd
+                                             + args.ppo_epochs * 3 * (fwd + rm_fwd))
+    temperatures = {float(t) for t in args.fig_temperatures.split(",") if t.strip()} | {args.rs_temperature}
+    samples = args.calibration_prompts + args.fig_prompts * args.fig_n * len(temperatures) \
+        + args.rs_iterations * args.rs_prompts * args.rs_k
+    pool = sum(args.rs_prompts * (r + 1) for r in range(args.rs_iterations))   # the pool grows a round at a time
+    total = args.ppo_iterations * iteration + samples * length * judged + \
+        args.rs_epochs * pool * length * M.flops_per_token(a, args.seq_len)
+    return total, iteration, (f"{args.ppo_iterations} PPO iterations of {args.ppo_prompts} rollouts, "
+                              f"{samples:,} other samples and RS on the pool, every answer "
+                              f"{args.max_new_tokens} tokens long (an upper bound)")
+
+
+def table2_rows():
+    """The paper's Table 2 from first principles: C = 6 N D for D = 2T tokens, against the GPU-hours
+    Meta reports at the A100's 312 TFLOP/s. The MFU that implies is C / (hours x 3600 x peak)."""
+    rows = []
+    for name, hours in TABLE2_GPU_HOURS.items():
+        a = M.PRESETS[name]
+        n = M.count_params(a)
+        six_nd = 6 * n * PAPER_TOKENS
+        with_attention = M.flops_per_token(a, a.max_seq_len) * PAPER_TOKENS
+        available = hours * 3600 * A100_PEAK
+        rows.append(dict(size=name, params=n, flops_6nd=six_nd, gpu_hours=hours, mfu_6nd=six_nd / available,
+                         flops_with_attention=with_attention, mfu_with_attention=with_attention / available))
+    return rows
+
+
+def print_table2():
+    print(f"Table 2 from first principles: C = 6 N D, D = {PAPER_TOKENS / 1e12:g}T tokens; the paper's A100 "
+          f"GPU-hours at {A100_PEAK / 1e12:g} TFLOP/s (bf16, dense) give the MFU Meta must have reached")
+    print(f"{'size':>5} {'parameters N':>15} {'6ND (FLOP)':>11} {'GPU-hours':>10} {'MFU':>6}   "
+          f"{'with attention (FLOP)':>21} {'MFU':>6}")
+    for r in table2_rows():
+        print(f"{r['size']:>5} {r['params']:>15,} {r['flops_6nd']:>11.3e} {r['gpu_hours']:>10,} "
+              f"{r['mfu_6nd']:>6.1%}   {r['flops_with_attention']:>21.3e} {r['mfu_with_attention']:>6.1%}")
+    print("(with attention: 02's flops_per_token at 4096 tokens, 6 x the matrix weights + 12 x layers x dim x "
+          "seq; the embedding lookup is no matmul)")
+
+
+# -- running a plan --------------------------------------------------------------------------
+
+def plan_setup(args) -> PlanSetup:
+    if args.dtype not in ("auto", "bf16", "fp32"):
+        raise UserError(f"--plan with --dtype {args.dtype}: the chapters train in bf16 (auto on a GPU) or fp32")
+    return PlanSetup(gpus=args.gpus, memory=args.gpu_memory * GB, fsdp=args.fsdp,
+                     elem=4 if args.dtype == "fp32" else 2, ckpt=args.activation_checkpointing,
+                     prompt=args.plan_prompt_tokens)
+
+
+def plan_phases(stage: str, args, s: PlanSetup, models):
+    """-> [(phase name, items, total bytes)] and the index of the peak phase."""
+    phases = [(name, items, phase_total(items)) for name, items in PLAN_STAGES[stage](args, s, models)]
+    return phases, max(range(len(phases)), key=lambda i: phases[i][2])
+
+
+def micro_flags(stage: str):
+    """The flags that set a training micro-batch in each stage, with their smallest value."""
+    return {"reward": {"micro_batch": 2}, "rs_ppo": {"micro_batch": 1, "ppo_micro_batch": 1}}.get(
+        stage, {"micro_batch": 1})
+
+
+def plan_valid(stage: str, args, gpus: int) -> bool:
+    """Would the chapter accept these flags (the batch tiles the ranks and micro-batches)?"""
+    try:
+        args.grad_accum = grad_accum_steps(args.batch_tokens, args.seq_len, args.micro_batch, gpus)
+    except UserError:
+        return False
+    if stage == "rs_ppo":
+        return not (args.ppo_prompts % args.ppo_mini_batch or args.ppo_mini_batch % (gpus * args.ppo_micro_batch)
+                    or args.rs_prompts % gpus)
+    return True
+
+
+def cheapest_fix(stage: str, args, s: PlanSetup, models):
+    """The first change that fits, cheapest first: a smaller micro-batch (costs nothing but some
+    speed), activation checkpointing (a third more compute), FSDP on the same GPUs, then more GPUs
+    (with checkpointing where that alone is not enough). -> (the change in words, its peak bytes),
+    or (None, the last plan tried: the most GPUs, with checkpointing) when nothing fits."""
+    tries = []
+    for flag, smallest in micro_flags(stage).items():
+        value = getattr(args, flag)
+        while value // 2 >= smallest:
+            value //= 2
+            tries.append(({flag: value}, {}))
+    if not s.ckpt:
+        tries.append(({}, {"ckpt": True}))
+        tries += [(flags, {"ckpt": True}) for flags, _ in tries[:-1]]
+    if not s.fsdp and s.gpus > 1:
+        tries += [({}, {"fsdp": True}), ({}, {"fsdp": True, "ckpt": True})]
+    gpus = s.gpus
+    while gpus < 4096:
+        gpus *= 2
+        tries += [({}, {"gpus": gpus, "fsdp": True}), ({}, {"gpus": gpus, "fsdp": True, "ckpt": True})]
+    last = None
+    for flags, setup in tries:
+        trial, s2 = argparse.Namespace(**{**vars(args), **flags}), replace(s, **setup)
+        if not plan_valid(stage, trial, s2.gpus):
+            continue
+        phases, peak = plan_phases(stage, trial, s2, models)
+        last = (s2, phases[peak])
+        if phases[peak][2] <= s2.memory:
+            words = [f"--{k.replace('_', '-')} {v}" for k, v in flags.items()]
+            words += ["--fsdp"] * (s2.fsdp and not s.fsdp) + ["--activation-checkpointing"] * (s2.ckpt and not s.ckpt)
+            if s2.gpus != s.gpus:
+                words.append(f"on {s2.gpus} GPUs" + (f" (torchrun --nproc_per_node={s2.gpus})" if s2.gpus <= 8 else
+                                                      f" (torchrun on {s2.gpus // 8} nodes of 8)"))
+            return " ".join(words), phases[peak][2]
+    return None, last
+
+
+def plan_stage(args, stage: str, budget=None, reward_model=None):
+    """--plan: print the stage's memory per rank, phase by phase, its verdict on --gpus x
+    --gpu-memory, the cheapest change that would fit, FLOPs and time at --mfu; write --plan-json.
+    budget: 06's BUDGET (its defaults, resolved as 06 resolves them). reward_model: 05's class.
+    Touches no GPU, data or checkpoint; returns the JSON's dict."""
+    if args.plan == "table2":
+        print_table2()
+        return {"table2": table2_rows()}
+    resolve_args(args, args.gpus)   # the real run's defaults, and its check that the batch tiles the ranks
+    for key, (paper, toy, _) in (budget or {}).items():
+        if getattr(args, key) is None:
+            value = toy if args.preset in CPU_PRESETS else paper
+            setattr(args, key, value.get(args.preset, 0.01) if isinstance(value, dict) else value)
+    if getattr(args, "no_rs", False):
+        args.rs_iterations = 0
+    if stage == "reward" and args.micro_batch % 2:
+        raise UserError(f"--micro-batch {args.micro_batch} must be even: a pair is two rows, chosen and rejected")
+    if not plan_valid(stage, argparse.Namespace(**vars(args)), args.gpus):   # 06's own checks, in one line
+        raise UserError(f"--ppo-prompts {args.ppo_prompts}, --ppo-mini-batch {args.ppo_mini_batch}, --ppo-micro-batch "
+                        f"{args.ppo_micro_batch} and --rs-prompts {args.rs_prompts} do not tile {args.gpus} ranks "
+                        "(06_rs_ppo.py would refuse them)")
+    s = plan_setup(args)
+    model_args = M.PRESETS[args.preset]
+    models = {"policy": plan_model(model_args)}
+    if reward_model is not None:
+        models["reward"] = plan_model(model_args, reward_model)
+    phases, peak = plan_phases(stage, args, s, models)
+    peak_bytes, fits = phases[peak][2], phases[peak][2] <= s.memory
+
+    script = {"pretrain": "03_pretrain.py", "sft": "04_sft.py", "reward": "05_reward.py", "rs_ppo": "06_rs_ppo.py",
+              "gatt": "07_gatt.py"}[stage]
+    m = models["policy"]
+    print(f"plan: {script} --preset {args.preset}: {m.params:,} parameters (vocabulary {model_args.vocab_size:,}, "
+          "the preset's)" + (f"; reward and value models {models['reward'].params:,}" if "reward" in models else ""))
+    micro = f"micro-batch {args.micro_batch} x {args.seq_len:,} tokens, {args.grad_accum} micro-step(s)"
+    if stage == "rs_ppo":
+        micro += f" (RS); PPO micro-batch {args.ppo_micro_batch}, answers up to {args.max_new_tokens:,} tokens"
+    print(f"{s.gpus} GPU(s) x {args.gpu_memory:g} GB | {s.parallelism} | "
+          f"{'bf16 autocast, fp32 weights and AdamW' if s.elem == 2 else 'fp32'} | {micro} | activation "
+          f"checkpointing {'on' if s.ckpt else 'off'}"
+          + (f" | prompts of up to {s.prompt} tokens (--plan-prompt-tokens)" if stage != "pretrain" else ""))
+    print("\nmemory per rank (GB) in each phase, as today's code holds it:")
+    print(f"{'total':>7} " + " ".join(f"{k:>12}" for k in KINDS) + "  phase")
+    for i, (name, items, total) in enumerate(phases):
+        by_kind = {k: sum(b for _, kind, b, _ in items if kind == k) for k in KINDS}
+        print(f"{total / GB:>7.1f} " + " ".join(f"{by_kind[k] / GB:>12.1f}" if by_kind[k] else f"{'-':>12}"
+                                                for k in KINDS) + f"  {name}" + ("  <- peak" if i == peak else ""))
+    name, items, _ = phases[peak]
+    print(f"\npeak: {peak_bytes / GB:.1f} GB, in '{name}':")
+    for what, kind, nbytes, _ in sorted(items, key=lambda i: -i[2]):
+        print(f"{nbytes / GB:>9.2f}  {kind:<13} {what}")
+    fix = None
+    if fits:
+        print(f"\nverdict: fits on {s.gpus} x {args.gpu_memory:g} GB ({peak_bytes / GB:.1f} GB at the peak, "
+              f"{s.memory / GB - peak_bytes / GB:.1f} GB to spare)")
+    else:
+        print(f"\nverdict: does not fit on {s.gpus} x {args.gpu_memory:g} GB ({peak_bytes / GB:.1f} GB at the peak)")
+        change, found = cheapest_fix(stage, args, s, models)
+        if change:
+            fix = change
+            print(f"cheapest change that fits: {change} ({found / GB:.1f} GB at the peak)")
+        else:
+            print("no change of --micro-batch, --activation-checkpointing, --fsdp or the number of GPUs makes it fit"
+                  + ("" if found is None else
+                     f": on {found[0].gpus:,} GPUs with FSDP and checkpointing, '{found[1][0]}' still needs "
+                     f"{found[1][2] / GB:.1f} GB, {sum(b for _, _, b, shrinks in found[1][1] if not shrinks) / GB:.1f}"
+                     " GB of it held whole on a rank (models, fp32 KV caches, batches no flag sets)")
+                  + ". The code has to change: issue 18's second part (models built and kept sharded, sampling "
+                    "in bf16, evaluation spread over the ranks)")
+
+    fpt = M.flops_per_token(m.args, args.seq_len)
+    peak_flops = args.peak_flops or A100_PEAK
+    total, per_step, counted = plan_flops(stage, args, s, models)
+    rate = s.gpus * peak_flops * args.mfu
+    print(f"\ncompute: {fpt / 1e9:.2f} GFLOP a token trained at {args.seq_len:,} tokens (02's flops_per_token: "
+          f"6 x the {m.params - m.args.vocab_size * m.args.dim:,} weights that multiply + 12 x layers x dim x seq)")
+    which = f"{s.gpus} x {peak_flops / 1e12:g} TFLOP/s" + ("" if args.peak_flops else " (an A100's bf16, the paper's;"
+                                                             " --peak-flops for another GPU)")
+    step_name = "a PPO iteration" if stage == "rs_ppo" else "a step"
+    print(f"{step_name}: {per_step:.3e} FLOP, {per_step / rate:,.1f} s at MFU {args.mfu:.0%} on {which}")
+    if total is not None:
+        print(f"the stage: {total:.3e} FLOP ({counted}): {fmt_duration(total / rate)} at MFU {args.mfu:.0%}"
+              + (" (a lower bound: decoding runs far below a training MFU)" if stage == "rs_ppo" else ""))
+    else:
+        print(f"the stage: {counted}")
+    host = 4 * max(mm.params for mm in models.values())
+    print(f"host memory: each rank builds or reads a whole model in CPU memory first: {host / GB:.1f} GB a rank, "
+          f"{min(s.gpus, 8) * host / GB:.0f} GB for {min(s.gpus, 8)} ranks on a node")
+    if stage == "pretrain":
+        print()
+        print_table2()
+
+    result = dict(stage=script, preset=args.preset, gpus=s.gpus, gpu_memory_gb=args.gpu_memory,
+                  parallelism="FSDP" if s.fsdp else "DDP" if s.gpus > 1 else "none",
+                  dtype="bf16" if s.elem == 2 else "fp32", micro_batch=args.micro_batch, seq_len=args.seq_len,
+                  activation_checkpointing=s.ckpt, prompt_tokens=s.prompt,
+                  per_rank_bytes={**{k: sum(b for _, kind, b, _ in items if kind == k) for k in KINDS},
+                                  "peak": peak_bytes},
+                  peak_phase=name, fits=fits, fix=fix,
+                  phases=[dict(name=n, bytes=t, items=[dict(what=w, kind=k, bytes=b) for w, k, b, _ in its])
+                          for n, its, t in phases],
+                  flops_per_token=fpt, flops_per_step=per_step, flops=total, mfu=args.mfu, peak_flops=peak_flops,
+                  seconds=total / rate if total is not None else None, host_bytes_per_rank=host)
+    if stage == "pretrain":
+        result["table2"] = table2_rows()
+    if args.plan_json:
+        tok.write_json(args.plan_json, result)
+        print(f"wrote {args.plan_json}")
+    return result
+
+
+def fmt_duration(seconds: float) -> str:
+    return f"{seconds / 86400:,.1f} days" if seconds >= 86400 else f"{seconds / 3600:,.1f} hours" \
+        if seconds >= 3600 else fmt_time(seconds)
 
 
 # ------------------------------------------------------------------------------------------
@@ -728,6 +1371,8 @@ def main(argv=None):
     parser.add_argument("--compare", nargs="+", type=Path, default=[], metavar="RUN_DIR",
                         help="overlay these runs' curves (their pretrain.json) on the figure")
     args = parser.parse_args(argv)
+    if args.plan:   # what the command would need, on paper: no GPU, data or checkpoint
+        return plan_stage(args, "pretrain")
     for other in args.compare:   # check now, not after the training
         if not (other / "pretrain.json").is_file():
             raise UserError(f"--compare {other}: no pretrain.json there (train a run into it first)")

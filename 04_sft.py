@@ -605,6 +605,8 @@ def main(argv=None):
                         help="also fine-tune random weights with the same budget, to show why SFT starts "
                              "from a pretrained model")
     args = parser.parse_args(argv)
+    if args.plan:   # 03's planner: memory per GPU and compute, on paper (no GPU, data or checkpoint)
+        return P.plan_stage(args, "sft")
     rank, world_size, device = P.setup_distributed(args.device)
     P.resolve_args(args, world_size)
     P.check_writable(args.run_dir)

@@ -537,6 +537,8 @@ def main(argv=None):
     add("--fractions", default="0.125,0.5", help="helpfulness data fractions for the data-size curve (and 1)")
     add("--world-seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.plan:   # 03's planner: memory per GPU and compute, on paper (no GPU, data or checkpoint)
+        return P.plan_stage(args, "reward", reward_model=RewardModel)
     rank, world_size, device = P.setup_distributed(args.device)
     P.resolve_args(args, world_size)
     log = print if rank == 0 else (lambda *a, **k: None)

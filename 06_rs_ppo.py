@@ -695,6 +695,8 @@ def main(argv=None):
     add("--no-rs", action="store_true", help="skip rejection sampling: PPO starts from --init")
     add("--world-seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.plan:   # 03's planner: memory per GPU and compute, on paper (no GPU, data or checkpoint)
+        return P.plan_stage(args, "rs_ppo", budget=BUDGET, reward_model=R.RewardModel)
     rank, world_size, device = P.setup_distributed(args.device)
     P.resolve_args(args, world_size)
     for key, (paper, toy, _) in BUDGET.items():

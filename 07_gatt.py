@@ -567,6 +567,8 @@ def main(argv=None):
     add("--rules-by-program", action="store_true", help="rewrite the sampled answers to follow their rules "
         "(only to test the plumbing with an untrained model; the paper samples the latest model's answers)")
     args = parser.parse_args(argv)
+    if args.plan:   # 03's planner: memory per GPU and compute, on paper (no GPU, data or checkpoint)
+        return P.plan_stage(args, "gatt")
     rank, world_size, device = P.setup_distributed(args.device)
     P.resolve_args(args, world_size)
     log = print if rank == 0 else (lambda *a, **k: None)

@@ -724,6 +724,32 @@ def write_seeds(run_dir: Path, n: int) -> Path:
     return path
 
 
+PLANNED = ("03", "04", "05", "06", "07")   # the chapters with a training loop, which take 03's --plan
+
+
+def plan_stages(args, log):
+    """--plan: each training chapter's plan (03's planner: memory per rank, verdict, compute), for the
+    command this pipeline would run, on --gpus GPUs of --gpu-memory GB; then a line a chapter.
+    Nothing is trained, and nothing is written to the run folder."""
+    import tempfile
+    plans = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in [n for n in args.only or PLANNED if n in PLANNED]:
+            out = Path(tmp) / f"{name}.json"
+            cmd = [sys.executable, str(tok.REPO / STAGES[name][0])] + stage_args(name, args) + [
+                "--plan", "--gpus", str(args.gpus), "--gpu-memory", f"{args.gpu_memory:g}", "--plan-json", str(out)]
+            cmd += ["--fsdp"] * args.fsdp
+            log(f"\n{'=' * 20} {name} {STAGES[name][1]} {'=' * 20}\n$ {' '.join(cmd[1:])}")
+            if subprocess.run(cmd, cwd=tok.REPO).returncode != 0:
+                raise UserError(f"stage {name}'s plan failed (its message is above)")
+            plans[name] = json.loads(out.read_text())
+    log(f"\n{'=' * 60}\nplans on {args.gpus} x {args.gpu_memory:g} GB, peak per rank:")
+    for name, p in plans.items():
+        log(f"  {name} {STAGES[name][0]:<15} {p['per_rank_bytes']['peak'] / 1e9:>8.1f} GB  "
+            + ("fits" if p["fits"] else "does not fit" + (f" (cheapest change: {p['fix']})" if p["fix"] else "")))
+    return plans
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=tok.DEFAULT_RUN_DIR, help="one folder for every stage")
@@ -742,7 +768,16 @@ def main(argv=None):
                              "sharing 01-03's outputs (seed 0 is this run; --only and --rerun apply there too), and "
                              "write seeds.json and seeds.md: each effect per seed, its mean and range, and whether it "
                              "was clear of its interval in every seed (with --report-only: just rewrite them)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print each training chapter's (03-07) memory per GPU and compute for --gpus x "
+                             "--gpu-memory (03's planner) and exit: nothing runs")
+    parser.add_argument("--gpus", type=tok.number_flag("--gpus", at_least=1), default=1, help="--plan: GPUs")
+    parser.add_argument("--gpu-memory", type=tok.number_flag("--gpu-memory", float, above=0), default=80.0,
+                        help="--plan: usable memory of a GPU in GB")
+    parser.add_argument("--fsdp", action="store_true", help="--plan: the chapters under torchrun with --fsdp")
     args = parser.parse_args(argv)
+    if args.plan:
+        return plan_stages(args, print)
     if args.seeds is not None and args.seeds < 1:
         raise UserError(f"--seeds {args.seeds}: the number of seeds must be at least 1")
     for flag, names in (("--rerun", args.rerun or []), ("--only", args.only or [])):
