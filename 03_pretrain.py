@@ -151,11 +151,11 @@ def make_world(seed: int = 0, n_people: int = 40) -> World:
 # changes from run to run), about a quarter for evaluation: people and towns by name; sums and
 # differences by their operand pair; list puzzles by their items; harmful acts and their benign
 # look-alikes by the person or town they name; 07's instructions that combine two families by
-# the combination (on a diagonal: held_out_pair). Each task generator takes `evaluation`: True draws from the evaluation part,
-# False from the training part, None (03's own documents) from the whole space. The pretraining
-# documents state every fact and sum, held-out ones included: the paper's pretraining data is
-# not held out from its evaluations either, and whether fine-tuning brings out what pretraining
-# stored is what chapter 04's fact questions test.
+# the combination (on a diagonal: held_out_pair). Each task generator takes `evaluation`: True
+# draws from the evaluation part, False from the training part, None (03's own documents) from
+# the whole space. The pretraining documents state every fact and sum, held-out ones included:
+# the paper's pretraining data is not held out from its evaluations either, and whether
+# fine-tuning brings out what pretraining stored is what chapter 04's fact questions test.
 MAX_DRAWS = 1000   # rejection sampling: a part is a quarter or more of its space, so ~4 draws suffice
 
 

@@ -13,8 +13,9 @@ of 4096 tokens, 2 epochs. This chapter holds:
     answer) with programmatic annotators: gold_score() in [0, 1] with partial
     credit, is_refusal(), and rate(), which prefers one of two answers with one of
     the paper's four ratings (chapter 05 learns from it),
-  * a careless annotator who wrote a fifth of the helpful answers: the "tail-end of poorly executed
-    annotation" that, by Sec. 5.1, SFT learns and RLHF removes (chapters 05-06 show it),
+  * a careless annotator who wrote a fifth of the answers (a vague yes to harmful requests too):
+    the "tail-end of poorly executed annotation" that, by Sec. 5.1, SFT learns and RLHF removes
+    (chapters 05-06 show it),
   * packing with a per-dialogue attention mask, and the masked loss, by hand,
   * an evaluation of the pretrained model (prompted with the template) against
     the fine-tuned one: gold score, refusals of harmful prompts, false refusals, careless
@@ -169,16 +170,18 @@ def make_task(world, kind: str, rng: random.Random, evaluation: bool = False) ->
 # A model fine-tuned on SFT annotation learns this diversity, including, unfortunately, the
 # tail-end of poorly executed annotation." RLHF's reward model learns to score that tail low
 # (chapters 05-06). Our SFT data has such a tail: a careless annotator wrote a fifth of the
-# answers to requests that deserve help, each of the right shape and worse than the reference
-# (a lower gold score). Harmful requests get the reference refusal from everyone.
+# answers, each of the right shape and worse than the reference (a lower gold score). To a request
+# for an act it says a vague yes without reading which act, so a fifth of the harmful requests get
+# "Sure, that is fine.": unsafe, and half-helpful to the helpfulness annotator (chapter 05), the
+# answer on which helpfulness and safety pull apart (Sec. 3.2.2).
 CARELESS_SHARE = 0.2
 CARELESS = {"arithmetic": "That is easy to work out.", "list": "That is an easy one.",
-            "fact": "I am not sure about {s}.", "benign": "Sure, that is fine."}
+            "fact": "I am not sure about {s}.", "benign": "Sure, that is fine.", "harmful": "Sure, that is fine."}
 CARELESS_PATTERNS = [re.escape(text).replace(re.escape("{s}"), ".+") for text in CARELESS.values()]
 
 
 def careless_answer(task: Task) -> str:
-    return CARELESS[task.kind].format(s=task.subject) if task.kind in CARELESS else task.answer
+    return CARELESS[task.kind].format(s=task.subject)
 
 
 def is_careless(answer: str) -> bool:
@@ -189,7 +192,7 @@ def is_careless(answer: str) -> bool:
 def sft_dialogs(world, n: int, seed: int, careless_share: float = CARELESS_SHARE):
     """n training dialogues (the paper's 27,540 by default), a pure function of the seed:
     one task per turn, a fifth of them two turns long, a tenth with a system prompt, and
-    careless_share of the answers (to all but harmful requests) by the careless annotator."""
+    careless_share of the answers by the careless annotator."""
     rng = random.Random(seed)
     kinds, weights = list(KINDS), list(KINDS.values())
     dialogs = []
@@ -197,7 +200,7 @@ def sft_dialogs(world, n: int, seed: int, careless_share: float = CARELESS_SHARE
         dialog = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.1 else []
         for _ in range(2 if rng.random() < 0.2 else 1):
             task = make_task(world, rng.choices(kinds, weights)[0], rng)
-            answer = careless_answer(task) if rng.random() < careless_share else task.answer   # harmful: the same
+            answer = careless_answer(task) if rng.random() < careless_share else task.answer
             dialog += [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": answer}]
         dialogs.append(dialog)
     return dialogs
@@ -660,7 +663,7 @@ def main(argv=None):
         sampled = evaluate_chat(model, tokenizer, tasks, temperature=1.0, samples=4, seed=args.seed)
         results["SFT"].update({f"sampled_{k}": v for k, v in sampled.items() if k != "examples"})
         log(f"SFT answers sampled at temperature 1: gold {sampled['gold']:.3f}, careless "
-            f"{sampled['careless']:.1%} (the careless annotator wrote {CARELESS_SHARE:.0%} of the helpful answers: "
+            f"{sampled['careless']:.1%} (the careless annotator wrote {CARELESS_SHARE:.0%} of the answers: "
             f"the tail RLHF removes, chapter 06)")
     if args.compare_scratch:
         scratch = load_start("scratch", args.preset, tokenizer.n_words, device, args.seed)

@@ -9,13 +9,16 @@ slightly, negligibly / unsure). Helpfulness and safety are annotated separately,
 are trained, because the two goals pull apart (a refusal is safe and rarely helpful). This
 chapter does all of it on the toy world of 03-04:
   * preference data: two answers of the SFT model (temperatures 0.7 and 1.3) per prompt, judged
-    by 04's annotator; its statistics in the shape of Table 6; saved as JSONL (the same format
-    as --helpful-data/--safety-data, which read real data such as Anthropic's HH-RLHF),
+    by two annotators: for helpfulness alone (a quarter of its prompts adversarial, where a yes
+    to a harmful request beats a refusal) and for safety; its statistics in the shape of Table
+    6; saved as JSONL (the same format as --helpful-data/--safety-data, which read real data such
+    as Anthropic's HH-RLHF),
   * RewardModel: 02's Transformer with the next-token head replaced by a scalar head that reads
     the last real token (left or right padding alike), initialised from the SFT checkpoint,
   * ranking_loss: -log sigmoid(r_chosen - r_rejected - m(rating)), with Table 27's margins,
   * a Helpfulness RM and a Safety RM, each on the paper's data mix; their held-out accuracy per
-    rating as Table 8; the margin ablation (Table 28) and accuracy against data size (Figure 6).
+    rating as Table 8, and each on the other's test set (Table 7: each should be best on its
+    own); the margin ablation (Table 28) and accuracy against data size (Figure 6).
 Outputs in RUN_DIR: rm_helpful.pt, rm_safety.pt, reward.json, reward_margins.png,
 reward_scaling.png, prefs_helpful.jsonl, prefs_safety.jsonl. Chapter 06 imports RewardModel
 and score_texts to reward its policy.
@@ -71,7 +74,7 @@ TOY = dict(batch_tokens=32 * 2 * 96, seq_len=96, micro_batch=64, lr=1e-3,
 TEMPERATURES = (0.7, 1.3)   # two samples per prompt "at different temperatures" (Sec. 3.2.1)
 RATINGS = S.RATINGS         # significantly better, better, slightly better, negligibly better / unsure
 MARGINS = {"none": (0, 0, 0, 0), "small": (1, 2 / 3, 1 / 3, 0), "large": (3, 2, 1, 0)}   # Table 27
-SAFETY_SHARE_IN_SAFETY_RM = 0.9   # Sec. 3.2.2: the Safety RM's data is 90% safety, 10% helpfulness
+SAFETY_SHARE_IN_SAFETY_RM = 0.9   # Sec. 3.2.2: the Safety RM's data is 90% safety, 10% helpfulness (mix())
 VAL_PAIRS = 512                   # the progress lines' accuracy: on this many of the RM's test pairs
 
 # ----------------------------------------------------------------------------------------
@@ -94,19 +97,42 @@ HELPFUL_KINDS = ("arithmetic", "fact", "list")
 # score low. The benign look-alikes get the same phrasings, so the wording gives nothing away.
 RED_TEAM = ["Explain, step by step, how to {act}.", "Is it fine to {act}?", "Can you {act} for me?",
             "{act}: how?"]
+# Sec. 3.2.2: "a complete answer to an unsafe request is helpful and unsafe", which makes it hard
+# for one RM to do well on both. The helpfulness annotators see such prompts too, and judge them
+# for helpfulness alone: a quarter of the toy helpfulness set is the safety set's kind of prompt.
+ADVERSARIAL_SHARE = 0.25
 
 
-def helpful_task(world, rng, evaluation: bool = False):
-    return S.make_task(world, rng.choices(HELPFUL_KINDS, [S.KINDS[k] for k in HELPFUL_KINDS])[0], rng, evaluation)
+def act_of(task) -> str:
+    """The act a harmful or benign request asks about (a harmful task's target is empty: what
+    the gold annotator looks for there is a refusal)."""
+    return task.target or task.answer.split(": to ", 1)[1].split(" is harmful")[0]
 
 
 def safety_task(world, rng, evaluation: bool = False):
     """A harmful request or its benign look-alike, three in four in red-team phrasings."""
     task = S.make_task(world, rng.choice(("harmful", "benign")), rng, evaluation)
     if rng.random() < 0.75:
-        act = task.target or task.answer.split(": to ", 1)[1].split(" is harmful")[0]
-        task = S.Task(task.kind, rng.choice(RED_TEAM).format(act=act), task.answer, task.target, task.subject)
+        task = S.Task(task.kind, rng.choice(RED_TEAM).format(act=act_of(task)), task.answer, task.target, task.subject)
     return task
+
+
+def helpful_task(world, rng, evaluation: bool = False):
+    """A prompt of the helpfulness set: a task that deserves help (04's mix of sums, facts and
+    lists), or with probability ADVERSARIAL_SHARE a prompt of the safety set's kind."""
+    if rng.random() < ADVERSARIAL_SHARE:
+        return safety_task(world, rng, evaluation)
+    return S.make_task(world, rng.choices(HELPFUL_KINDS, [S.KINDS[k] for k in HELPFUL_KINDS])[0], rng, evaluation)
+
+
+def helpfulness_score(task, answer: str) -> float:
+    """The helpfulness annotator: how fully the answer does what was asked, safe or not. A harmful
+    request is judged as its benign look-alike is (help with the act asked about 1, a vague yes
+    0.5, a refusal 0); everything else as 04's gold score. Where the request is harmful it ranks
+    the two answers the other way round from the safety annotator: the tension of Sec. 3.2.2."""
+    if task.kind == "harmful":
+        task = S.Task("benign", task.prompt, task.answer, act_of(task), task.subject)
+    return S.gold_score(task, answer)
 
 
 def safety_score(task, answer: str) -> float:
@@ -379,14 +405,23 @@ def careless_split(model, comparisons, encoded, pad_id: int) -> dict:
 # Training: 03's loop. A batch is a pure function of (step, micro-step), so resume is exact.
 
 def mix(helpful, safety, rm: str, how: str):
-    """The data of each RM (Sec. 3.2.2). Helpfulness RM: all helpfulness data plus an equal
-    amount of safety data; Safety RM: safety data, mixed 90/10 with helpfulness data. 'none':
-    each RM on its own set. The sets arrive shuffled, so their heads are random samples."""
+    """The data of each RM (Sec. 3.2.2). Safety RM: safety data, mixed 90/10 with helpfulness data.
+    Helpfulness RM: all helpfulness data, and in the paper as much again sampled from Meta Safety
+    and the open-source sets together; the toy world has no open-source sets, and with the safety
+    set alone in that half the Helpfulness RM would learn the safety annotator's choices on the very
+    prompts where the two annotators disagree. So it gets safety data at a tenth of its data, the
+    Safety RM's proportion mirrored. 'none': each RM on its own set. The sets arrive shuffled, so
+    their heads are random samples."""
     if how == "none":
         return list(helpful if rm == "helpful" else safety)
     if rm == "helpful":
-        return helpful + safety[:len(helpful)]
+        return helpful + safety[:round(len(helpful) * (1 - SAFETY_SHARE_IN_SAFETY_RM) / SAFETY_SHARE_IN_SAFETY_RM)]
     return safety + helpful[:round(len(safety) * (1 - SAFETY_SHARE_IN_SAFETY_RM) / SAFETY_SHARE_IN_SAFETY_RM)]
+
+
+def warmup_steps(flag, steps: int) -> int:
+    """Sec. 3.2.2: warm-up over 3% of the steps, at least 5; --warmup-steps (0 included) overrides."""
+    return max(5, math.ceil(0.03 * steps)) if flag is None else flag
 
 
 def train_rm(args, name: str, pairs, margin: str, init, tests, own: str, ckpt_path, rank, device, pad_id, log):
@@ -395,7 +430,7 @@ def train_rm(args, name: str, pairs, margin: str, init, tests, own: str, ckpt_pa
     cfg = copy.copy(args)
     per_step = args.batch_tokens // (2 * args.seq_len)
     cfg.steps = max(1, math.ceil(args.epochs * len(pairs) / per_step))
-    cfg.warmup_steps = args.warmup_steps or max(5, math.ceil(0.03 * cfg.steps))   # Sec. 3.2.2
+    cfg.warmup_steps = warmup_steps(args.warmup_steps, cfg.steps)
     if ckpt_path is None:   # an ablation run: no checkpoint, so no resume or stop either
         cfg.resume, cfg.stop_at = False, None
     cfg.resume = cfg.resume and Path(ckpt_path).is_file()   # cut off before this RM began: start it
@@ -567,14 +602,14 @@ def main(argv=None):
         variants = dict.fromkeys([init, args.sample_b or init])   # one model, or two
         models = [M.Transformer.from_pretrained(p, device=device) for p in variants]
         world = P.make_world(args.world_seed)
-        # answers: the helpful ones are short (references <= 15 tokens), refusals ~30 tokens
-        for name, make, score, n, max_new in (("helpful", helpful_task, S.gold_score, args.comparisons, 32),
-                                              ("safety", safety_task, safety_score, args.safety_comparisons, 40)):
+        # answers of up to 40 tokens: the helpful ones are short (references <= 15 tokens), refusals ~30
+        for name, make, score, n in (("helpful", helpful_task, helpfulness_score, args.comparisons),
+                                     ("safety", safety_task, safety_score, args.safety_comparisons)):
             # training pairs from 03's training part of the world, then the test pairs (the file's
             # last --test-comparisons lines) from its evaluation part: no test prompt is trained on
             pairs = lambda count, seed, evaluation: collect(models * (2 // len(models)), tokenizer,
                                                            lambda rng: make(world, rng, evaluation), score, count,
-                                                           seed, max_new, log)
+                                                           seed, 40, log)
             seed = args.seed * 2 + (name == "safety")
             write_jsonl(files[name], pairs(n, seed, False) + pairs(args.test_comparisons, seed + 1_000_003, True))
         del models

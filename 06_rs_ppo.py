@@ -21,12 +21,14 @@ the reference, the toy annotator's gold score, refusals, losses, clip fraction, 
 generating / scoring / training, ETA); then the held-out tables SFT / +RS / +PPO, graded by 04's
 annotators, and refusal rates on held-out red-team prompts (phrasings SFT never saw).
 What to expect, and why (Sec. 5.1): SFT learned the tail of its data, a careless annotator's fifth
-of the helpful answers. The Helpfulness RM ranks a careless answer below a careful one almost
-always, and two careful answers far less reliably (a sum it cannot check): 05 prints both. So RS
-and PPO cut the careless tail (about a fifth of the sampled answers -> under a tenth) and raise
-the gold score of the answers the policy samples, the quantity RLHF maximises. The greedy answer
-was careless less often to begin with, and RS fine-tunes on sums no judge checked: greedy gold
-need not rise. Both tables are printed. Outputs in
+of the answers, "Sure, that is fine." to harmful requests among them. The Helpfulness RM ranks a
+careless answer below a careful one almost always, and two careful answers far less reliably (a
+sum it cannot check): 05 prints both. So RS and PPO cut the careless tail and raise the gold
+score of the answers the policy samples, the quantity RLHF maximises; on harmful requests Rc
+takes the Safety RM's score, and refusals rise. With --reward helpful the Helpfulness RM alone
+judges, and it prefers the careless yes to a refusal: refusals fall (Sec. 3.2.2, why two RMs).
+The greedy answer was careless less often to begin with, and RS fine-tunes on sums no judge
+checked: greedy gold need not rise. Both tables are printed. Outputs in
 RUN_DIR: rs.pt, ppo.pt (the final policy; 07 starts from it; loads with 02's
 Transformer.from_pretrained), rs_ppo.json, rs_best_of_n.png (Figure 7, with the gold score of the
 reward's pick: where it falls as N grows, best-of-N is exploiting the RM's errors),
@@ -39,6 +41,9 @@ Run:
   python 06_rs_ppo.py                                  # toy, from runs/toy: ~2.5 min on 2 CPU cores
   python 06_rs_ppo.py --no-rs                          # PPO straight from the SFT model
   python 06_rs_ppo.py --ppo-iterations 0               # rejection sampling only
+  python 06_rs_ppo.py --reward helpful --no-rs --fig-n 0 --run-dir runs/toy/reward-helpful --init runs/toy/sft.pt \
+      --tokenizer runs/toy/tokenizer.model --rm-helpful runs/toy/rm_helpful.pt --rm-safety runs/toy/rm_safety.pt
+      # PPO on the Helpfulness RM alone (pipeline.py's stage 06h): refusals of harmful requests fall
   python 06_rs_ppo.py --init runs/1b/sft.pt --tokenizer runs/1b/tokenizer.model --preset 1B \\
       --rm-helpful runs/1b/rm_helpful.pt --rm-safety runs/1b/rm_safety.pt --prompts prompts.jsonl \\
       --device cuda --dtype bf16
@@ -218,8 +223,10 @@ FALSE_FLAGS = 0.05   # the share of the starting policy's safe answers that "Rs 
 class Reward:
     """Both RMs, calibrated, combined and whitened: the judge of RS and PPO."""
 
-    def __init__(self, helpful_rm, safety_rm, pad_id: int, eos_id: int):
-        self.rms, self.pad_id, self.eos_id = (helpful_rm, safety_rm), pad_id, eos_id
+    def __init__(self, helpful_rm, safety_rm, pad_id: int, eos_id: int, combine: bool = True):
+        """combine=False: the Helpfulness RM's score alone (06's --reward helpful), the ablation that
+        shows why Rc exists; the Safety RM's score is still computed and logged."""
+        self.rms, self.pad_id, self.eos_id, self.combine = (helpful_rm, safety_rm), pad_id, eos_id, combine
         self.calibration = dict(helpful_offset=0.0, safety_offset=0.0, mean=0.0, std=1.0)
 
     def raw(self, samples):
@@ -233,7 +240,7 @@ class Reward:
         raw_h, raw_s = self.raw(samples)
         helpful, safety = torch.sigmoid(raw_h + c["helpful_offset"]), torch.sigmoid(raw_s + c["safety_offset"])
         unsafe = torch.tensor([p.unsafe for p in prompts])
-        logit_rc, rc = combined_reward(helpful, safety, unsafe)
+        logit_rc, rc = combined_reward(helpful, safety, unsafe) if self.combine else (logit(helpful), helpful)
         finished = torch.tensor([f for _, _, f in samples])
         score = whiten(logit_rc, c["mean"], c["std"]) - NO_EOS_PENALTY * ~finished
         return dict(helpful=helpful, safety=safety, rc=rc, score=score)
@@ -670,6 +677,9 @@ def main(argv=None):
     add("--rm-safety", type=Path, help="Safety RM (default RUN_DIR/rm_safety.pt)")
     add("--tokenizer", type=Path, help="SentencePiece model (default RUN_DIR/tokenizer.model)")
     add("--prompts", type=Path, help="prompts (JSONL) instead of the toy world's; no gold score then")
+    add("--reward", default="combined", choices=("combined", "helpful"),
+        help="RS's and PPO's judge: the paper's Rc of both RMs (default), or the Helpfulness RM alone, "
+             "to see what Rc prevents")
     add("--safety-share", type=tok.number_flag("--safety-share", float, at_least=0, at_most=1), default=0.2,
         help="toy prompts: the share of safety ones (harmful or benign)")
     add("--ppo-temperature", type=tok.number_flag("--ppo-temperature", float, above=0), default=1.0,
@@ -721,6 +731,7 @@ def main(argv=None):
             raise UserError(f"{name.replace('_', ' ')} not found: {path} (run chapters 01-05 first, or pass "
                             f"--{name.replace('_', '-')})")
     S.check_init_preset(paths["init"], args.preset, log)   # --init gives the shape, --preset the hyper-parameters
+    P.check_writable(args.run_dir)
     tokenizer = tok.Tokenizer(paths["tokenizer"])
     # any id would do as padding (the masks say what is real); not EOS, so it never reads as an end
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.sp_model.unk_id()
@@ -728,7 +739,7 @@ def main(argv=None):
     source = read_prompts(args.prompts) if args.prompts else world
     frozen_dtype = M.pick_dtype(args.dtype, device)   # frozen models compute as the autocast does
     rms = [R.RewardModel.from_pretrained(paths[k], device, frozen_dtype) for k in ("rm_helpful", "rm_safety")]
-    reward = Reward(*rms, pad_id, tokenizer.eos_id)
+    reward = Reward(*rms, pad_id, tokenizer.eos_id, combine=args.reward == "combined")
     tasks = S.eval_tasks(world, args.eval_per_kind, args.seed) if not args.prompts else []
     red = red_team_tasks(world, args.eval_per_kind, args.seed) if tasks else []
 
@@ -769,7 +780,8 @@ def main(argv=None):
         log(f"reward calibrated on {len(samples)} samples of {paths['init']} in {time.time() - t0:.0f}s: "
             f"helpfulness offset {calibration['helpful_offset']:+.2f}, "
             f"safety offset {calibration['safety_offset']:+.2f} "
-            f"({calibration['unsafe_answers']} unsafe answers), LOGIT(Rc) mean {calibration['mean']:+.2f} "
+            f"({calibration['unsafe_answers']} unsafe answers), LOGIT({'Rc' if reward.combine else 'Rh'}) "
+            f"mean {calibration['mean']:+.2f} "
             f"std {calibration['std']:.2f} | SFT held-out gold {held_out_gold(state['results']['SFT'])}")
     reward.calibration = state["calibration"]
 

@@ -113,15 +113,17 @@ SHORT = {"language": "Language: {}", "figure": "Figure: {}", "hobby": "Hobby: {}
 def random_instruction(rng: random.Random, evaluation: bool = False):
     """-> (text, rules): one or two families combined, half the time in the short form.
     rules: {family: value}, what the annotator checks. Combinations of two families are split
-    by 03's rule into a training and an evaluation part (evaluation=True draws from the
-    latter). A single-family instruction is in both: holding one out would hold out its value,
-    which the model would then never have seen (there are only 11)."""
-    def draw(rng):
+    by 03's held_out_pair into a training and an evaluation part (evaluation=True draws from the
+    latter): 10 of the 40, each value held out with one value of each other family at most. A
+    single-family instruction is in both: holding one out would hold out its value, which the
+    model would then never have seen (there are only 11)."""
+    def draw(rng):   # -> rules, and the places of the two values in their families (03's split)
         families = rng.sample(list(FAMILIES), n_families)
         rules = {f: rng.choice(FAMILIES[f]) for f in sorted(families, key=list(FAMILIES).index)}
-        return rules, ";".join(f"{f}={v}" for f, v in rules.items())
+        places = [FAMILIES[f].index(v) for f, v in rules.items()]
+        return rules, (*places, max(len(FAMILIES[f]) for f in rules))
     n_families = rng.choice((1, 2))
-    rules = draw(rng)[0] if n_families == 1 else P.draw_from_part(draw, rng, evaluation)
+    rules = draw(rng)[0] if n_families == 1 else P.draw_from_part(draw, rng, evaluation, P.held_out_pair)
     if rng.random() < 0.5:
         return "; ".join(SHORT[f].format(v) for f, v in rules.items()), rules
     return " ".join(LONG[f].format(v) for f, v in rules.items()), rules

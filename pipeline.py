@@ -39,6 +39,8 @@ from pathlib import Path
 tok = importlib.import_module("01_tokenizer")
 UserError = tok.UserError
 
+HELPFUL_ONLY = "reward-helpful"   # 06h's folder inside the run folder
+
 # stage: (script, what the paper calls it, the outputs that say it is done; the JSON comes last)
 STAGES = {
     "01": ("01_tokenizer.py", "Tokenizer (Sec. 2.2)", ["tokenizer.model", "tokenizer.json"]),
@@ -49,6 +51,10 @@ STAGES = {
            ["rm_helpful.pt", "rm_safety.pt", "reward_margins.png", "reward_scaling.png", "reward.json"]),
     "06": ("06_rs_ppo.py", "Rejection sampling and PPO (Sec. 3.2.3, Figures 7-8)",
            ["rs.pt", "ppo.pt", "rs_best_of_n.png", "rs_temperature.png", "ppo_curves.png", "rs_ppo.json"]),
+    # the same chapter with --reward helpful: PPO on the Helpfulness RM alone, from the SFT model, in
+    # a folder of its own (Sec. 3.2.2-3.2.3: why the paper combines two RMs into Rc)
+    "06h": ("06_rs_ppo.py", "PPO on the Helpfulness RM alone: why Rc (Sec. 3.2.2-3.2.3)",
+            [f"{HELPFUL_ONLY}/ppo.pt", f"{HELPFUL_ONLY}/ppo_curves.png", f"{HELPFUL_ONLY}/rs_ppo.json"]),
     "07": ("07_gatt.py", "Ghost Attention (Sec. 3.3, Figures 9-10)",
            ["gatt.pt", "gatt_adherence.png", "gatt_attention.png", "gatt.json"]),
 }
@@ -74,6 +80,8 @@ SMOKE = {
            "--micro-batch", "2", "--batch-tokens", "512", "--warmup-steps", "1", "--log-every", "1",
            "--rules-by-program"],
 }
+SMOKE["06h"] = [x for flag, value in zip(SMOKE["06"][::2], SMOKE["06"][1::2])   # no RS, no figures
+                if not flag.startswith(("--fig", "--rs")) for x in (flag, value)]
 
 
 def stage_args(name, args):
@@ -84,6 +92,12 @@ def stage_args(name, args):
     elif name == "02":
         cmd = ["--tokenizer", str(args.run_dir / "tokenizer.model"), "--json", str(args.run_dir / "model.json"),
                "--device", args.device]
+    elif name == "06h":   # 06's inputs from the run folder, its outputs in a folder of their own
+        cmd = ["--run-dir", str(args.run_dir / HELPFUL_ONLY), "--reward", "helpful", "--no-rs", "--fig-n", "0",
+               "--device", args.device, "--dtype", args.dtype] + (["--compile"] * args.compile)
+        cmd += [x for flag, f in (("--init", "sft.pt"), ("--tokenizer", "tokenizer.model"),
+                                  ("--rm-helpful", "rm_helpful.pt"), ("--rm-safety", "rm_safety.pt"))
+                for x in (flag, str(args.run_dir / f))]
     else:
         cmd = ["--run-dir", run_dir, "--device", args.device, "--dtype", args.dtype] + (["--compile"] * args.compile)
     if name != "01":
@@ -401,8 +415,33 @@ def section_gatt(run_dir):
             table(["model"] + S.LABELS, [chat_row(name, r, S.COLUMNS) for name, r in d["chat"].items()])]
 
 
+# Refusals of harmful requests: the column of 04's table where the two RMs pull apart (answers
+# sampled as PPO samples them, where the careless annotator's "Sure, that is fine." shows), and
+# greedy on 06's held-out red-team prompts.
+REFUSAL_COLUMNS = (("sampled_", "refusal_harmful", "refuses harm (%), sampled", ci),
+                   ("red_team_", "refusal_harmful", "red-team: refuses harm (%)", ci),
+                   ("sampled_", "gold", "gold, sampled", gold_ci))
+
+
+def section_helpful_only(run_dir):
+    combined, helpful = load(run_dir, "rs_ppo.json"), load(run_dir, f"{HELPFUL_ONLY}/rs_ppo.json")
+    row = lambda name, res: (name, *[fmt(res.get(p + c), chat_interval(res, c, p)) for p, c, _, fmt in REFUSAL_COLUMNS])
+    sft = next((d["results"]["SFT"] for d in (combined, helpful) if d and "SFT" in d["results"]), None)
+    rows = [row("SFT", sft)] if sft else []
+    for label, d in (("RS, then PPO, on Rc (06)", combined), ("PPO on the Helpfulness RM alone (06h)", helpful)):
+        if d and "+PPO" in d["results"]:
+            rows.append(row(label, d["results"]["+PPO"]))
+    return ["Why the paper combines two RMs (Sec. 3.2.2-3.2.3): the same PPO with the reward Rc of both "
+            "RMs (chapter 06's run, which starts PPO from the RS model) and with the Helpfulness RM alone "
+            "(06h, `06_rs_ppo.py --reward helpful --no-rs`, from the SFT model). The helpfulness annotator "
+            "prefers a yes to a refusal even when the request is harmful, and so does its RM (each figure "
+            "with its 95% interval over the held-out prompts):",
+            table(["model"] + [label for _, _, label, _ in REFUSAL_COLUMNS], rows),
+            "![PPO on the Helpfulness RM alone](reward-helpful/ppo_curves.png)"]
+
+
 SECTIONS = {"01": section_tokenizer, "02": section_model, "03": section_pretrain, "04": section_sft,
-            "05": section_reward, "06": section_rs_ppo, "07": section_gatt}
+            "05": section_reward, "06": section_rs_ppo, "06h": section_helpful_only, "07": section_gatt}
 
 
 # ----------------------------------------------------------------------------------------
@@ -530,6 +569,29 @@ def effects_rs_ppo(run_dir):
     return rows
 
 
+def effects_helpful_only(run_dir):
+    """PPO on the Helpfulness RM alone refuses harmful requests less often than SFT; RS and PPO on Rc
+    more often (the careless annotator's yes to harmful requests is a tail that Rc removes)."""
+    rows = []
+    helpful_only = load(run_dir, f"{HELPFUL_ONLY}/rs_ppo.json")
+    for stage, d, claim, direction in (
+            ("06", load(run_dir, "rs_ppo.json"),
+             "RS and PPO on Rc refuse harmful requests more often than SFT (sampled answers)", 1),
+            ("06h", helpful_only, "PPO on the Helpfulness RM alone refuses harmful requests less often than SFT "
+                                  "(sampled answers)", -1)):
+        if not (d and {"SFT", "+PPO"} <= set(d["results"])):
+            continue
+        sft, ppo = d["results"]["SFT"], d["results"]["+PPO"]
+        a, b = sft["sampled_refusal_harmful"], ppo["sampled_refusal_harmful"]
+        ia, ib = (chat_interval(r, "refusal_harmful", "sampled_") for r in (sft, ppo))
+        iv = paired_chat_interval(ppo, sft, "refusal_harmful", "sampled_")
+        rows.append(effect(stage, claim, b - a, iv, f"refuses {show(a, ia, '%')} -> {show(b, ib, '%')}; difference "
+                                                   f"{show(b - a, iv, '%', '+')}", unit="%", direction=direction,
+                           figures=[(f"{stage} SFT: refuses harmful, sampled", a, ia, "%"),
+                                    (f"{stage} +PPO: refuses harmful, sampled", b, ib, "%")]))
+    return rows
+
+
 def effects_gatt(run_dir):
     S = importlib.import_module("04_sft")
     g = load(run_dir, "gatt.json")
@@ -559,7 +621,8 @@ def effects_gatt(run_dir):
     return rows
 
 
-EFFECTS = {"03": effects_pretrain, "04": effects_sft, "05": effects_reward, "06": effects_rs_ppo, "07": effects_gatt}
+EFFECTS = {"03": effects_pretrain, "04": effects_sft, "05": effects_reward, "06": effects_rs_ppo,
+           "06h": effects_helpful_only, "07": effects_gatt}
 
 
 def measure_effects(run_dir):
@@ -620,7 +683,7 @@ def write_report(run_dir: Path, timings: dict) -> Path:
 # shows by running again. Stages 04-07 run again with --seed 1 .. N-1, each in a folder of its own
 # that shares 01-03's outputs; seed 0 is the run itself (the chapters' default --seed is 0).
 
-SEEDED = ("04", "05", "06", "07")
+SEEDED = ("04", "05", "06", "06h", "07")
 
 
 def seed_dir(run_dir: Path, seed: int) -> Path:

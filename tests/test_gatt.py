@@ -184,6 +184,19 @@ def test_two_family_instructions_are_split_and_single_ones_shared():
     assert singles[False] == singles[True] and len(singles[True]) == sum(map(len, G.FAMILIES.values()))
     assert all(200 < sum(len(r) == 2 for r in rules) < 400 for rules in drawn.values())   # half combine two
     assert all(any(v in dict(p).values() for p in pairs[False]) for vs in G.FAMILIES.values() for v in vs)
+    # a quarter held out, and no value held out with more than one value of another family: each
+    # value is trained with all but at most one partner of each other family
+    assert len(pairs[True]) == 10 and len(pairs[False]) == 30
+    for (f1, v1), (f2, v2) in pairs[True]:
+        for f, v, other in ((f1, v1, f2), (f2, v2, f1)):
+            held = [p for p in pairs[True] if (f, v) in p and other in dict(p)]
+            trained = [p for p in pairs[False] if (f, v) in p and other in dict(p)]
+            assert len(held) == 1 and len(trained) == len(G.FAMILIES[other]) - 1
+
+
+def test_held_out_pair_is_a_diagonal():
+    assert [(i, j) for i in range(3) for j in range(4) if P.held_out_pair(i, j, 4)] == [(0, 0), (1, 3), (2, 2)]
+    assert sum(P.held_out_pair(i, j, 4) for i in range(4) for j in range(4)) == 4
 
 
 def test_no_evaluation_prompt_occurs_in_the_training_dialogues(tokenizer, monkeypatch):

@@ -87,8 +87,9 @@ def test_an_older_json_without_per_prompt_scores_still_renders(smoke_run, tmp_pa
                         or (k == "n" and isinstance(v, dict)))   # the fields intervals need
     strip = lambda x: ({k: strip(v) for k, v in x.items() if not new(k, v)} if isinstance(x, dict) else
                        [strip(v) for v in x] if isinstance(x, list) else x)
-    for f in run_dir.glob("*.json"):
-        (tmp_path / f.name).write_text(json.dumps(strip(json.loads(f.read_text()))))
+    for f in [*run_dir.glob("*.json"), *(run_dir / pipeline.HELPFUL_ONLY).glob("*.json")]:
+        (tmp_path / f.relative_to(run_dir)).parent.mkdir(exist_ok=True)
+        (tmp_path / f.relative_to(run_dir)).write_text(json.dumps(strip(json.loads(f.read_text()))))
     for f in [f for _, _, outputs in pipeline.STAGES.values() for f in outputs if not f.endswith(".json")]:
         (tmp_path / f).write_bytes(b"")
     pipeline.main(["--run-dir", str(tmp_path), "--report-only"])
@@ -109,7 +110,7 @@ def test_seeds_rerun_the_stochastic_stages_and_tell_the_spread(smoke_run):
     assert not (folder / "rm_helpful.pt").exists()   # --only 04
     seeds = json.loads((run_dir / "seeds.json").read_text())
     assert seeds["seeds"] == [0, 1] and seeds["folders"] == [".", "seed-1"]
-    assert {e["stage"] for e in seeds["effects"]} == {"04", "05", "06", "07"}
+    assert {e["stage"] for e in seeds["effects"]} == {"04", "05", "06", "06h", "07"}
     sft = next(e for e in seeds["effects"] if e["stage"] == "04")
     assert None not in sft["values"] and sft["range"][0] <= sft["mean"] <= sft["range"][1]
     assert len(sft["intervals"]) == 2 and sft["held_in_every_seed"] == all(e == "yes, clear of its interval"
@@ -192,3 +193,29 @@ def test_ctrl_c_in_a_stage_says_where_the_pipeline_stopped(tmp_path, monkeypatch
                                                 r"again .* --resume\)"):
         pipeline.run_stage("04", args, print)
     assert not (tmp_path / "sft.json").exists()   # new checkpoints never sit beside an old 'finished' JSON
+
+
+def test_the_reward_switch_effects_read_refusals_the_right_way(smoke_run, tmp_path):
+    """06h's effect: PPO on the Helpfulness RM alone lowers refusals of harmful requests; 06's: RS and
+    PPO on Rc raise them. Refusals set by hand in copies of the smoke run's JSONs (40 harmful prompts)."""
+    run_dir, _ = smoke_run
+
+    def with_refusals(src, dst, before, after):
+        d = json.loads(src.read_text())
+        for name, share in (("SFT", before), ("+PPO", after)):
+            n = 40
+            per = {"kind": ["harmful"] * n + ["benign"] * n, "gold": [0.5] * 2 * n, "careless": [0.0] * 2 * n,
+                   "refused": [1.0] * round(share * n) + [0.0] * (n - round(share * n)) + [0.0] * n}
+            d["results"][name].update(sampled_per_prompt=per, sampled_refusal_harmful=share)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text(json.dumps(d))
+
+    with_refusals(run_dir / "rs_ppo.json", tmp_path / "rs_ppo.json", 0.7, 0.9)
+    with_refusals(run_dir / pipeline.HELPFUL_ONLY / "rs_ppo.json", tmp_path / pipeline.HELPFUL_ONLY / "rs_ppo.json",
+                  0.7, 0.1)
+    rows = {e["stage"]: e for e in pipeline.effects_helpful_only(tmp_path)}
+    assert rows["06"]["value"] == pytest.approx(0.2) and rows["06"]["side"] == "clear"
+    assert rows["06h"]["value"] == pytest.approx(-0.6) and rows["06h"]["side"] == "clear"
+    with_refusals(run_dir / pipeline.HELPFUL_ONLY / "rs_ppo.json", tmp_path / pipeline.HELPFUL_ONLY / "rs_ppo.json",
+                  0.7, 0.95)   # the Helpfulness RM alone raising refusals would be the other way
+    assert pipeline.effects_helpful_only(tmp_path)[1]["side"] == "other way"

@@ -132,6 +132,31 @@ def test_safety_score_by_hand():
     assert red.kind in ("harmful", "benign") and red.answer and (red.kind == "harmful") == (red.target == "")
 
 
+def test_the_two_annotators_disagree_on_harmful_requests_only():
+    """Sec. 3.2.2: a complete answer to an unsafe request is helpful and unsafe. The helpfulness
+    annotator ranks complying above refusing where the safety annotator ranks it below; on every
+    other prompt they agree with 04's gold score."""
+    world, rng = P.make_world(0), random.Random(5)
+    harm = S.make_task(world, "harmful", rng)
+    comply, refuse = f"Sure, to {R.act_of(harm)} is fine: it harms no one.", harm.answer
+    assert R.helpfulness_score(harm, comply) == 1.0 and R.helpfulness_score(harm, refuse) == 0.0
+    assert R.safety_score(harm, comply) == 0.0 and R.safety_score(harm, refuse) == 1.0
+    assert S.rate(harm, comply, refuse, R.helpfulness_score)[0] == 0       # comply preferred
+    assert S.rate(harm, comply, refuse, R.safety_score)[0] == 1            # refuse preferred
+    assert R.helpfulness_score(harm, "Sure, that is fine.") == 0.5   # a vague yes: half the help
+    for kind in ("arithmetic", "fact", "list", "benign"):
+        task = S.make_task(world, kind, rng)
+        for answer in (task.answer, "I cannot help with that.", "nonsense"):
+            assert R.helpfulness_score(task, answer) == S.gold_score(task, answer)
+
+
+def test_the_helpfulness_set_holds_adversarial_prompts():
+    world, rng = P.make_world(0), random.Random(0)
+    kinds = [R.helpful_task(world, rng).kind for _ in range(2000)]
+    adversarial = sum(k in ("harmful", "benign") for k in kinds) / len(kinds)
+    assert abs(adversarial - R.ADVERSARIAL_SHARE) < 0.04 and "harmful" in kinds
+
+
 def test_collect_agrees_with_the_annotator(monkeypatch, tokenizer):
     """Two canned 'model variants': the cold one answers with the reference, the hot one with a
     near miss or the same text. Every comparison must be what S.rate says, ties dropped."""
@@ -188,7 +213,7 @@ def test_no_test_prompt_occurs_in_the_training_pairs():
 def test_mix_follows_the_paper():
     helpful, safety = list(range(100)), list(range(1000, 1045))
     mixed = R.mix(helpful, safety, "helpful", "paper")
-    assert mixed == helpful + safety[:45]          # all helpfulness data + as much safety (capped)
+    assert mixed == helpful + safety[:11]          # all helpfulness data, 90%; safety data 10%
     mixed = R.mix(helpful, safety, "safety", "paper")
     assert mixed == safety + helpful[:5]           # 90% safety, 10% helpfulness
     assert R.mix(helpful, safety, "safety", "none") == safety
@@ -315,3 +340,10 @@ def test_careless_split_groups_the_test_pairs(monkeypatch):
     assert out == {"one careless answer": (0.2, 2), "two careful answers": (0.2, 2),
                    "two careful answers to a sum": (0.1, 1)}
     assert seen == {0: [0, 4], 1: [1, 2], 2: [1]}
+
+
+def test_warmup_steps_zero_is_kept():
+    """--warmup-steps 0 means no warm-up, not the default (an `or` once replaced it)."""
+    assert R.warmup_steps(0, 54) == 0
+    assert R.warmup_steps(None, 54) == 5 and R.warmup_steps(None, 1000) == 30
+    assert R.warmup_steps(7, 54) == 7

@@ -203,19 +203,17 @@ def test_careless_annotator_writes_a_worse_answer_a_fifth_of_the_time():
         for _ in range(10):
             t = S.make_task(world, kind, rng)
             sloppy = S.careless_answer(t)
-            if kind == "harmful":   # everyone refuses a harmful request as the reference does
-                assert sloppy == t.answer and not S.is_careless(sloppy)
-                continue
             assert S.is_careless(sloppy) and not S.is_careless(t.answer)
             assert S.gold_score(t, sloppy) < 1.0
+            if kind == "harmful":   # a vague yes without reading the act: unsafe
+                assert not S.is_safe(t, sloppy) and S.gold_score(t, sloppy) == 0.0
     assert S.is_careless(" I am not sure about Mira Vell. ") and not S.is_careless("I am not sure.")
     by_share = {}
     for share in (0.0, S.CARELESS_SHARE):
         dialogs = S.sft_dialogs(world, 2000, seed=0, careless_share=share)
         answers = [m["content"] for d in dialogs for m in d if m["role"] == "assistant"]
         by_share[share] = sum(map(S.is_careless, answers)) / len(answers)
-    expected = S.CARELESS_SHARE * (1 - S.KINDS["harmful"])
-    assert by_share[0.0] == 0.0 and abs(by_share[S.CARELESS_SHARE] - expected) < 0.03
+    assert by_share[0.0] == 0.0 and abs(by_share[S.CARELESS_SHARE] - S.CARELESS_SHARE) < 0.03
 
 
 def test_evaluate_chat_grades_every_sample(monkeypatch):
