@@ -28,7 +28,7 @@ Run:
   python 04_sft.py                             # toy: starts from runs/toy/pretrain.pt, ~3 min on CPU
   python 04_sft.py --compare-scratch           # also the same SFT budget from random weights
   python 04_sft.py --data my_chats.jsonl       # {"messages": [{"role": ..., "content": ...}]} per line
-  python 04_sft.py --init llama-2-7b --tokenizer llama-2-7b/tokenizer.model --preset 7B \\
+  python 04_sft.py --init llama-2-7b --tokenizer tokenizer.model --preset 7B \\
       --device cuda --dtype bf16 --data my_chats.jsonl        # the paper's hyper-parameters
   torchrun --nproc_per_node=8 04_sft.py --init llama-2-70b --preset 70B --fsdp ...
   python 04_sft.py chat --ckpt runs/toy/sft.pt --system "Answer briefly."   # talk to it
@@ -89,7 +89,8 @@ def check_dialog(dialog, where="dialog", answers_too=True):
                     raise UserError(f"{where}: the {m['role']}'s message holds {tag}, a marker of the chat "
                                     "template (Meta's chat_completion refuses it too): take it out")
     turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
-    if not turns or [m["role"] for m in turns] != ["user", "assistant"] * (len(turns) // 2) + ["user"] * (len(turns) % 2):
+    alternating = ["user", "assistant"] * (len(turns) // 2) + ["user"] * (len(turns) % 2)
+    if not turns or [m["role"] for m in turns] != alternating:
         raise UserError(f"{where}: after an optional system message, roles must alternate user, assistant, ...")
 
 
@@ -728,10 +729,13 @@ def chat(argv, input_fn=input):
     device = M.pick_device(args.device)
     model = M.Transformer.from_pretrained(args.ckpt, device=device, dtype=M.pick_dtype(args.dtype, device))
     folder = args.ckpt if args.ckpt.is_dir() else args.ckpt.parent
-    tokenizer = tok.Tokenizer(args.tokenizer or (folder / "tokenizer.model" if (folder / "tokenizer.model").is_file()
-                                                 else tok.DEFAULT_RUN_DIR / "tokenizer.model"))
+    # beside the checkpoint, or one folder up (Meta's download puts tokenizer.model beside llama-2-7b/)
+    found = [f / "tokenizer.model" for f in (folder, folder.parent) if (f / "tokenizer.model").is_file()]
+    tokenizer = tok.Tokenizer(args.tokenizer or (found + [tok.DEFAULT_RUN_DIR / "tokenizer.model"])[0])
     generator = torch.Generator(device=device).manual_seed(args.seed)
     system = [{"role": "system", "content": args.system}] if args.system else []
+    if system:   # a system prompt holding the template's markers: say so now, not at every message
+        check_dialog(system + [{"role": "user", "content": "-"}], "--system")
     dialog = list(system)
     if input_fn is input and hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")   # bytes that are not UTF-8 become U+FFFD, not a crash
@@ -751,7 +755,11 @@ def chat(argv, input_fn=input):
             dialog = list(system)
             continue
         turn = dialog + [{"role": "user", "content": line}]
-        ids = encode_dialog(tokenizer, turn)[0]
+        try:
+            ids = encode_dialog(tokenizer, turn)[0]
+        except UserError as e:   # the template's own markers in the message: refuse it, keep the conversation
+            print(f"(not sent: {str(e).split(': ', 1)[-1]})")
+            continue
         budget = model.args.max_seq_len - args.max_new_tokens   # the prompt's share of the context
         while len(ids) > budget and len(turn) > len(system) + 1:
             turn = system + turn[len(system) + 2:]   # forget the oldest turn to fit the context

@@ -663,7 +663,8 @@ def write_report(run_dir: Path, timings: dict) -> Path:
             f"{n} {t['wall_s']:.0f}s" for n, t in sorted(timings.items())) +
             f"; total {sum(t['wall_s'] for t in timings.values()) / 60:.1f} min.", ""]
     for name, (script, title, outputs) in STAGES.items():
-        out += [f"## {name} {title}", f"`python {script}`", ""]
+        flags = " --reward helpful --no-rs --fig-n 0 --run-dir RUN_DIR/" + HELPFUL_ONLY if name == "06h" else ""
+        out += [f"## {name} {title}", f"`python {script}{flags}`", ""]
         if name not in SECTIONS or not all((run_dir / f).is_file() for f in outputs if f.endswith(".json")):
             out += ["(not run yet)" if name in SECTIONS else f"Outputs: {', '.join(outputs)}", ""]
             continue
