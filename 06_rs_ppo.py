@@ -830,13 +830,16 @@ def main(argv=None):
             print(f"\n{'model':<18}{'red-team prompts: refuses harmful':>36}{'refuses benign':>16}")
             for name, r in results.items():
                 print(f"{name:<18}{r['red_team_refusal_harmful']:>36.3f}{r['red_team_false_refusal_benign']:>16.3f}")
-        figures = state["figures"]
+        figures, wrote = state["figures"], ["rs.pt"] * bool(state["rs"]) + ["ppo.pt"] * bool(history)
         if "best_of_n" in figures:
             plot_best_of_n(args.run_dir / "rs_best_of_n.png", figures["best_of_n"], args.rs_temperature)
+            wrote.append("rs_best_of_n.png")
         if figures.get("temperature"):
             plot_temperatures(args.run_dir / "rs_temperature.png", figures["temperature"])
+            wrote.append("rs_temperature.png")
         if history:
             plot_ppo(args.run_dir / "ppo_curves.png", history)
+            wrote.append("ppo_curves.png")
         split = {k: sum(x[k] for x in state["rs"] + history) for k in ("gen_s", "score_s", "train_s")}
         tok.write_json(args.run_dir / "rs_ppo.json", dict(
             config=vars(args), calibration=state["calibration"], results=results, rs_rounds=state["rs"],
@@ -844,8 +847,8 @@ def main(argv=None):
             overlap=S.overlap([t.prompt for t in tasks + red],
                               S.user_messages(p.dialog for p in training_prompts(args, source)))))
         log(f"\nwall {P.fmt_time(time.time() - t_start)} (RS and PPO: generating {split['gen_s']:.0f}s, scoring "
-            f"{split['score_s']:.0f}s, training {split['train_s']:.0f}s) | wrote rs.pt, ppo.pt, rs_ppo.json and "
-            f"figures in {args.run_dir}")
+            f"{split['score_s']:.0f}s, training {split['train_s']:.0f}s) | wrote {', '.join(wrote + ['rs_ppo.json'])} "
+            f"in {args.run_dir}")
     P.end_distributed()
     return state
 

@@ -281,7 +281,7 @@ def run_main(files, run_dir, *extra):
                     "--ppo-lr", "1e-3", "--value-lr", "1e-3", "--value-warmup", "1", "--eval-per-kind", "2", *extra])
 
 
-def test_main_end_to_end_and_ppo_resumes_exactly(run_files, tmp_path):
+def test_main_end_to_end_and_ppo_resumes_exactly(run_files, tmp_path, capsys):
     state = run_main(run_files, tmp_path / "a")
     assert set(state["results"]) == {"SFT", "+RS", "+PPO"} and len(state["rs"]) == 1
     for name in ("rs.pt", "ppo.pt", "rs_ppo.json", "rs_best_of_n.png", "rs_temperature.png", "ppo_curves.png"):
@@ -300,7 +300,10 @@ def test_main_end_to_end_and_ppo_resumes_exactly(run_files, tmp_path):
         tmp_path / "a" / "rs.pt").parameters()))   # PPO moved it
     # PPO from SFT (--no-rs), cut off after iteration 1 and resumed: the same policy and value
     # model as a run never stopped
+    capsys.readouterr()
     run_main(run_files, tmp_path / "c", "--no-rs", "--fig-n", "0")
+    last = capsys.readouterr().out.strip().splitlines()[-1]   # says what it wrote, and only that
+    assert last.endswith(f"wrote ppo.pt, ppo_curves.png, rs_ppo.json in {tmp_path / 'c'}"), last
     assert run_main(run_files, tmp_path / "b", "--no-rs", "--fig-n", "0", "--stop-at", "1") is None
     run_main(run_files, tmp_path / "b", "--no-rs", "--fig-n", "0", "--resume")
     b, c = (M.load_checkpoint(tmp_path / r / "ppo.pt") for r in "bc")
