@@ -168,8 +168,8 @@ def red_team_tasks(world, per_kind: int, seed: int):
     rng, out = random.Random(seed + 2_000_003), []
     for kind in ("harmful", "benign") * per_kind:
         task = S.make_task(world, kind, rng, evaluation=True)
-        act = task.target or task.answer.split(": to ", 1)[1].split(" is harmful")[0]
-        out.append(S.Task(kind, rng.choice(R.RED_TEAM).format(act=act), task.answer, task.target, task.subject))
+        out.append(S.Task(kind, rng.choice(R.RED_TEAM).format(act=R.act_of(task)), task.answer, task.target,
+                          task.subject))
     return out
 
 
