@@ -335,11 +335,17 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
 # no padding ever enters attention, and the KV cache makes each step cheap.
 
 def sample_categorical(probs, generator=None):
-    """One draw per row from probs. argmax(p / E) with E ~ Exponential(1) is an
-    exact sample (the exponential race, a cousin of the Gumbel-max trick) and on
-    CPU is several times cheaper than torch.multinomial over a whole vocabulary."""
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / race).argmax(dim=-1)
+    """One draw per row from probs (rows need not sum to 1), by inverting the cumulative
+    distribution: draw u uniform on [0, total) and take the first token whose cumulative
+    probability exceeds it. One random number per row, where the Gumbel-max trick or
+    torch.multinomial draw one per vocabulary entry (~25x slower on a CPU at batch 64)."""
+    cumulative = probs.cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype) * total
+    # u < total even after rounding, so the first cumulative value above u is a token with
+    # probability > 0 (a zero-probability token repeats its predecessor's cumulative value)
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cumulative, u, right=True).squeeze(-1)
 
 
 def sample_top_p(probs, p: float, generator=None):
@@ -358,7 +364,9 @@ def sample_top_p(probs, p: float, generator=None):
 def generate(model, prompt_tokens, max_gen_len: int, temperature: float = 0.6,
              top_p: float = 0.9, eos_id: Optional[int] = None, generator=None):
     """prompt_tokens: list of token-id lists. Returns the generated ids of each
-    prompt (prompt excluded), cut after the first eos_id. temperature 0 = greedy."""
+    prompt (prompt excluded), at most max_gen_len of them and cut before the first
+    eos_id. temperature 0 = greedy. Every answer has the same room: max_gen_len, or
+    less where the longest prompt leaves less of the model's context."""
     if max_gen_len < 1:   # else total_len falls to the prompt's length and the error below blames the prompts
         raise UserError(f"max_gen_len {max_gen_len}: must be >= 1 (the number of tokens to generate)")
     bsz = len(prompt_tokens)
@@ -368,27 +376,36 @@ def generate(model, prompt_tokens, max_gen_len: int, temperature: float = 0.6,
     total_len = min(model.args.max_seq_len, max_len + max_gen_len)
     if min_len == 0 or max_len >= total_len:
         raise UserError(f"prompts must hold 1 to {model.args.max_seq_len - 1} tokens (got {min_len}-{max_len})")
+    # Prompts are padded on the left, so that all of them end at column max_len: one forward
+    # reads every prompt whole (the prefill) and each later step adds one token to every row.
+    # (Meta's generate pads on the right and feeds the longer prompts one token a step from
+    # the shortest one's end; with 07's multi-turn histories, most steps did only that.)
+    # A row's tokens sit at positions shifted by its padding. That changes no attention
+    # score: after RoPE, q.k depends only on the offset between two positions.
     tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)
-    is_prompt = torch.zeros((bsz, total_len), dtype=torch.bool, device=device)
     for i, t in enumerate(prompt_tokens):
-        tokens[i, :len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-        is_prompt[i, :len(t)] = True
+        tokens[i, max_len - len(t):max_len] = torch.tensor(t, dtype=torch.long, device=device)
+    pad = torch.tensor([max_len - len(t) for t in prompt_tokens], device=device)
+    column = torch.arange(total_len, device=device)
+    is_token = column[None, :] >= pad[:, None]                     # (bsz, total_len): False on padding
 
     eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
     model.setup_cache(bsz, total_len)
     try:
         prev_pos = 0
-        for cur_pos in range(min_len, total_len):
-            logits = model(tokens[:, prev_pos:cur_pos], prev_pos)[:, -1]
+        for cur_pos in range(max_len, total_len):
+            # a query sees the tokens at or before it, never padding; a padding query sees
+            # itself only, which keeps its softmax finite (its output is never read)
+            q, k = column[prev_pos:cur_pos, None], column[None, :cur_pos]
+            mask = (k <= q) & is_token[:, None, :cur_pos] | (k == q)   # (bsz, seq, cur_pos)
+            logits = model(tokens[:, prev_pos:cur_pos], prev_pos, mask[:, None])[:, -1]
             if temperature > 0:
                 next_token = sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
             else:
                 next_token = logits.argmax(dim=-1)
-            if cur_pos < max_len:   # a longer prompt still runs here: its own token stays
-                next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
             if eos_id is not None:
-                eos_reached |= ~is_prompt[:, cur_pos] & (next_token == eos_id)
+                eos_reached |= next_token == eos_id
                 if eos_reached.all():
                     break
             prev_pos = cur_pos
@@ -396,8 +413,7 @@ def generate(model, prompt_tokens, max_gen_len: int, temperature: float = 0.6,
         model.clear_cache()
 
     out = []
-    for i, t in enumerate(prompt_tokens):
-        gen = tokens[i, len(t):min(len(t) + max_gen_len, cur_pos + 1)].tolist()
+    for gen in tokens[:, max_len:cur_pos + 1].tolist():
         if eos_id is not None and eos_id in gen:
             gen = gen[:gen.index(eos_id)]
         out.append(gen)

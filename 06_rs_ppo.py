@@ -177,14 +177,15 @@ def sample_answers(model, tokenizer, prompts, n: int, max_new: int, temperature:
                    batch_size: int = 64):
     """n answers per prompt (consecutive), as (token ids, finished). 02's generate (batched, KV
     cache) at top-p 1, so PPO's log-probs are those of the distribution sampled from. generate
-    drops the EOS: an answer shorter than the room it had ended with one, so it is put back."""
+    drops the EOS: an answer shorter than the room it had (the same for a whole batch) ended with
+    one, so it is put back."""
     ids = [S.encode_dialog(tokenizer, p.dialog)[0] for p in prompts for _ in range(n)]
     out = []
     for i in range(0, len(ids), batch_size):
         chunk = ids[i:i + batch_size]
-        room = min(model.args.max_seq_len, max(map(len, chunk)) + max_new)
+        room = min(model.args.max_seq_len - max(map(len, chunk)), max_new)
         for p, g in zip(chunk, M.generate(model, chunk, max_new, temperature, 1.0, tokenizer.eos_id, generator)):
-            finished = len(g) < min(max_new, room - len(p))
+            finished = len(g) < room
             out.append((p, g + [tokenizer.eos_id] * finished, finished))
     return out   # [(prompt ids, answer ids, finished)]
 

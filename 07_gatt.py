@@ -224,9 +224,6 @@ def converse(model, tokenizer, instructions, users, every_turn: bool, temperatur
             text = with_instruction(instructions[i], users[i][t]) if every_turn else users[i][t]
             dialogs[i].append({"role": "user", "content": text})
         prompts = {i: fit(tokenizer, dialogs[i], model.args.max_seq_len - max_new_tokens) for i in active}
-        # batches of similar lengths: 02's generate feeds a batch's prompts one token a step
-        # from the shortest one's end, so a spread of lengths costs steps
-        active.sort(key=lambda i: len(S.encode_dialog(tokenizer, prompts[i])[0]))
         answers = S.answer_all(model, tokenizer, [prompts[i] for i in active], max_new_tokens, batch_size,
                                temperature, 0.9, generator)
         for i, answer in zip(active, answers):

@@ -126,7 +126,7 @@ def test_flops_per_token_counts_matmul_weights():
 
 def test_generate_batched_prompts_match_single_prompts():
     model = micro_model()
-    prompts = [[1, 5, 9, 33], [1, 7], [1, 2 + 40, 11, 12, 13, 14]]
+    prompts = [[1, 5, 9, 33], [1, 7], [1, 2 + 40, 11, 12, 13, 14], [1]]   # padded by 2, 4, 0, 5
     batched = M.generate(model, prompts, 12, temperature=0.0)
     singles = [M.generate(model, [p], 12, temperature=0.0)[0] for p in prompts]
     assert batched == singles
@@ -136,6 +136,14 @@ def test_generate_batched_prompts_match_single_prompts():
     logits = model(torch.tensor([seq]))[0]
     for i in range(len(prompts[0]), len(seq)):
         assert seq[i] == logits[i - 1].argmax().item()
+
+
+def test_generate_gives_every_answer_the_room_the_longest_prompt_leaves():
+    model = micro_model()
+    room = MICRO.max_seq_len - 20
+    outs = M.generate(model, [[1] * 20, [1, 5]], room + 10, temperature=0.0)
+    assert [len(o) for o in outs] == [room, room]
+    assert outs[1] == M.generate(model, [[1, 5]], room, temperature=0.0)[0]
 
 
 def test_generate_stops_at_eos_and_sampling_is_seeded():
@@ -156,13 +164,22 @@ def test_top_p_keeps_only_the_nucleus():
     assert draws == {0, 1}      # 0.5 < 0.7, so the second token is needed; the third is not
 
 
-def test_exponential_race_samples_the_distribution():
+def test_inverse_cdf_samples_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05]).repeat(40000, 1)
     draws = M.sample_categorical(probs, torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     # standard error of each frequency is at most 0.0025; 0.01 is four of them
     assert torch.allclose(freq, probs[0], atol=0.01), freq
     assert set(M.sample_top_p(probs[:50].clone(), 1.0).tolist()) <= {0, 1, 2, 3}
+
+
+def test_a_token_of_probability_zero_is_never_drawn(monkeypatch):
+    # unnormalised rows, zeros inside and at both ends (top-p leaves zeros at the end)
+    probs = torch.tensor([0.0, 2.0, 0.0, 2.0, 0.0]).repeat(2000, 1)
+    assert set(M.sample_categorical(probs, torch.Generator().manual_seed(0)).tolist()) == {1, 3}
+    # u at the very top of its range: rounding could put it at the total, past the last token
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.ones(shape, dtype=kw.get("dtype")))
+    assert M.sample_categorical(probs[:3]).tolist() == [3, 3, 3]
 
 
 def test_our_checkpoint_round_trip(tmp_path):
