@@ -4,9 +4,12 @@ Find it, fix it here, and the checker's test for that function passes:
     python exercises/check.py bug_sft_learns_prompt
 The docstring says what the function should do and what the bug does to a run; the checker's
 failure message shows where the output first differs from the chapter's. Each name is
-bug_<what goes wrong>; the chapter function it copies is named in the checker's list.
+bug_<what goes wrong>; the chapter function it copies is named in the checker's list. What the bug
+does to a short run, measured with the chapter's function and with the copy side by side:
+    python exercises/effects.py bug_sft_learns_prompt
 """
 import importlib
+import time
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +81,69 @@ def bug_score_on_pad(logp, ref_logp, score, mask, beta: float):
     rewards = -beta * kl
     rewards[:, -1] += score
     return rewards, kl.sum(1)
+
+
+def bug_kl_against_the_sampler(args, policy, value_model, ref, reward, sampler, tokenizer, prompts, seed, opts, runners, amp,
+             train_policy=True):
+    """06's ppo_step: one PPO iteration: rollouts, their rewards (the score, and the KL penalty
+    against ref, the frozen SFT model) and advantages, then one gradient step per mini-batch.
+    In a run: the KL is taken against the wrong policy, so it is exactly 0 at every token: the
+    log reads KL 0.000 at every iteration while the policy drifts from the SFT model unchecked,
+    and the penalty that keeps it where the reward model is trustworthy (Sec. 3.2.3) does nothing."""
+    t0, device = time.time(), next(policy.parameters()).device
+    sampler.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    samples = RL.sample_answers(sampler, tokenizer, prompts, 1, args.max_new_tokens, args.ppo_temperature, generator)
+    t_gen = time.time() - t0
+
+    # Score and evaluate the old policy, the reference and the values, in the micro-batches the
+    # first update will use (same rows, same shapes): its ratio is then exactly 1.
+    judged = reward(samples, prompts)
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
+    samples, prompts = [samples[i] for i in order], [prompts[i] for i in order]
+    score = judged["score"][order].to(device)
+    tokens, real, mask, start = RL.rollout_batch(samples, reward.pad_id, device)
+    chunks = [slice(i, i + args.ppo_micro_batch) for i in range(0, len(samples), args.ppo_micro_batch)]
+    with torch.no_grad(), amp():
+        old_logp, ref_logp, old_values = (torch.cat([f(c) for c in chunks]) for f in (
+            lambda c: RL.answer_logprobs(runners[0], tokens[c], real[c], start, args.ppo_temperature),
+            lambda c: RL.answer_logprobs(sampler, tokens[c], real[c], start, args.ppo_temperature),
+            lambda c: RL.answer_values(runners[1], tokens[c], real[c], start).float()))
+    rewards, kl = RL.kl_rewards(old_logp, ref_logp, score, mask, args.kl_beta)
+    advantages, returns = RL.gae(rewards, old_values, mask, args.gamma, args.lam)
+    advantages = RL.masked_whiten(advantages, mask)   # over the batch's valid tokens
+    t_score = time.time() - t0 - t_gen
+
+    policy.train(), value_model.train()
+    per_mini = args.ppo_mini_batch // args.world_size // args.ppo_micro_batch   # micro-batches per step
+    logs = []
+    for epoch in range(args.ppo_epochs):
+        if epoch:   # later epochs reshuffle the micro-batches
+            shuffle = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed + epoch))
+            chunks = [chunks[i] for i in shuffle]
+        for first in range(0, len(chunks), per_mini):
+            group = chunks[first:first + per_mini]
+            for c in group:
+                with amp():
+                    logp = RL.answer_logprobs(runners[0], tokens[c], real[c], start, args.ppo_temperature)
+                    pg_loss, stats = RL.ppo_policy_loss(logp, old_logp[c], advantages[c], mask[c], args.clip_eps)
+                    values = RL.answer_values(runners[1], tokens[c], real[c], start).float()
+                    v_loss = RL.value_loss(values, old_values[c], returns[c], mask[c], args.value_clip)
+                if train_policy:
+                    (pg_loss / len(group)).backward()
+                (v_loss / len(group)).backward()
+                logs.append(dict(policy_loss=pg_loss.item(), value_loss=v_loss.item(), **stats))
+            for model, opt in list(zip((policy, value_model), opts))[not train_policy:]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    mean = lambda key: sum(x[key] for x in logs) / len(logs)
+    return dict(reward=score.mean().item(), rc=judged["rc"].mean().item(), kl=kl.mean().item(),
+                **RL.rollout_stats(tokenizer, prompts, samples),
+                answer_len=mask.sum(1).mean().item(), finished=sum(f for *_, f in samples) / len(samples),
+                **{k: mean(k) for k in ("policy_loss", "value_loss", "clip_frac", "approx_kl", "ratio")},
+                **{f"first_{k}": logs[0][k] for k in ("ratio", "approx_kl", "max_log_ratio")},
+                gen_s=t_gen, score_s=t_score, train_s=time.time() - t0 - t_gen - t_score)
 
 
 def bug_gae_past_eos(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):

@@ -182,12 +182,13 @@ PPO_ARGS = dict(ppo_micro_batch=4, ppo_mini_batch=4, world_size=1, ppo_epochs=1,
                 ppo_temperature=0.7, kl_beta=0.1, gamma=1.0, lam=0.95, clip_eps=0.2, value_clip=0.2, grad_clip=1.0)
 
 
-def ppo_entry(patch):
+def ppo_entry(patch, reference_seed=None):
     """One micro PPO iteration (06's ppo_step: 8 rollouts of 6 tokens, 2 mini-batches), with patch
-    swapped into 06: its log entry."""
+    swapped into 06: its log entry. The reference is a copy of the policy, or with reference_seed
+    another micro model (so that the KL is not 0)."""
     tk = tokenizer()
     policy, value = micro(M.Transformer, tk.n_words), micro(R.RewardModel, tk.n_words, seed=3)
-    ref = copy.deepcopy(policy)
+    ref = copy.deepcopy(policy) if reference_seed is None else micro(M.Transformer, tk.n_words, reference_seed)
     reward = RL.Reward(micro(R.RewardModel, tk.n_words, 1), micro(R.RewardModel, tk.n_words, 2), 0, tk.eos_id)
     opts = [P.configure_optimizer(m, 1e-2, 0.1, (0.9, 0.95), 1e-5, torch.device("cpu")) for m in (policy, value)]
     prompts = RL.draw_prompts(P.make_world(0), 8, seed=0)
@@ -210,6 +211,17 @@ def ppo_matches(patch, what):
     expected = reference_ppo_entry()
     expect(f"a micro PPO iteration with your {what}", {k: entry[k] for k in keys}, {k: expected[k] for k in keys},
            atol=1e-4, rtol=1e-3)
+
+
+def check_ppo_step(f, ref):
+    """A whole micro PPO iteration with f in ppo_step's place, against the chapter's. The
+    reference is another micro model than the policy: with a copy, the KL would be 0 whatever
+    model the code took it against."""
+    keys = ("reward", "kl", "policy_loss", "value_loss", "first_ratio", "first_approx_kl", "ratio", "approx_kl")
+    got = ppo_entry({"ppo_step": f}, reference_seed=4)
+    expected = ppo_entry({"ppo_step": ref}, reference_seed=4)
+    expect("a micro PPO iteration with your ppo_step (the reference another micro model than the policy)",
+           {k: got[k] for k in keys}, {k: expected[k] for k in keys}, atol=1e-4, rtol=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -568,9 +580,14 @@ BUGS = [("bug_rope_rotates_halves", "apply_rotary_emb"), ("bug_mask_without_cach
         ("bug_sft_learns_prompt", "encode_dialog"), ("bug_loss_diluted_by_padding", "masked_lm_loss"),
         ("bug_margin_sign", "ranking_loss"), ("bug_kl_sign", "kl_rewards"), ("bug_score_on_pad", "kl_rewards"),
         ("bug_gae_past_eos", "gae"), ("bug_logprobs_without_temperature", "answer_logprobs"),
-        ("bug_pad_is_eos", "rollout_batch"), ("bug_gatt_learns_every_answer", "gatt_example")]
+        ("bug_pad_is_eos", "rollout_batch"), ("bug_gatt_learns_every_answer", "gatt_example"),
+        ("bug_kl_against_the_sampler", "ppo_step")]
+# Checks that catch a bug hunt but are no exercise: 06's ppo_step, sixty lines of plumbing around
+# the exercises, is read to find a bug in, not written.
+BUG_ONLY = {"ppo_step": E("ppo_step", "bugs", "", "06_rs_ppo", "ppo_step", check_ppo_step,
+                          "tests/test_rs_ppo.py -k first_ppo", "python 06_rs_ppo.py --no-rs (PPO)")}
 for bug, of in BUGS:
-    BY_NAME[bug] = replace(BY_NAME[of], name=bug, file="bugs", attr=bug)
+    BY_NAME[bug] = replace(BY_NAME.get(of) or BUG_ONLY[of], name=bug, file="bugs", attr=bug)
 
 
 def hint_of(ex):
@@ -654,7 +671,8 @@ def main(argv=None):
                 if ex.file != "bugs":
                     print(f"  hint: {hint_of(ex)}")
                 else:
-                    print(f"  the bug is in exercises/bugs.py:{name}; its docstring says what it does to a run")
+                    print(f"  the bug is in exercises/bugs.py:{name}; its docstring says what it does to a run, "
+                          f"and `python exercises/effects.py {name}` measures it")
         else:
             print(f"{'PASS' if passed else 'FAIL'}  {label:58s} {message[:200]}")
     n_pass = sum(p for _, p, _ in results)
