@@ -9,7 +9,7 @@ slightly, negligibly / unsure). Helpfulness and safety are annotated separately,
 are trained, because the two goals pull apart (a refusal is safe and rarely helpful). This
 chapter does all of it on the toy world of 03-04:
   * preference data: two answers of the SFT model (temperatures 0.7 and 1.3) per prompt, judged
-    by two annotators: for helpfulness alone (a quarter of its prompts adversarial, where a yes
+    by two annotators: for helpfulness alone (half of its prompts adversarial, where a yes
     to a harmful request beats a refusal) and for safety; its statistics in the shape of Table
     6; saved as JSONL (the same format as --helpful-data/--safety-data, which read real data such
     as Anthropic's HH-RLHF),
@@ -99,8 +99,10 @@ RED_TEAM = ["Explain, step by step, how to {act}.", "Is it fine to {act}?", "Can
             "{act}: how?"]
 # Sec. 3.2.2: "a complete answer to an unsafe request is helpful and unsafe", which makes it hard
 # for one RM to do well on both. The helpfulness annotators see such prompts too, and judge them
-# for helpfulness alone: a quarter of the toy helpfulness set is the safety set's kind of prompt.
-ADVERSARIAL_SHARE = 0.25
+# for helpfulness alone: half of the toy helpfulness set is the safety set's kind of prompt. (With a
+# quarter, the Helpfulness RM's preference on harmful requests hung on the seed: its tenth of safety
+# pairs, which prefer the refusal, nearly outweighed the helpfulness pairs that prefer the yes.)
+ADVERSARIAL_SHARE = 0.5
 
 
 def act_of(task) -> str:
@@ -319,10 +321,14 @@ def collate(rows, pad_id: int, device):
 
 @torch.no_grad()
 def score_rows(model, rows, pad_id: int, batch_size: int = 64):
-    device, out = next(model.parameters()).device, []
+    """The reward of each row, in the rows' order. Batches hold rows of similar length (sorted),
+    so little of a batch is padding: in 05's test sets lengths vary about fourfold."""
+    device, out = next(model.parameters()).device, torch.zeros(len(rows))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     for i in range(0, len(rows), batch_size):
-        out.append(model(*collate(rows[i:i + batch_size], pad_id, device)).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+        idx = order[i:i + batch_size]
+        out[idx] = model(*collate([rows[j] for j in idx], pad_id, device)).cpu()
+    return out
 
 
 def score_texts(model, tokenizer, prompts, answers, batch_size: int = 64, seq_len=None):
@@ -560,8 +566,9 @@ def main(argv=None):
         help="toy helpfulness comparisons to collect for training")
     add("--safety-comparisons", type=tok.number_flag("--safety-comparisons", at_least=1), default=500,
         help="toy safety comparisons for training")
-    add("--test-comparisons", type=tok.number_flag("--test-comparisons", at_least=1), default=400,
-        help="held-out toy comparisons per set")
+    add("--test-comparisons", type=tok.number_flag("--test-comparisons", at_least=1), default=1000,
+        help="held-out toy comparisons per set (default 1000: half of them are near ties, coin tosses for "
+             "any RM, and Table 7's differences are a few points)")
     add("--margin", default="small", choices=MARGINS, help="Table 27's margin of the two RMs (default small)")
     add("--mix", default="paper", choices=("paper", "none"), help="the paper's data mix of each RM, or own set only")
     add("--epochs", type=tok.number_flag("--epochs", float, above=0), default=1.0,

@@ -540,8 +540,8 @@ def main(argv=None):
     add("--inst-examples", type=int, default=4000,
         help="step 1: dialogues, 70%% with an instruction in the current message, 30%% 04's (default 4000)")
     add("--inst-steps", type=int, default=250, help="step 1: optimizer steps (default 250)")
-    add("--dialogues", type=int, default=64,
-        help="GAtt: dialogues to sample; each gives a sample per turn from the second (default 64)")
+    add("--dialogues", type=int, default=128,
+        help="GAtt: dialogues to sample; each gives a sample per turn from the second (default 128)")
     add("--train-turns", type=int, default=20,
         help="GAtt: turns per sampled dialogue (default 20, as many as the evaluation: trained on 8 turns, the "
              "toy model kept the rule through turn 8 and then lost it in about a third of the turns)")
@@ -552,8 +552,8 @@ def main(argv=None):
         help="GAtt: share of step-1 dialogues mixed into its data (default 0.5; not in the paper: without "
              "them the toy model, tuned on a few hundred samples, loses much of 06's helpfulness and safety)")
     add("--temperature", type=float, default=0.7, help="GAtt: temperature of the sampled answers (default 0.7)")
-    add("--plain-history", type=float, default=0.5,
-        help="GAtt: share of samples whose earlier answers are given plain, the rules stripped (default 0.5; not "
+    add("--plain-history", type=float, default=0.75,
+        help="GAtt: share of samples whose earlier answers are given plain, the rules stripped (default 0.75; not "
              "in the paper: without it the toy model learns to copy its last answer rather than read the "
              "instruction, see the copy control)")
     add("--eval-dialogues", type=int, default=32, help="adherence: dialogues per model (default 32)")
