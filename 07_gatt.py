@@ -545,7 +545,7 @@ def main(argv=None):
     add("--train-turns", type=int, default=20,
         help="GAtt: turns per sampled dialogue (default 20, as many as the evaluation: trained on 8 turns, the "
              "toy model kept the rule through turn 8 and then lost it in about a third of the turns)")
-    add("--steps", type=int, default=200, help="GAtt: optimizer steps (default 200)")
+    add("--steps", type=int, default=300, help="GAtt: optimizer steps (default 300)")
     add("--gatt-lr", type=float, help="GAtt: peak learning rate (default --lr / 4: step 1 teaches a new skill, "
                                       "GAtt only adjusts one, and a higher rate erodes what 06 taught)")
     add("--replay", type=float, default=0.5,
