@@ -338,7 +338,8 @@ def sample_categorical(probs, generator=None):
     """One draw per row from probs (rows need not sum to 1), by inverting the cumulative
     distribution: draw u uniform on [0, total) and take the first token whose cumulative
     probability exceeds it. One random number per row, where the Gumbel-max trick or
-    torch.multinomial draw one per vocabulary entry (~25x slower on a CPU at batch 64)."""
+    torch.multinomial draw one per vocabulary entry: on a CPU those draws took longer than
+    the model's own matmuls in the toy's sampled generation."""
     cumulative = probs.cumsum(dim=-1)
     total = cumulative[:, -1:]
     u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype) * total
@@ -395,10 +396,13 @@ def generate(model, prompt_tokens, max_gen_len: int, temperature: float = 0.6,
         prev_pos = 0
         for cur_pos in range(max_len, total_len):
             # a query sees the tokens at or before it, never padding; a padding query sees
-            # itself only, which keeps its softmax finite (its output is never read)
-            q, k = column[prev_pos:cur_pos, None], column[None, :cur_pos]
-            mask = (k <= q) & is_token[:, None, :cur_pos] | (k == q)   # (bsz, seq, cur_pos)
-            logits = model(tokens[:, prev_pos:cur_pos], prev_pos, mask[:, None])[:, -1]
+            # itself only, which keeps its softmax finite (its output is never read). Prompts
+            # of one length need no mask: plain causal attention, the fused kernel.
+            mask = None
+            if min_len < max_len:
+                q, k = column[prev_pos:cur_pos, None], column[None, :cur_pos]
+                mask = ((k <= q) & is_token[:, None, :cur_pos] | (k == q))[:, None]   # (bsz, 1, seq, cur_pos)
+            logits = model(tokens[:, prev_pos:cur_pos], prev_pos, mask)[:, -1]
             if temperature > 0:
                 next_token = sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
             else:
