@@ -322,7 +322,7 @@ def collate(rows, pad_id: int, device):
 @torch.no_grad()
 def score_rows(model, rows, pad_id: int, batch_size: int = 64):
     """The reward of each row, in the rows' order. Batches hold rows of similar length (sorted),
-    so little of a batch is padding: in 05's test sets lengths vary about fourfold."""
+    so little of a batch is padding: a short answer and a refusal differ several-fold in length."""
     device, out = next(model.parameters()).device, torch.zeros(len(rows))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     for i in range(0, len(rows), batch_size):
