@@ -274,12 +274,17 @@ class Transformer(nn.Module):
             h = layer(h, start_pos, freqs_cis, mask)
         return self.norm(h)
 
-    def forward(self, tokens, start_pos: int = 0, mask=None):
+    def forward(self, tokens, start_pos: int = 0, mask=None, logits_at=None):
         """tokens (batch, seq) -> logits (batch, seq, vocab), float32.
         start_pos: position of tokens[:, 0] (with the KV cache, the tokens already seen).
         mask: optional bool (seq, start_pos + seq) or (batch, 1, seq, start_pos + seq),
-        True where attending is allowed; default causal."""
-        return self.output(self.features(tokens, start_pos, mask)).float()
+        True where attending is allowed; default causal.
+        logits_at: optional bool (batch, seq): logits only where True, as (n_true, vocab) in
+        row-major order. The output layer and its softmax cost as much as a few blocks (in the
+        toy, the output matrix holds 29% of the weights); SFT's loss reads only the answer tokens
+        (a third of 04's positions, a tenth of 07's), PPO only the answer's, so they skip the rest."""
+        h = self.features(tokens, start_pos, mask)
+        return self.output(h if logits_at is None else h[logits_at]).float()
 
     # -- the KV cache, only while generating --------------------------------
     def setup_cache(self, max_batch_size: int, max_seq_len: int):
@@ -402,7 +407,9 @@ def generate(model, prompt_tokens, max_gen_len: int, temperature: float = 0.6,
             if min_len < max_len:
                 q, k = column[prev_pos:cur_pos, None], column[None, :cur_pos]
                 mask = ((k <= q) & is_token[:, None, :cur_pos] | (k == q))[:, None]   # (bsz, 1, seq, cur_pos)
-            logits = model(tokens[:, prev_pos:cur_pos], prev_pos, mask)[:, -1]
+            last = torch.zeros(bsz, cur_pos - prev_pos, dtype=torch.bool, device=device)
+            last[:, -1] = True   # only the last position's logits are read: the prefill skips the rest
+            logits = model(tokens[:, prev_pos:cur_pos], prev_pos, mask, logits_at=last)
             if temperature > 0:
                 next_token = sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
             else:

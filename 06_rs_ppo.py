@@ -376,7 +376,10 @@ def rollout_batch(samples, pad_id: int, device):
 def answer_logprobs(model, tokens, real, start: int, temperature: float):
     """log pi(token | prefix) of each answer token, from logits divided by the sampling
     temperature (else the ratio and the KL are those of another distribution: PAPER.md's pitfall)."""
-    logits = model(tokens, mask=R.pad_attention_mask(real))[:, start - 1:-1].float() / temperature
+    answer = torch.zeros_like(real)
+    answer[:, start - 1:-1] = True   # the positions that predict answer tokens: only their logits are computed
+    logits = model(tokens, mask=R.pad_attention_mask(real), logits_at=answer)
+    logits = logits.view(len(tokens), tokens.shape[1] - start, -1) / temperature
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, start:, None]).squeeze(-1)
 
 

@@ -46,8 +46,9 @@ def bug_sft_learns_prompt(tokenizer, dialog):
 
 def bug_loss_diluted_by_padding(logits, targets):
     """04's masked_lm_loss: the mean NLL over the answer tokens.
-    In a run: the loss is smaller the more prompt and padding a batch holds, so its scale, and in
-    effect the learning rate, changes from batch to batch; a packed batch of short answers learns
+    In a run that computes every position's logits (04's sft_loss computes the answers' only, which
+    hides this bug): the loss is smaller the more prompt and padding a batch holds, so its scale, and
+    in effect the learning rate, changes from batch to batch; a packed batch of short answers learns
     slowest."""
     log_probs = F.log_softmax(logits.float(), dim=-1)
     learn = targets != S.IGNORE

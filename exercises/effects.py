@@ -265,14 +265,14 @@ def effect_bug_loss_diluted_by_padding():
     padded = [torch.cat(t) for t in zip(*(S.pack([e], SFT_SEQ, tk.eos_id) for e in examples))]   # one per row
 
     @torch.no_grad()
-    def losses():
-        return [S.sft_loss(model, batch).item() for batch in (packed, padded)]
+    def losses():   # the loss on every position's logits: 04's sft_loss computes only the answers' first
+        return [S.masked_lm_loss(model(x, mask=S.doc_mask(doc)), y).item() for x, y, doc in (packed, padded)]
 
     chapter = losses()
     with swapped(S, {"masked_lm_loss": bug("bug_loss_diluted_by_padding")}):
         buggy = losses()
     return Effect(
-        "04's sft_loss of the micro SFT policy on the same 32 toy dialogues, packed into rows of 96 tokens, then "
+        "04's masked_lm_loss on the micro SFT policy's logits for the same 32 toy dialogues, packed into rows of 96 tokens, then "
         "one dialogue per row (the rest padding)",
         [Row("packed", "loss, dialogues packed", chapter[0], buggy[0]),
          Row("padded", "loss, one dialogue per row", chapter[1], buggy[1])],

@@ -74,6 +74,16 @@ def test_kv_cache_decoding_equals_full_forward():
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
 
 
+def test_logits_at_computes_only_the_chosen_positions_logits():
+    model = micro_model()
+    tokens = torch.randint(0, MICRO.vocab_size, (3, 12))
+    chosen = torch.rand(3, 12) < 0.3
+    chosen[0, 0] = True
+    some = model(tokens, logits_at=chosen)
+    assert some.shape == (int(chosen.sum()), MICRO.vocab_size)
+    assert torch.allclose(some, model(tokens)[chosen], atol=1e-5)
+
+
 def test_causality():
     model = micro_model()
     tokens = torch.randint(0, MICRO.vocab_size, (1, 16))

@@ -146,6 +146,22 @@ def test_packing_counts_dialogues_cut_and_dropped(tokenizer):
     assert counts == {"cut": 0, "dropped": 0}
 
 
+def test_sft_loss_is_the_masked_loss_of_the_full_logits(tokenizer):
+    """sft_loss computes logits at the answer positions only: the loss and its gradient are those
+    of the full forward's masked loss."""
+    torch.manual_seed(0)
+    model = M.Transformer(replace(M.PRESETS["micro"], vocab_size=tokenizer.n_words))
+    x, y, doc = S.pack(two_dialogs(tokenizer) * 2, seq_len=64, pad_id=tokenizer.eos_id)
+    fast = S.sft_loss(model, (x, y, doc))
+    fast.backward()
+    fast_grad = model.output.weight.grad.clone()
+    model.zero_grad()
+    full = S.masked_lm_loss(model(x, mask=S.doc_mask(doc)), y)
+    full.backward()
+    assert fast.item() == pytest.approx(full.item(), rel=1e-5)
+    assert torch.allclose(fast_grad, model.output.weight.grad, atol=1e-6)
+
+
 def test_masked_loss_matches_cross_entropy_with_ignore_index():
     logits = torch.randn(2, 5, 11)
     targets = torch.tensor([[1, S.IGNORE, 3, 4, S.IGNORE], [S.IGNORE, 2, 2, 9, 0]])
