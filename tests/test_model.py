@@ -174,6 +174,28 @@ def test_top_p_keeps_only_the_nucleus():
     assert draws == {0, 1}      # 0.5 < 0.7, so the second token is needed; the third is not
 
 
+def test_top_p_from_the_top_k_draws_what_a_full_sort_draws(monkeypatch):
+    """sample_top_p sorts only the top NUCLEUS_CANDIDATES tokens when they hold more than p: the
+    same draws as sorting the whole vocabulary, for peaked rows (top k enough) and flat ones (not)."""
+    def full_sort(probs, p, generator):
+        probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+        probs_sort[torch.cumsum(probs_sort, dim=-1) - probs_sort > p] = 0.0
+        return probs_idx.gather(-1, M.sample_categorical(probs_sort, generator)[:, None])[:, 0]
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 1000, generator=g)
+    for scale in (8.0, 0.5):                    # peaked: the nucleus holds a few tokens; flat: hundreds
+        probs = torch.softmax(logits * scale, dim=-1)
+        fast = M.sample_top_p(probs.clone(), 0.9, torch.Generator().manual_seed(1))
+        assert torch.equal(fast, full_sort(probs.clone(), 0.9, torch.Generator().manual_seed(1)))
+    sorts = []
+    monkeypatch.setattr(torch, "sort", lambda *a, **k: sorts.append(1) or torch.topk(a[0], a[0].shape[-1]))
+    M.sample_top_p(torch.softmax(logits * 8.0, dim=-1), 0.9)
+    assert not sorts                            # peaked rows never sort the whole vocabulary
+    M.sample_top_p(torch.softmax(logits * 0.5, dim=-1), 0.9)
+    assert sorts
+
+
 def test_inverse_cdf_samples_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05]).repeat(40000, 1)
     draws = M.sample_categorical(probs, torch.Generator().manual_seed(0))
