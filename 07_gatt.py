@@ -539,7 +539,7 @@ def main(argv=None):
     add("--tokenizer", type=Path, help="SentencePiece model (default RUN_DIR/tokenizer.model)")
     add("--inst-examples", type=int, default=4000,
         help="step 1: dialogues, 70%% with an instruction in the current message, 30%% 04's (default 4000)")
-    add("--inst-steps", type=int, default=200, help="step 1: optimizer steps (default 200)")
+    add("--inst-steps", type=int, default=250, help="step 1: optimizer steps (default 250: with 200, one seed's step-1 model followed the instruction in only half its sampled answers, and GAtt learned to copy)")
     add("--dialogues", type=int, default=128,
         help="GAtt: dialogues to sample; each gives a sample per turn from the second (default 128)")
     add("--train-turns", type=int, default=20,
