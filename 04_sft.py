@@ -11,8 +11,8 @@ of 4096 tokens, 2 epochs. This chapter holds:
   * the toy world's dialogue tasks (arithmetic, facts from the pretraining
     documents, list puzzles, harmful requests to refuse and benign look-alikes to
     answer) with programmatic annotators: gold_score() in [0, 1] with partial
-    credit, is_refusal(), and rate(), which prefers one of two answers with one of
-    the paper's four ratings (chapter 05 learns from it),
+    credit, and is_refusal() (chapter 05's rate() turns two gold scores into one of
+    the paper's four ratings),
   * a careless annotator who wrote a fifth of the answers (a vague yes to harmful requests too):
     the "tail-end of poorly executed annotation" that, by Sec. 5.1, SFT learns and RLHF removes
     (chapters 05-06 show it),
@@ -237,7 +237,7 @@ def is_refusal(answer: str) -> bool:
 def number_score(answer: str, target: int) -> float:
     """1 for the right number (the last one in the answer), 0 for none, and in between
     partial credit by relative error: a near miss beats a wild guess, so fewer pairs of
-    answers tie at 0 and the annotator's ratings carry more signal (Sec. 3.2.1)."""
+    answers tie at 0 and chapter 05's ratings (rate) carry more signal (Sec. 3.2.1)."""
     numbers = re.findall(r"-?\d+", answer)
     if not numbers:
         return 0.0
@@ -266,18 +266,6 @@ def gold_score(task: Task, answer: str) -> float:
 def is_safe(task: Task, answer: str) -> bool:
     """The safety label: only helping with a harmful request is unsafe."""
     return task.kind != "harmful" or is_refusal(answer)
-
-
-RATINGS = ("significantly better", "better", "slightly better", "negligibly better / unsure")
-
-
-def rate(task: Task, a: str, b: str, score=gold_score):
-    """The annotator of Sec. 3.2.1: which answer is preferred (0 or 1) and by how much, one of
-    the four ratings, from the gap between the two gold scores."""
-    sa, sb = score(task, a), score(task, b)
-    gap = abs(sa - sb)
-    rating = RATINGS[0] if gap >= 0.6 else RATINGS[1] if gap >= 0.3 else RATINGS[2] if gap >= 0.1 else RATINGS[3]
-    return (0 if sa >= sb else 1), rating
 
 
 # ----------------------------------------------------------------------------------------

@@ -72,14 +72,27 @@ PAPER = dict(batch_tokens=512 * 2 * 4096, seq_len=4096, micro_batch=2,
 TOY = dict(batch_tokens=32 * 2 * 96, seq_len=96, micro_batch=64, lr=1e-3,
            log_every=25, eval_every=1000, ckpt_every=50)
 TEMPERATURES = (0.7, 1.3)   # two samples per prompt "at different temperatures" (Sec. 3.2.1)
-RATINGS = S.RATINGS         # significantly better, better, slightly better, negligibly better / unsure
 MARGINS = {"none": (0, 0, 0, 0), "small": (1, 2 / 3, 1 / 3, 0), "large": (3, 2, 1, 0)}   # Table 27
 SAFETY_SHARE_IN_SAFETY_RM = 0.9   # Sec. 3.2.2: the Safety RM's data is 90% safety, 10% helpfulness (mix())
 VAL_PAIRS = 512                   # the progress lines' accuracy: on this many of the RM's test pairs
 
 # ----------------------------------------------------------------------------------------
 # Preference data (Sec. 3.2.1). A comparison is a prompt (a dialogue ending with the user's
-# turn), the chosen and the rejected answer, and the annotator's rating.
+# turn), the chosen and the rejected answer, and the annotator's rating. Sec. 3.2.1: annotators
+# "label the degree to which they prefer their chosen response over the alternative: either their
+# choice is significantly better, better, slightly better, or negligibly better/ unsure."
+
+RATINGS = ("significantly better", "better", "slightly better", "negligibly better / unsure")
+
+
+def rate(task, a: str, b: str, score=S.gold_score):
+    """The annotator of Sec. 3.2.1: which answer is preferred (0 or 1) and by how much, one of
+    the four ratings, from the gap between the two scores (04's gold score by default)."""
+    sa, sb = score(task, a), score(task, b)
+    gap = abs(sa - sb)
+    rating = RATINGS[0] if gap >= 0.6 else RATINGS[1] if gap >= 0.3 else RATINGS[2] if gap >= 0.1 else RATINGS[3]
+    return (0 if sa >= sb else 1), rating
+
 
 @dataclass
 class Comparison:
@@ -171,7 +184,7 @@ def collect(models, tokenizer, make_task, score, n: int, seed: int, max_new_toke
                 continue
             if rng.random() < 0.5:   # the order shown: on a tie in score the annotator picks either
                 a, b = b, a
-            first, rating = S.rate(task, a, b, score)
+            first, rating = rate(task, a, b, score)
             out.append(Comparison(dialog, *((a, b) if first == 0 else (b, a)), rating, task.kind))
         if n_prompts > 50 * n:
             raise UserError(f"after {n_prompts} prompts only {len(out)} comparisons: the two answers "

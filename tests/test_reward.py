@@ -14,7 +14,7 @@ P = importlib.import_module("03_pretrain")
 S = importlib.import_module("04_sft")
 R = importlib.import_module("05_reward")
 UserError = tok.UserError
-SIG, BETTER, SLIGHT, NEGL = S.RATINGS
+SIG, BETTER, SLIGHT, NEGL = R.RATINGS
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_ranking_loss_by_hand_for_each_margin():
         "small": [0.474077, 0.360885, 0.271098, 0.201413],   # m = 1, 2/3, 1/3, 0
         "large": [1.701413, 0.974077, 0.474077, 0.201413]}   # m = 3, 2, 1, 0
     for margin, values in expected.items():
-        for rating, value in zip(S.RATINGS, values):
+        for rating, value in zip(R.RATINGS, values):
             m = R.margin_of(rating, margin)
             assert R.ranking_loss(torch.tensor([2.0]), torch.tensor([0.5]), m).item() == pytest.approx(value, abs=1e-5)
     assert R.margin_of("", "large") == 0   # unrated real data: no margin
@@ -132,6 +132,14 @@ def test_safety_score_by_hand():
     assert red.kind in ("harmful", "benign") and red.answer and (red.kind == "harmful") == (red.target == "")
 
 
+def test_rate_uses_the_four_ratings():
+    add = S.Task("arithmetic", "q", "a", "42")
+    assert R.rate(add, "= 42.", "= 99.") == (0, "significantly better")
+    assert R.rate(add, "= 41.", "= 42.") == (1, "better")          # 0.49 vs 1.0
+    assert R.rate(add, "= 41.", "= 43.") == (0, "negligibly better / unsure")
+    assert R.rate(add, "= 60.", "= 44.") == (1, "slightly better")  # 0.29 vs 0.48
+
+
 def test_the_two_annotators_disagree_on_harmful_requests_only():
     """Sec. 3.2.2: a complete answer to an unsafe request is helpful and unsafe. The helpfulness
     annotator ranks complying above refusing where the safety annotator ranks it below; on every
@@ -141,8 +149,8 @@ def test_the_two_annotators_disagree_on_harmful_requests_only():
     comply, refuse = f"Sure, to {R.act_of(harm)} is fine: it harms no one.", harm.answer
     assert R.helpfulness_score(harm, comply) == 1.0 and R.helpfulness_score(harm, refuse) == 0.0
     assert R.safety_score(harm, comply) == 0.0 and R.safety_score(harm, refuse) == 1.0
-    assert S.rate(harm, comply, refuse, R.helpfulness_score)[0] == 0       # comply preferred
-    assert S.rate(harm, comply, refuse, R.safety_score)[0] == 1            # refuse preferred
+    assert R.rate(harm, comply, refuse, R.helpfulness_score)[0] == 0       # comply preferred
+    assert R.rate(harm, comply, refuse, R.safety_score)[0] == 1            # refuse preferred
     assert R.helpfulness_score(harm, "Sure, that is fine.") == 0.5   # a vague yes: half the help
     for kind in ("arithmetic", "fact", "list", "benign"):
         task = S.make_task(world, kind, rng)
@@ -159,7 +167,7 @@ def test_the_helpfulness_set_holds_adversarial_prompts():
 
 def test_collect_agrees_with_the_annotator(monkeypatch, tokenizer):
     """Two canned 'model variants': the cold one answers with the reference, the hot one with a
-    near miss or the same text. Every comparison must be what S.rate says, ties dropped."""
+    near miss or the same text. Every comparison must be what R.rate says, ties dropped."""
     world, tasks = P.make_world(0), {}
 
     def make(rng):
@@ -184,7 +192,7 @@ def test_collect_agrees_with_the_annotator(monkeypatch, tokenizer):
     for c in data:
         task = tasks[c.prompt[-1]["content"]]
         assert c.chosen != c.rejected and c.kind == task.kind
-        assert S.rate(task, c.chosen, c.rejected) == (0, c.rating)   # chosen first: preferred, same rating
+        assert R.rate(task, c.chosen, c.rejected) == (0, c.rating)   # chosen first: preferred, same rating
         assert S.gold_score(task, c.chosen) >= S.gold_score(task, c.rejected)
         chosen_cold += c.chosen == task.answer
     assert chosen_cold > 40   # the reference wins unless the near miss ties it

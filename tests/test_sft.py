@@ -299,14 +299,6 @@ def test_bootstrap_intervals_known_cases():
         S.paired_interval([1, 2], [1])
 
 
-def test_rate_uses_the_four_ratings():
-    add = task("arithmetic", "42")
-    assert S.rate(add, "= 42.", "= 99.") == (0, "significantly better")
-    assert S.rate(add, "= 41.", "= 42.") == (1, "better")          # 0.49 vs 1.0
-    assert S.rate(add, "= 41.", "= 43.") == (0, "negligibly better / unsure")
-    assert S.rate(add, "= 60.", "= 44.") == (1, "slightly better")  # 0.29 vs 0.48
-
-
 def test_eval_prompts_are_about_held_out_people():
     world = P.make_world(0)
     train_subjects = {m["content"] for d in S.sft_dialogs(world, 2000, seed=0) for m in d if m["role"] == "user"}
