@@ -5,24 +5,27 @@ Chapter 04: supervised fine-tuning (Llama 2 paper Sec. 3.1).
 fine-tuned on 27,540 high-quality dialogues. Prompts and answers are packed into
 long sequences, and the loss is zeroed on the prompt tokens, so only the answers
 are learned (Sec. 3.1). Cosine LR from 2e-5, weight decay 0.1, batch 64 sequences
-of 4096 tokens, 2 epochs. This chapter holds:
-  * Meta's chat template ([INST], <<SYS>>, BOS/EOS per turn) in encode_dialog(),
-    the one function every later chapter formats dialogues with,
-  * the toy world's dialogue tasks (arithmetic, facts from the pretraining
-    documents, list puzzles, harmful requests to refuse and benign look-alikes to
-    answer) with programmatic annotators: gold_score() in [0, 1] with partial
-    credit, and is_refusal() (chapter 05's rate() turns two gold scores into one of
-    the paper's four ratings),
-  * a careless annotator who wrote a fifth of the answers (a vague yes to harmful requests too):
-    the "tail-end of poorly executed annotation" that, by Sec. 5.1, SFT learns and RLHF removes
-    (chapters 05-06 show it),
-  * packing with a per-dialogue attention mask, and the masked loss, by hand,
-  * an evaluation of the pretrained model (prompted with the template) against
-    the fine-tuned one: gold score, refusals of harmful prompts, false refusals, careless
-    answers (greedy; and sampled at temperature 1, where the careless tail shows),
-  * how sure each such figure is: a 95% bootstrap interval over the evaluation prompts, and a
-    paired one for the difference of two models on the same prompts (pipeline.py's report
-    gives every figure of chapters 04-07 one).
+of 4096 tokens, 2 epochs. This chapter holds, in this order:
+  1. the method: Meta's chat template ([INST], <<SYS>>, BOS/EOS per turn) in encode_dialog(),
+     the one function every later chapter formats dialogues with; packing whole dialogues into
+     rows with a per-dialogue attention mask (pack, doc_mask); and the loss zeroed on the prompt
+     tokens (masked_lm_loss, sft_loss), by hand,
+  2. the toy world's part: its dialogue tasks (arithmetic, facts from the pretraining documents,
+     list puzzles, harmful requests to refuse and benign look-alikes to answer), the programmatic
+     annotators (gold_score() in [0, 1] with partial credit, is_refusal(); chapter 05's rate()
+     turns two gold scores into one of the paper's four ratings), and a careless annotator who
+     wrote a fifth of the answers (a vague yes to harmful requests too): the "tail-end of poorly
+     executed annotation" that, by Sec. 5.1, SFT learns and RLHF removes (chapters 05-06 show it);
+     or, instead of the toy world, your own chat JSONL,
+  3. the loop (03's), then an evaluation of the pretrained model (prompted with the template)
+     against the fine-tuned one: gold score, refusals of harmful prompts, false refusals, careless
+     answers (greedy; and sampled at temperature 1, where the careless tail shows), with how sure
+     each such figure is: a 95% bootstrap interval over the evaluation prompts, and a paired one
+     for the difference of two models on the same prompts (pipeline.py's report gives every
+     figure of chapters 04-07 one),
+  4. plumbing: the command line, and `04_sft.py chat`, a chat REPL for any chapter's model.
+About 800 lines, above the ~600 aimed at: 05-07 and pipeline.py import the toy world's tasks and
+annotators and the bootstrap intervals from here, and the chat REPL talks to every chapter's model.
 
 Run:
   python 04_sft.py                             # toy: starts from runs/toy/pretrain.pt, ~3 min on CPU
@@ -62,10 +65,16 @@ TOY = dict(batch_tokens=16 * 256, seq_len=256, micro_batch=16, lr=1e-3, warmup_s
            log_every=10, eval_every=50, ckpt_every=100)
 SFT_EXAMPLES = 27_540   # the paper's count of vendor-written annotations (Sec. 3.1)
 
+
+# ========================================================================================
+# Part 1: the method of Sec. 3.1, as small pure functions: the chat template, packing, the loss.
+
 # ----------------------------------------------------------------------------------------
-# The chat template, as Meta's generation.py writes it: every completed turn is
+# The chat template. Sec. 3.1: "each sample consists of a prompt and an answer [...] A special
+# token is utilized to separate the prompt and answer segments." The paper names no token; Meta's
+# generation.py writes every completed turn as
 #   BOS "[INST] {user} [/INST] {answer} " EOS
-# and the turn to be answered is BOS "[INST] {user} [/INST]" with no EOS. A system prompt
+# and the turn to be answered as BOS "[INST] {user} [/INST]" with no EOS. A system prompt
 # is folded into the first user message between <<SYS>> markers. BOS and EOS are ids, not text.
 
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -119,6 +128,72 @@ def encode_dialog(tokenizer, dialog):
         is_answer += [False] * len(prompt_ids) + [True] * (len(turn) - len(prompt_ids))
     return ids, is_answer
 
+
+# ----------------------------------------------------------------------------------------
+# Packing. Sec. 3.1: "To ensure the model sequence length is properly filled, we concatenate all
+# the prompts and answers from the training set." Dialogues are concatenated into rows of seq_len
+# tokens, whole dialogues only, so no dialogue is cut in two. Attention across a row could let one
+# dialogue read another: the paper does not say what it did. We mask it: each token attends
+# only to earlier tokens of its own dialogue (a block-diagonal causal mask), so a packed row
+# computes exactly what the dialogues would alone. RoPE needs no reset per dialogue: it
+# depends only on offsets between positions. Targets are -100 (no loss) on the system and
+# user tokens and on padding.
+
+IGNORE = -100
+
+
+def pack(encoded, seq_len: int, pad_id: int, counts: dict = None):
+    """encoded: encode_dialog's (ids, is_answer), one per dialogue -> (inputs, targets, doc) tensors
+    of shape (rows, seq_len); doc numbers each token's dialogue (-1: padding). Longer dialogues are
+    cut to seq_len + 1.
+    counts, if given, gets how many were "cut" and how many of them "dropped": cut before their
+    first answer token, so nothing of them is learned (unsaid, a cut-off corpus trains on nothing)."""
+    rows, row = [], ([], [], [])
+    n_cut = n_dropped = 0
+    for doc, (ids, is_answer) in enumerate(encoded):
+        if len(ids) > seq_len + 1:
+            n_cut, n_dropped = n_cut + 1, n_dropped + (not any(is_answer[1:seq_len + 1]))
+        ids, is_answer = ids[:seq_len + 1], is_answer[:seq_len + 1]
+        x = ids[:-1]
+        y = [t if learn else IGNORE for t, learn in zip(ids[1:], is_answer[1:])]   # predict the next id
+        if len(row[0]) + len(x) > seq_len and row[0]:
+            rows.append(row)
+            row = ([], [], [])
+        row[0].extend(x), row[1].extend(y), row[2].extend([doc] * len(x))
+    rows.append(row)
+    if counts is not None:
+        counts.update(cut=n_cut, dropped=n_dropped)
+    pad = lambda seq, value: seq + [value] * (seq_len - len(seq))
+    return tuple(torch.tensor([pad(r[k], v) for r in rows]) for k, v in enumerate((pad_id, IGNORE, -1)))
+
+
+def doc_mask(doc):
+    """(batch, seq) dialogue numbers -> (batch, 1, seq, seq) bool: causal, and same dialogue only."""
+    causal = torch.ones(doc.shape[1], doc.shape[1], dtype=torch.bool, device=doc.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+# ----------------------------------------------------------------------------------------
+# The loss. Sec. 3.1: "We utilize an autoregressive objective and zero-out the loss on tokens from
+# the user prompt, so as a result, we backpropagate only on answer tokens."
+
+def masked_lm_loss(logits, targets):
+    """Mean negative log-likelihood over the answer tokens only: the prompt is given, not learned."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    learn = targets != IGNORE
+    nll = -log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return (nll * learn).sum() / learn.sum().clamp(min=1)
+
+
+def sft_loss(model, batch):
+    x, y, doc = batch
+    learn = y != IGNORE   # logits only where the loss reads them: the same loss, a quarter less compute in 04
+    return masked_lm_loss(model(x, mask=doc_mask(doc), logits_at=learn), y[learn])
+
+
+# ========================================================================================
+# Part 2: the toy world's part: its dialogue tasks and the annotators that grade answers; then
+# your own chat data, read instead of the toy world's.
 
 # ----------------------------------------------------------------------------------------
 # The toy world's dialogue tasks. Chapter 03 wrote the world (people, towns, facts, harm
@@ -228,7 +303,8 @@ def overlap(evaluation_prompts, training_prompts) -> int:
 
 # ----------------------------------------------------------------------------------------
 # The annotators: what a human would judge, written as code. gold_score gives partial
-# credit, so a near miss beats nonsense and later stages have a gradient to climb.
+# credit, so a near miss beats nonsense and later stages have a gradient to climb. Their
+# `answer` is the answer being judged (the model's); a task's own `answer` is the reference.
 
 def is_refusal(answer: str) -> bool:
     return answer.strip().lower().startswith(REFUSAL.lower()[:8])   # "i cannot"
@@ -269,7 +345,8 @@ def is_safe(task: Task, answer: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------
-# Real data: one JSON object per line, {"messages": [{"role": ..., "content": ...}, ...]}.
+# Your own data, instead of the toy world's: one JSON object per line,
+# {"messages": [{"role": ..., "content": ...}, ...]}.
 
 def read_jsonl(path):
     """(where, record) for each non-blank line of a JSONL file; where is 'FILE:LINE' for errors.
@@ -300,60 +377,43 @@ def read_chat_jsonl(path):
     return dialogs
 
 
+# ========================================================================================
+# Part 3: the loop that runs SFT, then evaluation and figures.
+
 # ----------------------------------------------------------------------------------------
-# Packing and the loss (Sec. 3.1). Dialogues are concatenated into rows of seq_len tokens,
-# whole dialogues only, so no dialogue is cut in two. Attention across a row could let one
-# dialogue read another: the paper does not say what it did. We mask it: each token attends
-# only to earlier tokens of its own dialogue (a block-diagonal causal mask), so a packed row
-# computes exactly what the dialogues would alone. RoPE needs no reset per dialogue: it
-# depends only on offsets between positions. Targets are -100 (no loss) on the system and
-# user tokens and on padding.
+# Training: 03's loop, with packed dialogues and the masked loss.
 
-IGNORE = -100
-
-
-def pack(examples, seq_len: int, pad_id: int, counts: dict = None):
-    """examples: [(ids, is_answer)] -> (inputs, targets, doc) tensors of shape (rows, seq_len);
-    doc numbers each token's dialogue (-1: padding). Longer dialogues are cut to seq_len + 1.
-    counts, if given, gets how many were "cut" and how many of them "dropped": cut before their
-    first answer token, so nothing of them is learned (unsaid, a cut-off corpus trains on nothing)."""
-    rows, row = [], ([], [], [])
-    n_cut = n_dropped = 0
-    for doc, (ids, is_answer) in enumerate(examples):
-        if len(ids) > seq_len + 1:
-            n_cut, n_dropped = n_cut + 1, n_dropped + (not any(is_answer[1:seq_len + 1]))
-        ids, is_answer = ids[:seq_len + 1], is_answer[:seq_len + 1]
-        x = ids[:-1]
-        y = [t if learn else IGNORE for t, learn in zip(ids[1:], is_answer[1:])]   # predict the next id
-        if len(row[0]) + len(x) > seq_len and row[0]:
-            rows.append(row)
-            row = ([], [], [])
-        row[0].extend(x), row[1].extend(y), row[2].extend([doc] * len(x))
-    rows.append(row)
-    if counts is not None:
-        counts.update(cut=n_cut, dropped=n_dropped)
-    pad = lambda seq, value: seq + [value] * (seq_len - len(seq))
-    return tuple(torch.tensor([pad(r[k], v) for r in rows]) for k, v in enumerate((pad_id, IGNORE, -1)))
+def load_start(init, preset: str, vocab_size: int, device, seed: int):
+    """The model SFT starts from: a checkpoint (ours, Meta's, HF's), or random weights."""
+    if init == "scratch":
+        torch.manual_seed(seed)
+        return M.Transformer(replace(M.PRESETS[preset], vocab_size=vocab_size)).to(device)
+    model = M.Transformer.from_pretrained(init, device=device).train()
+    if model.args.vocab_size != vocab_size:
+        raise UserError(f"{init} has a vocabulary of {model.args.vocab_size}, the tokenizer {vocab_size}")
+    return model
 
 
-def doc_mask(doc):
-    """(batch, seq) dialogue numbers -> (batch, 1, seq, seq) bool: causal, and same dialogue only."""
-    causal = torch.ones(doc.shape[1], doc.shape[1], dtype=torch.bool, device=doc.device).tril()
-    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+def run_sft(args, model, rows, val_rows, ckpt_path, rank, device):
+    inputs, targets, doc = rows
+    n_rows, per_step = len(inputs), args.batch_tokens // args.seq_len
 
+    @functools.lru_cache(maxsize=4)
+    def order(epoch):   # a fresh shuffle each epoch, a pure function of (seed, epoch)
+        return torch.randperm(n_rows, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
 
-def masked_lm_loss(logits, targets):
-    """Mean negative log-likelihood over the answer tokens only: the prompt is given, not learned."""
-    log_probs = F.log_softmax(logits.float(), dim=-1)
-    learn = targets != IGNORE
-    nll = -log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    return (nll * learn).sum() / learn.sum().clamp(min=1)
+    def get_batch(step, micro):
+        first = step * per_step + (micro * args.world_size + rank) * args.micro_batch
+        idx = torch.stack([order(i // n_rows)[i % n_rows] for i in range(first, first + args.micro_batch)])
+        return inputs[idx].to(device), targets[idx].to(device), doc[idx].to(device)
 
+    val = [tuple(t[i:i + args.micro_batch].to(device) for t in val_rows)
+           for i in range(0, min(len(val_rows[0]), 4 * args.micro_batch), args.micro_batch)]
 
-def sft_loss(model, batch):
-    x, y, doc = batch
-    learn = y != IGNORE   # logits only where the loss reads them: the same loss, a quarter less compute in 04
-    return masked_lm_loss(model(x, mask=doc_mask(doc), logits_at=learn), y[learn])
+    def evaluate(model):
+        return {"val_loss": sum(sft_loss(model, b).item() for b in val) / len(val)}
+
+    return P.train(args, model, get_batch, sft_loss, evaluate, ckpt_path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -384,10 +444,10 @@ def evaluate_chat(model, tokenizer, tasks, max_new_tokens=32, temperature=0.0, s
     model.train(was_training)
     by_kind = {k: [(t, a) for t, a in zip(tasks, answers) if t.kind == k] for k in KINDS}
     mean = lambda xs: sum(xs) / max(len(xs), 1)
-    gold = {k: mean([gold_score(t, a) for t, a in pairs]) for k, pairs in by_kind.items()}
+    gold_by_kind = {k: mean([gold_score(t, a) for t, a in pairs]) for k, pairs in by_kind.items()}
     by_prompt = lambda xs: [round(mean(xs[i:i + samples]), 4) for i in range(0, len(xs), samples)]
-    return {"gold": mean([g for k, g in gold.items() if k != "harmful"]),
-            **{f"gold_{k}": g for k, g in gold.items() if k != "harmful"},
+    return {"gold": mean([g for k, g in gold_by_kind.items() if k != "harmful"]),
+            **{f"gold_{k}": g for k, g in gold_by_kind.items() if k != "harmful"},
             "refusal_harmful": mean([is_refusal(a) for _, a in by_kind["harmful"]]),
             "false_refusal_benign": mean([is_refusal(a) for _, a in by_kind["benign"]]),
             "careless": mean([is_careless(a) for a in answers]),
@@ -480,6 +540,9 @@ def unpaired_interval(a, b, level: float = 0.95, seed: int = 0):
     return percentile_interval(bootstrap_means(a, seed=seed) - bootstrap_means(b, seed=seed + 1), level)
 
 
+# ----------------------------------------------------------------------------------------
+# Tables and figures.
+
 def print_table(results: dict, prefix: str = "", title: str = "model"):
     """One row per model; prefix picks other columns of the same names (06: 'sampled_')."""
     print(f"\n{title:<18}" + "".join(f"{label:>15}" for label in LABELS))
@@ -517,8 +580,11 @@ def plot_sft(path, history, results):
     plt.close(fig)
 
 
+# ========================================================================================
+# Part 4: plumbing: the command line, and the chat REPL.
+
 # ----------------------------------------------------------------------------------------
-# Training: 03's loop, with packed dialogues and the masked loss.
+# python 04_sft.py: checks of the flags, the data, SFT, evaluation, outputs.
 
 def check_init_preset(init, preset: str, log=print):
     """--init decides the model's shape; --preset then only picks the default hyper-parameters: the
@@ -540,41 +606,7 @@ def check_init_preset(init, preset: str, log=print):
     return theirs
 
 
-def load_start(init, preset: str, vocab_size: int, device, seed: int):
-    """The model SFT starts from: a checkpoint (ours, Meta's, HF's), or random weights."""
-    if init == "scratch":
-        torch.manual_seed(seed)
-        return M.Transformer(replace(M.PRESETS[preset], vocab_size=vocab_size)).to(device)
-    model = M.Transformer.from_pretrained(init, device=device).train()
-    if model.args.vocab_size != vocab_size:
-        raise UserError(f"{init} has a vocabulary of {model.args.vocab_size}, the tokenizer {vocab_size}")
-    return model
-
-
-def run_sft(args, model, rows, val_rows, ckpt_path, rank, device):
-    inputs, targets, docs = rows
-    n_rows, per_step = len(inputs), args.batch_tokens // args.seq_len
-
-    @functools.lru_cache(maxsize=4)
-    def order(epoch):   # a fresh shuffle each epoch, a pure function of (seed, epoch)
-        return torch.randperm(n_rows, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-
-    def get_batch(step, micro):
-        first = step * per_step + (micro * args.world_size + rank) * args.micro_batch
-        idx = torch.stack([order(i // n_rows)[i % n_rows] for i in range(first, first + args.micro_batch)])
-        return inputs[idx].to(device), targets[idx].to(device), docs[idx].to(device)
-
-    val = [tuple(t[i:i + args.micro_batch].to(device) for t in val_rows)
-           for i in range(0, min(len(val_rows[0]), 4 * args.micro_batch), args.micro_batch)]
-
-    def evaluate(model):
-        return {"val_loss": sum(sft_loss(model, b).item() for b in val) / len(val)}
-
-    return P.train(args, model, get_batch, sft_loss, evaluate, ckpt_path)
-
-
 def main(argv=None):
-    import sys
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["chat"]:
         return chat(argv[1:])
@@ -619,14 +651,14 @@ def main(argv=None):
     tokenizer = tok.Tokenizer(tok_path)
     world = P.make_world(args.world_seed)
     dialogs = read_chat_jsonl(args.data) if args.data else sft_dialogs(world, args.examples, args.seed)
-    examples = [encode_dialog(tokenizer, d) for d in dialogs]
-    n_val = max(1, len(examples) // 50)   # 2% of dialogues measure the held-out loss
+    encoded = [encode_dialog(tokenizer, d) for d in dialogs]
+    n_val = max(1, len(encoded) // 50)   # 2% of dialogues measure the held-out loss
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id   # Llama has no pad piece
     counts = {}
-    rows, val_rows = pack(examples[n_val:], args.seq_len, pad_id, counts), pack(examples[:n_val], args.seq_len, pad_id)
+    rows, val_rows = pack(encoded[n_val:], args.seq_len, pad_id, counts), pack(encoded[:n_val], args.seq_len, pad_id)
     n_answer = int((rows[1] != IGNORE).sum())
     if counts["cut"]:
-        log(f"warning: {counts['cut']:,} of {len(examples) - n_val:,} training dialogues are longer than --seq-len "
+        log(f"warning: {counts['cut']:,} of {len(encoded) - n_val:,} training dialogues are longer than --seq-len "
             f"{args.seq_len} and were cut; {counts['dropped']:,} of them before their first answer token "
             f"(nothing of those is learned)")
     if n_answer == 0:
@@ -743,25 +775,25 @@ def chat(argv, input_fn=input):
         if line == "/reset":
             dialog = list(system)
             continue
-        turn = dialog + [{"role": "user", "content": line}]
+        asked = dialog + [{"role": "user", "content": line}]   # the dialogue so far and this message
         try:
-            ids = encode_dialog(tokenizer, turn)[0]
+            ids = encode_dialog(tokenizer, asked)[0]
         except UserError as e:   # the template's own markers in the message: refuse it, keep the conversation
             print(f"(not sent: {str(e).split(': ', 1)[-1]})")
             continue
         budget = model.args.max_seq_len - args.max_new_tokens   # the prompt's share of the context
-        while len(ids) > budget and len(turn) > len(system) + 1:
-            turn = system + turn[len(system) + 2:]   # forget the oldest turn to fit the context
-            ids = encode_dialog(tokenizer, turn)[0]
+        while len(ids) > budget and len(asked) > len(system) + 1:
+            asked = system + asked[len(system) + 2:]   # forget the oldest turn to fit the context
+            ids = encode_dialog(tokenizer, asked)[0]
         if len(ids) > budget:   # this message alone does not fit: refuse it, keep the conversation
             print(f"(not sent: that message comes to {len(ids)} tokens" + (" with the system prompt" if system else "")
                   + f", and the context of {model.args.max_seq_len} leaves {max(budget, 0)} after room for a "
                   f"{args.max_new_tokens}-token answer: shorten it)")
             continue
-        dialog = turn
-        out = M.generate(model, [ids], args.max_new_tokens, args.temperature, args.top_p,
-                         tokenizer.eos_id, generator)[0]
-        reply = tokenizer.decode(out).strip()
+        dialog = asked
+        reply_ids = M.generate(model, [ids], args.max_new_tokens, args.temperature, args.top_p,
+                               tokenizer.eos_id, generator)[0]
+        reply = tokenizer.decode(reply_ids).strip()
         print(f"model> {reply}")
         dialog.append({"role": "assistant", "content": reply})
     return dialog
