@@ -28,7 +28,7 @@ About 800 lines, above the ~600 aimed at: 05-07 and pipeline.py import the toy w
 annotators and the bootstrap intervals from here, and the chat REPL talks to every chapter's model.
 
 Run:
-  python 04_sft.py                             # toy: starts from runs/toy/pretrain.pt, ~3 min on CPU
+  python 04_sft.py                             # toy: starts from runs/toy/pretrain.pt, ~2 min on CPU
   python 04_sft.py --compare-scratch           # also the same SFT budget from random weights
   python 04_sft.py --data my_chats.jsonl       # {"messages": [{"role": ..., "content": ...}]} per line
   python 04_sft.py --init llama-2-7b --tokenizer tokenizer.model --preset 7B \\

@@ -43,7 +43,7 @@ attention on the system message as an answer begins should rise after GAtt (Figu
 README.md and in report.md.
 
 Run:
-  python 07_gatt.py                          # toy, from 06's runs/toy/ppo.pt: ~5 min on a 2-core CPU
+  python 07_gatt.py                          # toy, from 06's runs/toy/ppo.pt: ~4 min on a 2-core CPU
   python 07_gatt.py --init runs/toy/sft.pt   # from the SFT model, if 06 has not run
   python 07_gatt.py --init runs/1b/ppo.pt --tokenizer runs/1b/tokenizer.model --preset 1B \\
       --device cuda --dtype bf16 --compile --seq-len 1024 --batch-tokens 65536 --micro-batch 16 \\
