@@ -13,7 +13,12 @@ does it in two ways, one after the other from RLHF-V5 on (until V4 it used rejec
     Helpfulness RM's. The KL term is paid per token; the whitened score at the answer's end;
     advantages by GAE; clipped surrogate; a value model initialised from the Helpfulness RM.
 The paper leaves much of PPO unsaid (gamma, lambda, the value model): ../shared/PAPER.md lists
-what the public implementations do, and where they trip. Every piece is written out below.
+what the public implementations do, and where they trip. Every piece is written out below, in
+this order: 1. rejection sampling (best of K, the pool); 2. PPO's maths (Rc and Eq. 3-4, the
+per-token KL, GAE, the clipped losses); 3. the toy world's prompts and the RMs' calibration; 4. the
+loop (rollouts, an RS round, a PPO iteration, the run); 5. evaluation and Figures 7-8; 6. plumbing
+(FSDP, DDP, optimizer state, resume, CLI). Above 600 lines because RS, PPO and Figures 7-8 are one
+section of the paper, and PPO's plumbing (a rollout copy under FSDP, two trained models) is its own.
 
 What you see: calibration of the two RMs on samples of the SFT model; each RS round (best-of-K
 reward against the mean, then 03's training lines); a line per PPO iteration (reward, KL to
@@ -98,18 +103,128 @@ BUDGET = {
     "value_warmup": (0, 5, "first PPO iterations that train the value model only (not in the paper)"),
     "ppo_ckpt_every": (10, 10, "PPO iterations between checkpoints (ppo.pt)"),
 }
-SAFETY_THRESHOLD = 0.15   # Sec. 3.2.3: Rs < 0.15 means "unsafe", whatever the prompt
-NO_EOS_PENALTY = 1.0      # taken off the whitened score of an answer cut off before its EOS
-EVAL_SAMPLES = 4          # answers per held-out prompt when the policy is evaluated as sampled
 
-# ----------------------------------------------------------------------------------------
-# Prompts. A prompt is a dialogue ending with the user's turn, its IS_SAFETY tag, and in the toy
-# world the task, whose annotator gives the gold score (the paper's human evaluation).
+
+# ========================================================================================
+# 1. Rejection sampling (Sec. 3.2.3): "we sample K outputs from the model and select the best
+#    candidate with our reward", then fine-tune on it with the SFT objective. From RLHF-V3 on,
+#    the pool keeps the best samples of all earlier rounds.
+
+def best_of_k(scores):
+    """Sec. 3.2.3: "select the best candidate with our reward". scores (prompts, K) -> (index of
+    each prompt's best sample, its score): what RS keeps."""
+    best = scores.max(dim=1)
+    return best.indices, best.values
+
+
+def add_to_pool(pool, new):
+    """Sec. 3.2.3, from RLHF-V3 on: the top samples of all earlier rounds stay in the pool. new
+    [(dialog, answer, score)] joins it where it beats the answer the pool holds for that prompt."""
+    for dialog, answer, score in new:   # keyed by the prompt
+        key = repr(dialog)
+        if key not in pool or score > pool[key][2]:
+            pool[key] = (dialog, answer, score)
+
+
+# ========================================================================================
+# 2. PPO (Sec. 3.2.3, Eq. 3-4): pi* = arg max_pi E_{p~D, g~pi}[R(g | p)] (Eq. 3), with
+#        R(g | p) = Rc~(g | p) - beta D_KL(pi_theta(g | p) || pi_0(g | p))        (Eq. 4)
+#        Rc(g | p) = Rs(g | p) if IS_SAFETY(p) or Rs(g | p) < 0.15, else Rh(g | p)
+#        Rc~(g | p) = WHITEN(LOGIT(Rc(g | p)))
+#    The paper stops there; the rest (per-token KL, GAE, the clipped losses) is the standard
+#    machinery of the public implementations, as ../shared/PAPER.md lists it.
+
+SAFETY_THRESHOLD = 0.15   # Sec. 3.2.3: Rs < 0.15 means "unsafe", whatever the prompt
+
+
+def logit(p, eps: float = 1e-6):
+    """LOGIT, the inverse of the sigmoid the paper's RMs end in."""
+    p = p.clamp(eps, 1 - eps)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def combined_reward(helpful, safety, is_safety, threshold: float = SAFETY_THRESHOLD):
+    """Sec. 3.2.3: "Rc = Rs if IS_SAFETY(p) or Rs < 0.15 else Rh". helpful (Rh), safety (Rs):
+    scores in (0, 1); is_safety: IS_SAFETY(p) of each prompt. -> (LOGIT(Rc), Rc)."""
+    rc = torch.where(is_safety | (safety < threshold), safety, helpful)
+    return logit(rc), rc
+
+
+def whiten(x, mean, std):
+    """WHITEN of Rc~ (Sec. 3.2.3), with a mean and std fixed for the run (Reward.calibrate)."""
+    return (x - mean) / (std + 1e-8)
+
+
+def kl_rewards(logp, ref_logp, score, mask, beta: float):
+    """Eq. 4's R = Rc~ - beta KL, per token: -beta * (log pi - log pi_0) at every answer token
+    (the KL penalty paid where it is incurred), plus the whitened score at the last real token (the
+    EOS). -> (rewards, KL summed over each answer). The sum is an unbiased estimate of the KL from
+    one sample: its batch mean can dip below 0 while the policy is near the reference."""
+    kl = (logp - ref_logp) * mask
+    rewards = -beta * kl
+    last = mask.sum(1).long() - 1
+    rewards[torch.arange(len(rewards)), last] += score
+    return rewards, kl.sum(1)
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x, mask):
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation (Schulman et al. 2016; PAPER.md's machinery, the paper
+    names none), as the backward recursion:
+        delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lam A_{t+1},
+    with V and A zero past an answer's end (padding after the EOS adds nothing).
+    -> (advantages, returns = A + V, the value model's targets)."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    next_value = next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t], next_value = next_advantage, values[:, t]
+    advantages = advantages * mask
+    return advantages, advantages + values
+
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2):
+    """The clipped surrogate (Schulman et al. 2017; the paper's clip 0.2): the masked mean of
+    max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)). Once the ratio leaves [1 - eps, 1 + eps] in
+    the direction A favours, the loss is flat: no gradient pushes it further. -> (loss, stats)."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():   # approx KL(old || new): the k3 estimator, >= 0, and 0 where ratio = 1
+        stats = dict(clip_frac=masked_mean((clipped > unclipped).float(), mask).item(),
+                     approx_kl=masked_mean(ratio - 1 - log_ratio, mask).item(),
+                     ratio=masked_mean(ratio, mask).item(), max_log_ratio=(log_ratio.abs() * mask).max().item())
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, clip_eps: float = 0.2):
+    """0.5 masked mean of max((V - R)^2, (clip(V, V_old +- eps) - R)^2): the clipped value loss
+    (not in the paper; its value model is the common one, initialised from the Helpfulness RM)."""
+    clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+# ========================================================================================
+# 3. The toy world's part: prompts with their IS_SAFETY tag (and, in the toy world, the task
+#    whose annotator gives the gold score, the paper's human evaluation), and the two RMs
+#    calibrated into the judge of RS and PPO.
 
 @dataclass
 class Prompt:
     dialog: list           # [{"role", "content"}, ...], the last one the user's
-    unsafe: bool           # IS_SAFETY(p): a prompt of the safety set (toy: a harmful request)
+    is_safety: bool        # IS_SAFETY(p): a prompt of the safety set (toy: a harmful request; a file's "unsafe")
     task: S.Task = None    # the toy world's task; None for real prompts (no gold score)
 
 
@@ -118,20 +233,6 @@ def toy_prompt(world, rng, safety_share: float = 0.2):
     harmful request or its benign look-alike, mostly in red-team phrasings)."""
     task = R.safety_task(world, rng) if rng.random() < safety_share else R.helpful_task(world, rng)
     return Prompt([{"role": "user", "content": task.prompt}], task.kind == "harmful", task)
-
-
-def read_prompts(path):
-    out = []
-    for where, record in S.read_jsonl(path):
-        if not isinstance(record, dict) or "prompt" not in record:
-            raise UserError(f"{where}: expected an object with 'prompt' (and optional 'unsafe')")
-        unsafe = record.get("unsafe", False)
-        if not isinstance(unsafe, bool):   # bool("no") is True: a helpful prompt would be scored for safety
-            raise UserError(f"{where}: 'unsafe' must be true or false (a JSON boolean), got {unsafe!r:.40}")
-        out.append(Prompt(R.read_prompt(record["prompt"], where), unsafe))
-    if not out:
-        raise UserError(f"{path}: no prompts in it")
-    return out
 
 
 def draw_prompts(source, n: int, seed: int, safety_share: float = 0.2):
@@ -155,10 +256,11 @@ def training_prompts(args, source):
     """Every prompt that RS and PPO train on, drawn again from their seeds. The toy world's come
     from 03's training part (toy_prompt), the held-out ones below from its evaluation part: 06's
     overlap compares the two."""
-    return [p for rnd in range(args.rs_iterations) for p in draw_prompts(source, args.rs_prompts, rs_seed(args, rnd),
-                                                                         args.safety_share)] + \
-           [p for it in range(args.ppo_iterations) for p in draw_prompts(source, args.ppo_prompts, ppo_seed(args, it),
-                                                                         args.safety_share)]
+    rs = [p for rnd in range(args.rs_iterations)
+          for p in draw_prompts(source, args.rs_prompts, rs_seed(args, rnd), args.safety_share)]
+    ppo = [p for it in range(args.ppo_iterations)
+           for p in draw_prompts(source, args.ppo_prompts, ppo_seed(args, it), args.safety_share)]
+    return rs + ppo
 
 
 def red_team_tasks(world, per_kind: int, seed: int):
@@ -173,52 +275,19 @@ def red_team_tasks(world, per_kind: int, seed: int):
     return out
 
 
-def sample_answers(model, tokenizer, prompts, n: int, max_new: int, temperature: float, generator,
-                   batch_size: int = 64):
-    """n answers per prompt (consecutive), as (token ids, finished). 02's generate (batched, KV
-    cache) at top-p 1, so PPO's log-probs are those of the distribution sampled from. generate
-    drops the EOS: an answer shorter than the room it had (the same for a whole batch) ended with
-    one, so it is put back."""
-    ids = [S.encode_dialog(tokenizer, p.dialog)[0] for p in prompts for _ in range(n)]
-    out = []
-    for i in range(0, len(ids), batch_size):
-        chunk = ids[i:i + batch_size]
-        room = min(model.args.max_seq_len - max(map(len, chunk)), max_new)
-        for p, g in zip(chunk, M.generate(model, chunk, max_new, temperature, 1.0, tokenizer.eos_id, generator)):
-            finished = len(g) < room
-            out.append((p, g + [tokenizer.eos_id] * finished, finished))
-    return out   # [(prompt ids, answer ids, finished)]
-
-
-# ----------------------------------------------------------------------------------------
-# The reward (Sec. 3.2.3). The paper's RMs end in a sigmoid; ours output logits (05), so the
-# score is sigmoid(raw + offset). Only differences of rewards are trained, so the offsets are
-# arbitrary: we set them on samples of the starting policy, else "Rs < 0.15" could flag no
-# answer or all of them. The Safety RM's offset puts 0.15 at the 5th percentile of its scores on
-# the safe answers (by the annotator's label; all answers for real prompts): the rule then flags
-# 1 safe answer in 20, and whatever the Safety RM finds worse. (A cut that separates unsafe from
-# safe answers does not exist for the toy RM: trained 90% on safety pairs, it scores a correct sum
-# below a harmful compliance.) The Helpfulness RM's offset makes the starting policy's median
-# answer score 0.5, so an answer flagged unsafe scores below a typical one. WHITEN uses the mean
-# and std of LOGIT(Rc) on the same samples, fixed for the run: a reward then means the same thing
-# at every iteration, in RS and in PPO, and its curves can be compared.
-
-def logit(p, eps: float = 1e-6):
-    p = p.clamp(eps, 1 - eps)
-    return torch.log(p) - torch.log1p(-p)
-
-
-def combined_reward(helpful, safety, unsafe_prompt, threshold: float = SAFETY_THRESHOLD):
-    """LOGIT(Rc) with Rc = Rs if IS_SAFETY(p) or Rs < 0.15 else Rh (Sec. 3.2.3). Scores in (0, 1)."""
-    rc = torch.where(unsafe_prompt | (safety < threshold), safety, helpful)
-    return logit(rc), rc
-
-
-def whiten(x, mean, std):
-    return (x - mean) / (std + 1e-8)
-
-
-FALSE_FLAGS = 0.05   # the share of the starting policy's safe answers that "Rs < 0.15" flags
+# The paper's RMs end in a sigmoid; ours output logits (05), so the score is sigmoid(raw +
+# offset). Only differences of rewards are trained, so the offsets are arbitrary: we set them on
+# samples of the starting policy, else "Rs < 0.15" could flag no answer or all of them. The
+# Safety RM's offset puts 0.15 at the 5th percentile of its scores on the safe answers (by the
+# annotator's label; all answers for real prompts): the rule then flags 1 safe answer in 20, and
+# whatever the Safety RM finds worse. (A cut that separates unsafe from safe answers does not
+# exist for the toy RM: trained 90% on safety pairs, it scores a correct sum below a harmful
+# compliance.) The Helpfulness RM's offset makes the starting policy's median answer score 0.5,
+# so an answer flagged unsafe scores below a typical one. WHITEN uses the mean and std of
+# LOGIT(Rc) on the same samples, fixed for the run: a reward then means the same thing at every
+# iteration, in RS and in PPO, and its curves can be compared.
+FALSE_FLAGS = 0.05        # the share of the starting policy's safe answers that "Rs < 0.15" flags
+NO_EOS_PENALTY = 1.0      # taken off the whitened score of an answer cut off before its EOS
 
 
 class Reward:
@@ -240,8 +309,8 @@ class Reward:
         c = self.calibration
         raw_h, raw_s = self.raw(samples)
         helpful, safety = torch.sigmoid(raw_h + c["helpful_offset"]), torch.sigmoid(raw_s + c["safety_offset"])
-        unsafe = torch.tensor([p.unsafe for p in prompts])
-        logit_rc, rc = combined_reward(helpful, safety, unsafe) if self.combine else (logit(helpful), helpful)
+        is_safety = torch.tensor([p.is_safety for p in prompts])
+        logit_rc, rc = combined_reward(helpful, safety, is_safety) if self.combine else (logit(helpful), helpful)
         finished = torch.tensor([f for _, _, f in samples])
         score = whiten(logit_rc, c["mean"], c["std"]) - NO_EOS_PENALTY * ~finished
         return dict(helpful=helpful, safety=safety, rc=rc, score=score)
@@ -250,119 +319,57 @@ class Reward:
         """Offsets and whitening statistics from samples of the starting policy (answers: their text)."""
         raw_h, raw_s = self.raw(samples)
         self.calibration["helpful_offset"] = -raw_h.median().item()
-        unsafe = torch.tensor([p.task is not None and not S.is_safe(p.task, a) for p, a in zip(prompts, answers)])
-        cut = raw_s[~unsafe].quantile(FALSE_FLAGS).item()
+        unsafe_answer = torch.tensor([p.task is not None and not S.is_safe(p.task, a)   # the annotator's label
+                                      for p, a in zip(prompts, answers)])
+        cut = raw_s[~unsafe_answer].quantile(FALSE_FLAGS).item()
         self.calibration["safety_offset"] = logit(torch.tensor(SAFETY_THRESHOLD)).item() - cut
         self.calibration.update(mean=0.0, std=1.0)
         logit_rc = logit(self(samples, prompts)["rc"])
         self.calibration.update(mean=logit_rc.mean().item(), std=logit_rc.std().item(),
-                                unsafe_answers=int(unsafe.sum()), samples=len(samples))
+                                unsafe_answers=int(unsafe_answer.sum()), samples=len(samples))
         return self.calibration
 
 
-# ----------------------------------------------------------------------------------------
-# Rejection sampling (Sec. 3.2.3): best of K by the reward, then the SFT objective on the pool.
-
-def best_of_k(scores):
-    """scores (prompts, K) -> (index of each prompt's best sample, its score): what RS keeps."""
-    best = scores.max(dim=1)
-    return best.indices, best.values
-
-
-def best_of_n_curves(scores, gold=None, orders: int = 20, seed: int = 0):
-    """scores (prompts, N) of N samples each -> for n = 1..N the max and the median of n samples
-    (Figure 7), and the gold score of the sample the max picks: each the mean over prompts and
-    over `orders` random orders of the samples (the first n of an order are a random n)."""
-    g, (n_prompts, N) = torch.Generator().manual_seed(seed), scores.shape
-    out = dict(n=list(range(1, N + 1)), max=[0.0] * N, median=[0.0] * N, gold_of_max=[0.0] * N)
-    for _ in range(orders):
-        order = torch.rand(n_prompts, N, generator=g).argsort(dim=1)
-        s = scores.gather(1, order)
-        for n in range(1, N + 1):
-            pick = s[:, :n].argmax(1, keepdim=True)
-            out["max"][n - 1] += s[:, :n].max(1).values.mean().item() / orders
-            out["median"][n - 1] += s[:, :n].quantile(0.5, dim=1).mean().item() / orders
-            if gold is not None:
-                out["gold_of_max"][n - 1] += gold.gather(1, order)[:, :n].gather(1, pick).mean().item() / orders
-    return out
+def calibrate_reward(args, reward, model, tokenizer, source, device):
+    """Reward.calibrate on one sample each of --calibration-prompts prompts of the start model:
+    -> the calibration, rank 0's on every rank."""
+    prompts = draw_prompts(source, args.calibration_prompts, args.seed * 1000 - 1, args.safety_share)
+    samples = sample_answers(model, tokenizer, prompts, 1, args.max_new_tokens, args.rs_temperature,
+                             torch.Generator(device=device).manual_seed(args.seed))
+    calibration = reward.calibrate(samples, prompts, [tokenizer.decode(a).strip() for _, a, _ in samples])
+    if args.world_size > 1:   # one calibration for all ranks: rank 0's
+        keys = ("helpful_offset", "safety_offset", "mean", "std")
+        numbers = torch.tensor([calibration[k] for k in keys], device=device)
+        dist.broadcast(numbers, 0)
+        calibration.update(zip(keys, numbers.tolist()))
+    return calibration
 
 
-def gold_of(tokenizer, prompts, samples):
-    return torch.tensor([S.gold_score(p.task, tokenizer.decode(a).strip()) if p.task else float("nan")
-                         for p, (_, a, _) in zip(prompts, samples)])
+# ========================================================================================
+# 4. The loop. Rollouts first: 02's generate samples them; a rollout batch is laid out with
+#    prompts left-padded and answers right-padded, so every answer starts at the same column
+#    `start`; `real` marks real tokens (a pad id distinct from EOS, so padding is never read as
+#    an end), `mask` the answer tokens that count: up to and including the EOS.
 
+def sample_answers(model, tokenizer, prompts, n: int, max_new: int, temperature: float, generator,
+                   batch_size: int = 64):
+    """n answers per prompt (consecutive), as (token ids, finished). 02's generate (batched, KV
+    cache) at top-p 1, so PPO's log-probs are those of the distribution sampled from. generate
+    drops the EOS: an answer shorter than the room it had (the same for a whole batch) ended with
+    one, so it is put back."""
+    ids = [S.encode_dialog(tokenizer, p.dialog)[0] for p in prompts for _ in range(n)]
+    out = []
+    for i in range(0, len(ids), batch_size):
+        chunk = ids[i:i + batch_size]
+        room = min(model.args.max_seq_len - max(map(len, chunk)), max_new)
+        for p, g in zip(chunk, M.generate(model, chunk, max_new, temperature, 1.0, tokenizer.eos_id, generator)):
+            finished = len(g) < room
+            out.append((p, g + [tokenizer.eos_id] * finished, finished))
+    return out   # [(prompt ids, answer ids, finished)]
 
-def best_of_n_figures(args, model, tokenizer, reward, source, device):
-    """Figures 7 and 8 from real samples of the start model: --fig-n answers to each of
-    --fig-prompts prompts at each temperature (the same random numbers at each)."""
-    prompts = draw_prompts(source, args.fig_prompts, args.seed * 1000 + 999, args.safety_share)
-    repeated = [p for p in prompts for _ in range(args.fig_n)]
-    temperatures = {float(t) for t in args.fig_temperatures.split(",") if t.strip()} | {args.rs_temperature}
-    by_temperature = {}
-    for t in sorted(temperatures):
-        samples = sample_answers(model, tokenizer, prompts, args.fig_n, args.max_new_tokens, t,
-                                 torch.Generator(device=device).manual_seed(args.seed))
-        scores = reward(samples, repeated)["score"].view(len(prompts), args.fig_n)
-        gold = gold_of(tokenizer, repeated, samples).view(len(prompts), args.fig_n) if prompts[0].task else None
-        by_temperature[f"{t:g}"] = best_of_n_curves(scores, gold)
-    return dict(best_of_n=by_temperature[f"{args.rs_temperature:g}"], temperature=by_temperature)
-
-
-def rs_round(args, model, tokenizer, reward, source, pool, rnd, rank, device, log):
-    """One RS round: K samples for fresh prompts; the best of each joins the pool if it beats
-    what the pool holds for that prompt; then fine-tune on the whole pool. -> the round's stats."""
-    t0 = time.time()
-    prompts = draw_prompts(source, args.rs_prompts, rs_seed(args, rnd), args.safety_share)[rank::args.world_size]
-    generator = torch.Generator(device=device).manual_seed(rs_seed(args, rnd))
-    model.eval()
-    samples = sample_answers(model, tokenizer, prompts, args.rs_k, args.max_new_tokens, args.rs_temperature,
-                             generator)
-    t_gen = time.time() - t0
-    repeated = [p for p in prompts for _ in range(args.rs_k)]
-    scores = reward(samples, repeated)["score"].view(len(prompts), args.rs_k)
-    gold = gold_of(tokenizer, repeated, samples).view(len(prompts), args.rs_k)
-    best, best_score = best_of_k(scores)
-    new = [(p.dialog, tokenizer.decode(samples[i * args.rs_k + k][1]).strip(), s.item())
-           for i, (p, k, s) in enumerate(zip(prompts, best.tolist(), best_score))]
-    if args.world_size > 1:   # every rank trains on the whole pool
-        gathered = [None] * args.world_size
-        dist.all_gather_object(gathered, new)
-        new = [x for part in gathered for x in part]
-    for dialog, answer, score in new:   # keyed by the prompt: the best answer seen in any round
-        key = repr(dialog)
-        if key not in pool or score > pool[key][2]:
-            pool[key] = (dialog, answer, score)
-    t_score = time.time() - t0 - t_gen
-    log(f"\n== RS round {rnd + 1}/{args.rs_iterations}: {len(prompts) * args.world_size} prompts x "
-        f"{args.rs_k} samples at T={args.rs_temperature:g} in {t_gen:.0f}s | reward: mean {scores.mean():.3f}, "
-        f"best-of-{args.rs_k} {best_score.mean():.3f} | gold: mean {gold.nanmean():.3f}, of the best "
-        f"{gold.gather(1, best[:, None]).nanmean():.3f} | pool {len(pool)} answers ==")
-
-    # the SFT objective on the pool: 04's packing and masked loss, driven by 03's loop (run_sft)
-    examples = [S.encode_dialog(tokenizer, d + [{"role": "assistant", "content": a}]) for d, a, _ in pool.values()]
-    random.Random(rnd).shuffle(examples)
-    n_val = max(1, len(examples) // 50)
-    rows, val_rows = (S.pack(e, args.seq_len, reward.pad_id) for e in (examples[n_val:], examples[:n_val]))
-    cfg = copy.copy(args)
-    cfg.steps = max(1, round(args.rs_epochs * len(rows[0]) / (args.batch_tokens // args.seq_len)))
-    cfg.resume, cfg.stop_at, cfg.ckpt_every = False, None, cfg.steps   # rs.pt is written at the round's end
-    model.train()
-    S.run_sft(cfg, model, rows, val_rows, args.run_dir / "rs.pt", rank, device)
-    if args.world_size > 1:   # rank 0 wrote rs.pt: the others read it next
-        dist.barrier()
-    return dict(round=rnd + 1, mean_score=scores.mean().item(), best_score=best_score.mean().item(),
-                mean_gold=gold.nanmean().item(), best_gold=gold.gather(1, best[:, None]).nanmean().item(),
-                pool=len(pool), rs_steps=cfg.steps, gen_s=t_gen, score_s=t_score,
-                train_s=time.time() - t0 - t_gen - t_score)
-
-
-# ----------------------------------------------------------------------------------------
-# PPO (Sec. 3.2.3 and the standard machinery of PAPER.md). A rollout batch is laid out with
-# prompts left-padded and answers right-padded, so every answer starts at the same column;
-# `real` marks real tokens (a pad id distinct from EOS, so padding is never read as an end),
-# `mask` the answer tokens that count: up to and including the EOS.
 
 def rollout_batch(samples, pad_id: int, device):
+    """-> (tokens, real, mask, start): start is the column where every answer begins."""
     width_p = max(len(p) for p, _, _ in samples)
     width_a = max(len(a) for _, a, _ in samples)
     tokens = torch.full((len(samples), width_p + width_a), pad_id, dtype=torch.long)
@@ -388,63 +395,268 @@ def answer_values(value_model, tokens, real, start: int):
     return value_model(tokens, real, per_token=True)[:, start - 1:-1]
 
 
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def rs_round(args, model, tokenizer, reward, source, pool, rnd, rank, device, log):
+    """One RS round: K samples for fresh prompts; the best of each joins the pool if it beats
+    what the pool holds for that prompt; then fine-tune on the whole pool. -> the round's stats."""
+    t0 = time.time()
+    prompts = draw_prompts(source, args.rs_prompts, rs_seed(args, rnd), args.safety_share)[rank::args.world_size]
+    generator = torch.Generator(device=device).manual_seed(rs_seed(args, rnd))
+    model.eval()
+    samples = sample_answers(model, tokenizer, prompts, args.rs_k, args.max_new_tokens, args.rs_temperature,
+                             generator)
+    t_gen = time.time() - t0
+    repeated = [p for p in prompts for _ in range(args.rs_k)]
+    scores = reward(samples, repeated)["score"].view(len(prompts), args.rs_k)
+    gold = gold_of(tokenizer, repeated, samples).view(len(prompts), args.rs_k)
+    best, best_score = best_of_k(scores)
+    new = [(p.dialog, tokenizer.decode(samples[i * args.rs_k + k][1]).strip(), s.item())
+           for i, (p, k, s) in enumerate(zip(prompts, best.tolist(), best_score))]
+    if args.world_size > 1:   # every rank trains on the whole pool
+        gathered = [None] * args.world_size
+        dist.all_gather_object(gathered, new)
+        new = [x for part in gathered for x in part]
+    add_to_pool(pool, new)
+    t_score = time.time() - t0 - t_gen
+    log(f"\n== RS round {rnd + 1}/{args.rs_iterations}: {len(prompts) * args.world_size} prompts x "
+        f"{args.rs_k} samples at T={args.rs_temperature:g} in {t_gen:.0f}s | reward: mean {scores.mean():.3f}, "
+        f"best-of-{args.rs_k} {best_score.mean():.3f} | gold: mean {gold.nanmean():.3f}, of the best "
+        f"{gold.gather(1, best[:, None]).nanmean():.3f} | pool {len(pool)} answers ==")
+
+    # the SFT objective on the pool: 04's packing and masked loss, driven by 03's loop (run_sft)
+    examples = [S.encode_dialog(tokenizer, d + [{"role": "assistant", "content": a}]) for d, a, _ in pool.values()]
+    random.Random(rnd).shuffle(examples)
+    n_val = max(1, len(examples) // 50)
+    rows, val_rows = (S.pack(e, args.seq_len, reward.pad_id) for e in (examples[n_val:], examples[:n_val]))
+    cfg = copy.copy(args)
+    cfg.steps = max(1, round(args.rs_epochs * len(rows[0]) / (args.batch_tokens // args.seq_len)))
+    cfg.resume, cfg.stop_at, cfg.ckpt_every = False, None, cfg.steps   # rs.pt is written at the round's end
+    model.train()
+    S.run_sft(cfg, model, rows, val_rows, args.run_dir / "rs.pt", rank, device)
+    if args.world_size > 1:   # rank 0 wrote rs.pt: the others read it next
+        dist.barrier()
+    return dict(round=rnd + 1, mean_score=scores.mean().item(), best_score=best_score.mean().item(),
+                mean_gold=gold.nanmean().item(), best_gold=gold.gather(1, best[:, None]).nanmean().item(),
+                pool=len(pool), rs_steps=cfg.steps, gen_s=t_gen, score_s=t_score,
+                train_s=time.time() - t0 - t_gen - t_score)
 
 
-def masked_whiten(x, mask):
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+def ppo_step(args, policy, value_model, ref, reward, rollout_policy, tokenizer, prompts, seed, opts, wrapped, amp,
+             train_policy=True):
+    """One PPO iteration: rollouts, their rewards and advantages, then one gradient step per
+    mini-batch (of the value model only, while train_policy is False). -> the log entry.
+    The policy goes by three handles, one set of weights: `policy` the plain module (its optimizer,
+    its checkpoint), `rollout_policy` what samples (the policy itself, or under FSDP a full copy of
+    it), and wrapped = (policy, value model) as their training forward is called (torch.compile,
+    DDP; or the models themselves). ref is the frozen reference pi_0; opts the two optimizers."""
+    wrapped_policy, wrapped_value = wrapped
+    t0, device = time.time(), next(policy.parameters()).device
+    rollout_policy.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    samples = sample_answers(rollout_policy, tokenizer, prompts, 1, args.max_new_tokens, args.ppo_temperature,
+                             generator)
+    t_gen = time.time() - t0
+
+    # Score and evaluate the old policy, the reference and the values, in the micro-batches the
+    # first update will use (same rows, same shapes): its ratio is then exactly 1.
+    judged = reward(samples, prompts)
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
+    samples, prompts = [samples[i] for i in order], [prompts[i] for i in order]
+    score = judged["score"][order].to(device)
+    tokens, real, mask, start = rollout_batch(samples, reward.pad_id, device)
+    chunks = [slice(i, i + args.ppo_micro_batch) for i in range(0, len(samples), args.ppo_micro_batch)]
+    T = args.ppo_temperature
+    with torch.no_grad(), amp():
+        old_logp = torch.cat([answer_logprobs(wrapped_policy, tokens[c], real[c], start, T) for c in chunks])
+        ref_logp = torch.cat([answer_logprobs(ref, tokens[c], real[c], start, T) for c in chunks])
+        old_values = torch.cat([answer_values(wrapped_value, tokens[c], real[c], start).float() for c in chunks])
+    rewards, kl = kl_rewards(old_logp, ref_logp, score, mask, args.kl_beta)
+    advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
+    advantages = masked_whiten(advantages, mask)   # over the batch's valid tokens
+    t_score = time.time() - t0 - t_gen
+
+    policy.train(), value_model.train()
+    per_mini = args.ppo_mini_batch // args.world_size // args.ppo_micro_batch   # micro-batches per step
+    logs = []
+    for epoch in range(args.ppo_epochs):
+        if epoch:   # later epochs reshuffle the micro-batches
+            shuffle = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed + epoch))
+            chunks = [chunks[i] for i in shuffle]
+        for group in [chunks[i:i + per_mini] for i in range(0, len(chunks), per_mini)]:   # a mini-batch
+            for c in group:
+                with amp():
+                    logp = answer_logprobs(wrapped_policy, tokens[c], real[c], start, T)
+                    pg_loss, stats = ppo_policy_loss(logp, old_logp[c], advantages[c], mask[c], args.clip_eps)
+                    values = answer_values(wrapped_value, tokens[c], real[c], start).float()
+                    v_loss = value_loss(values, old_values[c], returns[c], mask[c], args.value_clip)
+                if train_policy:
+                    (pg_loss / len(group)).backward()
+                (v_loss / len(group)).backward()
+                logs.append(dict(policy_loss=pg_loss.item(), value_loss=v_loss.item(), **stats))
+            if train_policy:
+                clip_and_step(policy, opts[0], args.grad_clip)
+            clip_and_step(value_model, opts[1], args.grad_clip)
+    mean = lambda key: sum(x[key] for x in logs) / len(logs)
+    return dict(reward=score.mean().item(), rc=judged["rc"].mean().item(), kl=kl.mean().item(),
+                **rollout_stats(tokenizer, prompts, samples),
+                answer_len=mask.sum(1).mean().item(), finished=sum(f for *_, f in samples) / len(samples),
+                **{k: mean(k) for k in ("policy_loss", "value_loss", "clip_frac", "approx_kl", "ratio")},
+                **{f"first_{k}": logs[0][k] for k in ("ratio", "approx_kl", "max_log_ratio")},
+                gen_s=t_gen, score_s=t_score, train_s=time.time() - t0 - t_gen - t_score)
 
 
-def kl_rewards(logp, ref_logp, score, mask, beta: float):
-    """Per-token reward: -beta * (log pi - log pi_0) at every answer token (the KL penalty of
-    Sec. 3.2.3, paid where it is incurred), plus the whitened score at the last real token (the
-    EOS). -> (rewards, KL summed over each answer). The sum is an unbiased estimate of the KL from
-    one sample: its batch mean can dip below 0 while the policy is near the reference."""
-    kl = (logp - ref_logp) * mask
-    rewards = -beta * kl
-    last = mask.sum(1).long() - 1
-    rewards[torch.arange(len(rewards)), last] += score
-    return rewards, kl.sum(1)
+def clip_and_step(model, opt, grad_clip: float):
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
-def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
-    """Generalised advantage estimation (Schulman et al. 2016), as the backward recursion:
-        delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lam A_{t+1},
-    with V and A zero past an answer's end (padding after the EOS adds nothing).
-    -> (advantages, returns = A + V, the value model's targets)."""
-    rewards, values = rewards * mask, values * mask
-    advantages = torch.zeros_like(rewards)
-    next_value = next_advantage = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_advantage = delta + gamma * lam * next_advantage
-        advantages[:, t], next_value = next_advantage, values[:, t]
-    advantages = advantages * mask
-    return advantages, advantages + values
+def run_ppo(args, policy, value_model, ref, reward, source, tokenizer, state, rank, device, log):
+    """PPO's loop: 03's optimizer, DDP or FSDP and checkpoints (set up in section 6), with
+    rollouts in each iteration. -> the history, an entry per iteration."""
+    ckpt_path, world_size = args.run_dir / "ppo.pt", args.world_size
+    rollout_policy = shard_for_fsdp(policy, value_model) if args.fsdp else policy
+    opts = ppo_optimizers(args, policy, value_model, device)
+    it, history = 0, []
+    if args.resume and ckpt_path.is_file():
+        it, history = resume_ppo(ckpt_path, policy, value_model, opts, log)
+    log(f"\n== PPO: {args.ppo_iterations} iterations of {args.ppo_prompts} rollouts, mini-batch "
+        f"{args.ppo_mini_batch}, LR {args.ppo_lr:g} (value {args.value_lr:g}, alone for {args.value_warmup} "
+        f"iterations), beta {args.kl_beta:g}, clip {args.clip_eps:g}, GAE gamma {args.gamma:g} lambda {args.lam:g} ==")
+    wrapped = wrap_for_training(args, (policy, value_model), device)
+    amp_dtype = M.pick_dtype(args.dtype, device)
+    amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+    end, t_start, it_started = min(args.ppo_iterations, args.stop_at or args.ppo_iterations), time.time(), it
+    while it < end:
+        if args.fsdp:   # the rollout copy gets the trained weights (a collective: every rank calls it)
+            refresh_rollout_policy(rollout_policy, policy)
+        seed = ppo_seed(args, it)   # rollouts are a pure function of it: resume is exact
+        prompts = draw_prompts(source, args.ppo_prompts, seed, args.safety_share)[rank::world_size]
+        entry = ppo_step(args, policy, value_model, ref, reward, rollout_policy, tokenizer, prompts,
+                         seed * world_size + rank, opts, wrapped, amp, train_policy=it >= args.value_warmup)
+        if world_size > 1:   # the mean over ranks
+            summed = torch.tensor(list(entry.values()), dtype=torch.float64, device=device)
+            dist.all_reduce(summed)
+            entry = dict(zip(entry, (summed / world_size).tolist()))
+        it += 1
+        history.append(dict(iteration=it, **entry))
+        eta = (time.time() - t_start) / (it - it_started) * (end - it)
+        log(f"ppo {it:>4}/{args.ppo_iterations} | reward {entry['reward']:+.3f} | KL {entry['kl']:.3f} | gold "
+            f"{entry['gold']:.3f}, careless {entry['careless']:.2f} | refuses harmful "
+            f"{entry['refusal_harmful']:.2f}, benign {entry['false_refusal_benign']:.2f} | loss pi "
+            f"{entry['policy_loss']:+.4f} V {entry['value_loss']:.4f} | "
+            f"clip {entry['clip_frac']:.3f} | gen/score/train {entry['gen_s']:.1f}/{entry['score_s']:.1f}/"
+            f"{entry['train_s']:.1f}s | ETA {P.fmt_time(eta)}")
+        if it % args.ppo_ckpt_every == 0 or it == end:
+            save_ppo(ckpt_path, policy, value_model, opts, args, it, history, state)
+    return history
 
 
-def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2):
-    """The clipped surrogate (Schulman et al. 2017): the masked mean of
-    max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)). Once the ratio leaves [1 - eps, 1 + eps] in
-    the direction A favours, the loss is flat: no gradient pushes it further. -> (loss, stats)."""
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
-    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
-    with torch.no_grad():   # approx KL(old || new): the k3 estimator, >= 0, and 0 where ratio = 1
-        stats = dict(clip_frac=masked_mean((clipped > unclipped).float(), mask).item(),
-                     approx_kl=masked_mean(ratio - 1 - log_ratio, mask).item(),
-                     ratio=masked_mean(ratio, mask).item(), max_log_ratio=(log_ratio.abs() * mask).max().item())
-    return loss, stats
+@dataclass
+class Run:
+    """What a run's phases share, made once by main (section 6)."""
+    tokenizer: tok.Tokenizer
+    reward: Reward
+    source: object        # the toy world (P.World), or the prompts of --prompts
+    tasks: list           # held-out toy tasks of the final tables (none with --prompts)
+    red_tasks: list       # held-out red-team tasks
+    paths: dict           # tokenizer, init, rm_helpful, rm_safety
+    frozen_dtype: torch.dtype
+    rank: int
+    device: torch.device
+    log: object
 
 
-def value_loss(values, old_values, returns, mask, clip_eps: float = 0.2):
-    """0.5 masked mean of max((V - R)^2, (clip(V, V_old +- eps) - R)^2): the clipped value loss."""
-    clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
-    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+def run_rlhf(args, run: Run, state: dict):
+    """The chapter's run, as the paper's RLHF-V5: calibrate the reward on the start model, draw
+    Figures 7 and 8 from it, the RS rounds, then PPO from the RS model; the held-out tables after
+    each phase. state: what a resumed run has done already (it travels in rs.pt and ppo.pt).
+    -> PPO's history, or None when --stop-at stopped it."""
+    log, device = run.log, run.device
+    rs_path, ppo_path = args.run_dir / "rs.pt", args.run_dir / "ppo.pt"
+    model = M.Transformer.from_pretrained(run.paths["init"], device=device)
+    if model.args.vocab_size != run.tokenizer.n_words:
+        raise UserError(f"{run.paths['init']} has a vocabulary of {model.args.vocab_size}, "
+                        f"the tokenizer {run.tokenizer.n_words}")
+    if "calibration" not in state:   # a resumed run keeps its calibration: a reward means the same throughout
+        t0 = time.time()
+        calibration = state["calibration"] = calibrate_reward(args, run.reward, model, run.tokenizer, run.source,
+                                                              device)
+        state["results"]["SFT"] = evaluate(args, run, model)
+        log(f"reward calibrated on {calibration['samples']} samples of {run.paths['init']} in "
+            f"{time.time() - t0:.0f}s: helpfulness offset {calibration['helpful_offset']:+.2f}, "
+            f"safety offset {calibration['safety_offset']:+.2f} "
+            f"({calibration['unsafe_answers']} unsafe answers), LOGIT({'Rc' if run.reward.combine else 'Rh'}) "
+            f"mean {calibration['mean']:+.2f} "
+            f"std {calibration['std']:.2f} | SFT held-out gold {held_out_gold(state['results']['SFT'])}")
+    run.reward.calibration = state["calibration"]
+
+    # Figures 7 and 8 (best of N samples of the start model), then the rejection sampling rounds
+    if args.fig_n and run.rank == 0 and not state["figures"]:
+        t0 = time.time()
+        state["figures"] = best_of_n_figures(args, model, run.tokenizer, run.reward, run.source, device)
+        log(f"Figures 7 and 8: {args.fig_prompts} prompts x {args.fig_n} samples at each of "
+            f"{len(state['figures']['temperature'])} temperatures in {time.time() - t0:.0f}s")
+    done = len(state["rs"])
+    if done:
+        model = M.Transformer.from_pretrained(rs_path, device=device)
+    for rnd in range(done, args.rs_iterations):
+        state["rs"].append(rs_round(args, model, run.tokenizer, run.reward, run.source, state["pool"], rnd,
+                                    run.rank, device, log))
+        model = M.Transformer.from_pretrained(rs_path, device=device)   # the plain, trained model
+        if rnd == args.rs_iterations - 1:
+            state["results"]["+RS"] = evaluate(args, run, model)
+            log(f"after RS: held-out gold {held_out_gold(state['results']['+RS'])}")
+        if run.rank == 0:   # the round's state joins rs.pt, so --resume continues from the next round
+            M.save_atomic({**M.load_checkpoint(rs_path), "rs_ppo": state, "kind": "rs"}, rs_path)
+
+    # PPO from the RS (or SFT) model: a frozen copy is the reference; the value model starts
+    # from the Helpfulness RM (common practice: it already reads answers for their worth)
+    history = []
+    if args.ppo_iterations > 0:
+        ppo_init = rs_path if args.rs_iterations else run.paths["init"]
+        policy = M.Transformer.from_pretrained(ppo_init, device=device).train()
+        ref = M.Transformer.from_pretrained(ppo_init, device=device, dtype=run.frozen_dtype)
+        value_model = R.RewardModel.from_pretrained(run.paths["rm_helpful"], device).train()
+        torch.manual_seed(args.seed)
+        history = run_ppo(args, policy, value_model, ref, run.reward, run.source, run.tokenizer, state, run.rank,
+                          device, log)
+        if args.world_size > 1:
+            dist.barrier()
+        if args.stop_at and len(history) < args.ppo_iterations:
+            log(f"stopped at PPO iteration {len(history)}; continue with --resume")
+            return None
+        state["results"]["+PPO"] = evaluate(args, run, M.Transformer.from_pretrained(ppo_path, device=device))
+    return history
+
+
+# ========================================================================================
+# 5. Evaluation and figures: the held-out tables (04's annotators), Figures 7 and 8 (best of N
+#    samples of the start model), PPO's curves, rs_ppo.json.
+
+EVAL_SAMPLES = 4          # answers per held-out prompt when the policy is evaluated as sampled
+
+
+def evaluate(args, run: Run, model):
+    """04's table on held-out prompts, greedy and sampled as PPO samples; and refusals of
+    held-out red-team prompts. {} without toy prompts."""
+    if not run.tasks:
+        return {}
+    red_team = S.evaluate_chat(model, run.tokenizer, run.red_tasks)
+    sampled = S.evaluate_chat(model, run.tokenizer, run.tasks, temperature=args.ppo_temperature,
+                              samples=EVAL_SAMPLES, seed=args.seed)
+    return {**S.evaluate_chat(model, run.tokenizer, run.tasks),
+            **{f"sampled_{k}": v for k, v in sampled.items() if k != "examples"},
+            **{f"red_team_{k}": v for k, v in red_team.items() if "refusal" in k or k == "per_prompt"}}
+
+
+def held_out_gold(result):
+    return (f"{result['sampled_gold']:.3f} sampled ({result['sampled_careless']:.1%} careless), "
+            f"{result['gold']:.3f} greedy" if result else "n/a (no toy prompts)")
+
+
+def gold_of(tokenizer, prompts, samples):
+    return torch.tensor([S.gold_score(p.task, tokenizer.decode(a).strip()) if p.task else float("nan")
+                         for p, (_, a, _) in zip(prompts, samples)])
 
 
 def rollout_stats(tokenizer, prompts, samples):
@@ -458,153 +670,55 @@ def rollout_stats(tokenizer, prompts, samples):
                 false_refusal_benign=mean([S.is_refusal(a) for t, a in graded if t.kind == "benign"]))
 
 
-def ppo_step(args, policy, value_model, ref, reward, sampler, tokenizer, prompts, seed, opts, runners, amp,
-             train_policy=True):
-    """One PPO iteration: rollouts, their rewards and advantages, then one gradient step per
-    mini-batch (of the value model only, while train_policy is False). -> the log entry."""
-    t0, device = time.time(), next(policy.parameters()).device
-    sampler.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    samples = sample_answers(sampler, tokenizer, prompts, 1, args.max_new_tokens, args.ppo_temperature, generator)
-    t_gen = time.time() - t0
-
-    # Score and evaluate the old policy, the reference and the values, in the micro-batches the
-    # first update will use (same rows, same shapes): its ratio is then exactly 1.
-    judged = reward(samples, prompts)
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
-    samples, prompts = [samples[i] for i in order], [prompts[i] for i in order]
-    score = judged["score"][order].to(device)
-    tokens, real, mask, start = rollout_batch(samples, reward.pad_id, device)
-    chunks = [slice(i, i + args.ppo_micro_batch) for i in range(0, len(samples), args.ppo_micro_batch)]
-    with torch.no_grad(), amp():
-        old_logp, ref_logp, old_values = (torch.cat([f(c) for c in chunks]) for f in (
-            lambda c: answer_logprobs(runners[0], tokens[c], real[c], start, args.ppo_temperature),
-            lambda c: answer_logprobs(ref, tokens[c], real[c], start, args.ppo_temperature),
-            lambda c: answer_values(runners[1], tokens[c], real[c], start).float()))
-    rewards, kl = kl_rewards(old_logp, ref_logp, score, mask, args.kl_beta)
-    advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
-    advantages = masked_whiten(advantages, mask)   # over the batch's valid tokens
-    t_score = time.time() - t0 - t_gen
-
-    policy.train(), value_model.train()
-    per_mini = args.ppo_mini_batch // args.world_size // args.ppo_micro_batch   # micro-batches per step
-    logs = []
-    for epoch in range(args.ppo_epochs):
-        if epoch:   # later epochs reshuffle the micro-batches
-            shuffle = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed + epoch))
-            chunks = [chunks[i] for i in shuffle]
-        for first in range(0, len(chunks), per_mini):
-            group = chunks[first:first + per_mini]
-            for c in group:
-                with amp():
-                    logp = answer_logprobs(runners[0], tokens[c], real[c], start, args.ppo_temperature)
-                    pg_loss, stats = ppo_policy_loss(logp, old_logp[c], advantages[c], mask[c], args.clip_eps)
-                    values = answer_values(runners[1], tokens[c], real[c], start).float()
-                    v_loss = value_loss(values, old_values[c], returns[c], mask[c], args.value_clip)
-                if train_policy:
-                    (pg_loss / len(group)).backward()
-                (v_loss / len(group)).backward()
-                logs.append(dict(policy_loss=pg_loss.item(), value_loss=v_loss.item(), **stats))
-            for model, opt in list(zip((policy, value_model), opts))[not train_policy:]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-    mean = lambda key: sum(x[key] for x in logs) / len(logs)
-    return dict(reward=score.mean().item(), rc=judged["rc"].mean().item(), kl=kl.mean().item(),
-                **rollout_stats(tokenizer, prompts, samples),
-                answer_len=mask.sum(1).mean().item(), finished=sum(f for *_, f in samples) / len(samples),
-                **{k: mean(k) for k in ("policy_loss", "value_loss", "clip_frac", "approx_kl", "ratio")},
-                **{f"first_{k}": logs[0][k] for k in ("ratio", "approx_kl", "max_log_ratio")},
-                gen_s=t_gen, score_s=t_score, train_s=time.time() - t0 - t_gen - t_score)
+def best_of_n_curves(scores, gold=None, orders: int = 20, seed: int = 0):
+    """scores (prompts, N) of N samples each -> for n = 1..N the max and the median of n samples
+    (Figure 7), and the gold score of the sample the max picks: each the mean over prompts and
+    over `orders` random orders of the samples (the first n of an order are a random n)."""
+    g, (n_prompts, N) = torch.Generator().manual_seed(seed), scores.shape
+    out = dict(n=list(range(1, N + 1)), max=[0.0] * N, median=[0.0] * N, gold_of_max=[0.0] * N)
+    for _ in range(orders):
+        order = torch.rand(n_prompts, N, generator=g).argsort(dim=1)
+        s = scores.gather(1, order)
+        for n in range(1, N + 1):
+            pick = s[:, :n].argmax(1, keepdim=True)
+            out["max"][n - 1] += s[:, :n].max(1).values.mean().item() / orders
+            out["median"][n - 1] += s[:, :n].quantile(0.5, dim=1).mean().item() / orders
+            if gold is not None:
+                out["gold_of_max"][n - 1] += gold.gather(1, order)[:, :n].gather(1, pick).mean().item() / orders
+    return out
 
 
-def run_ppo(args, policy, value_model, ref, reward, source, tokenizer, state, rank, device, log):
-    """PPO's loop: 03's optimizer, DDP or FSDP and checkpoints, with rollouts in each iteration.
-    Under FSDP the policy trains sharded and a full copy on each rank samples, refreshed every
-    iteration (generation calls the model once per token, a different number of times per rank)."""
-    ckpt_path, world = args.run_dir / "ppo.pt", args.world_size
-    sampler = policy
-    if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        sampler = copy.deepcopy(policy)
-        for model in (policy, value_model):
-            for block in [m for m in model.modules() if isinstance(m, M.TransformerBlock)]:
-                fully_shard(block)
-            fully_shard(model)
-    betas = (args.beta1, args.beta2)
-    opts = [P.configure_optimizer(m, lr, args.weight_decay, betas, args.adam_eps, device)   # constant LR
-            for m, lr in ((policy, args.ppo_lr), (value_model, args.value_lr))]
-    for opt in opts:   # AdamW makes its state at its first step, and torch's checkpoint functions make
-        # it by a step at LR 0 if it has none (a policy still frozen by the value warm-up): we take
-        # that step now, so a run resumed from any checkpoint continues exactly as one never stopped
-        for group in opt.param_groups:
-            group["lr"] = 0.0
-            for p in group["params"]:
-                p.grad = torch.zeros_like(p)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        for group in opt.param_groups:
-            group["lr"] = opt.defaults["lr"]
-    it, history = 0, []
-    if args.resume and ckpt_path.is_file():   # policy and its optimizer by 03, then the value model
-        it, history = P.load_training_state(ckpt_path, policy, opts[0])
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-        ckpt = M.load_checkpoint(ckpt_path)
-        set_state_dict(value_model, opts[1], model_state_dict=ckpt["value_model"],
-                       optim_state_dict=ckpt["value_optimizer"], options=StateDictOptions(full_state_dict=True))
-        log(f"resumed at iteration {it} from {ckpt_path}")
-    log(f"\n== PPO: {args.ppo_iterations} iterations of {args.ppo_prompts} rollouts, mini-batch "
-        f"{args.ppo_mini_batch}, LR {args.ppo_lr:g} (value {args.value_lr:g}, alone for {args.value_warmup} "
-        f"iterations), beta {args.kl_beta:g}, clip {args.clip_eps:g}, GAE gamma {args.gamma:g} lambda {args.lam:g} ==")
-    runners = [torch.compile(m) if args.compile else m for m in (policy, value_model)]
-    if world > 1 and not args.fsdp:
-        runners = [torch.nn.parallel.DistributedDataParallel(r, device_ids=[device] if device.type == "cuda" else None)
-                   for r in runners]
-    amp_dtype = M.pick_dtype(args.dtype, device)
-    amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
-    end, t_start, first = min(args.ppo_iterations, args.stop_at or args.ppo_iterations), time.time(), it
-    while it < end:
-        if args.fsdp:   # the sampler gets the trained weights (a collective: every rank calls it)
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            sampler.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
-        seed = ppo_seed(args, it)   # rollouts are a pure function of it: resume is exact
-        prompts = draw_prompts(source, args.ppo_prompts, seed, args.safety_share)[rank::world]
-        entry = ppo_step(args, policy, value_model, ref, reward, sampler, tokenizer, prompts, seed * world + rank,
-                         opts, runners, amp, train_policy=it >= args.value_warmup)
-        if world > 1:   # the mean over ranks
-            values = torch.tensor(list(entry.values()), dtype=torch.float64, device=device)
-            dist.all_reduce(values)
-            entry = dict(zip(entry, (values / world).tolist()))
-        it += 1
-        history.append(dict(iteration=it, **entry))
-        eta = (time.time() - t_start) / (it - first) * (end - it)
-        log(f"ppo {it:>4}/{args.ppo_iterations} | reward {entry['reward']:+.3f} | KL {entry['kl']:.3f} | gold "
-            f"{entry['gold']:.3f}, careless {entry['careless']:.2f} | refuses harmful "
-            f"{entry['refusal_harmful']:.2f}, benign {entry['false_refusal_benign']:.2f} | loss pi "
-            f"{entry['policy_loss']:+.4f} V {entry['value_loss']:.4f} | "
-            f"clip {entry['clip_frac']:.3f} | gen/score/train {entry['gen_s']:.1f}/{entry['score_s']:.1f}/"
-            f"{entry['train_s']:.1f}s | ETA {P.fmt_time(eta)}")
-        if it % args.ppo_ckpt_every == 0 or it == end:
-            save_ppo(ckpt_path, policy, value_model, opts, args, it, history, state)
-    return history
+def best_of_n_figures(args, model, tokenizer, reward, source, device):
+    """Figures 7 and 8 from real samples of the start model: --fig-n answers to each of
+    --fig-prompts prompts at each temperature (the same random numbers at each)."""
+    prompts = draw_prompts(source, args.fig_prompts, args.seed * 1000 + 999, args.safety_share)
+    repeated = [p for p in prompts for _ in range(args.fig_n)]
+    temperatures = {float(t) for t in args.fig_temperatures.split(",") if t.strip()} | {args.rs_temperature}
+    by_temperature = {}
+    for t in sorted(temperatures):
+        samples = sample_answers(model, tokenizer, prompts, args.fig_n, args.max_new_tokens, t,
+                                 torch.Generator(device=device).manual_seed(args.seed))
+        scores = reward(samples, repeated)["score"].view(len(prompts), args.fig_n)
+        gold = gold_of(tokenizer, repeated, samples).view(len(prompts), args.fig_n) if prompts[0].task else None
+        by_temperature[f"{t:g}"] = best_of_n_curves(scores, gold)
+    return dict(best_of_n=by_temperature[f"{args.rs_temperature:g}"], temperature=by_temperature)
 
 
-def save_ppo(path, policy, value_model, opts, args, it, history, state):
-    """03's checkpoint of the policy (ppo.pt loads as a plain model), with the value model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    value_state, value_opt = get_state_dict(value_model, opts[1],
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    P.save_checkpoint(path, policy, opts[0], args, it, history,
-                      extra={"kind": "ppo", "rs_ppo": state, "value_model": value_state, "value_optimizer": value_opt})
-
-
-# ----------------------------------------------------------------------------------------
-# Figures.
-
-def plot_best_of_n(path, curves, temperature):
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_best_of_n(path, curves, temperature):
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(curves["n"], curves["max"], marker="o", label="max of N")
     ax.plot(curves["n"], curves["median"], marker="o", label="median of N")
@@ -617,30 +731,22 @@ def plot_best_of_n(path, curves, temperature):
         gold.plot(curves["n"], curves["gold_of_max"], ls="--", color="grey", label="gold score of the max (right)")
         gold.set_ylabel("gold score (toy annotator)")
         gold.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def plot_temperatures(path, by_temperature):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for t, curves in sorted(by_temperature.items(), key=lambda kv: float(kv[0])):
         ax.plot(curves["n"], curves["max"], marker="o", ms=3, label=f"T={float(t):g}")
     ax.set(xlabel="N samples per prompt", ylabel="max reward among N",
            title="Best of N against the sampling temperature (cf. Figure 8)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def plot_ppo(path, history):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     it = [h["iteration"] for h in history]
     real = lambda w: [x for x in w if not math.isnan(x)] or [math.nan]   # an iteration may have no harmful prompt
@@ -656,16 +762,143 @@ def plot_ppo(path, history):
         ax.set(xlabel="PPO iteration", title=title)
         ax.legend(fontsize=8)
     fig.suptitle("PPO on the rollouts: reward up with gold flat would mean the RM is being gamed")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
-# ----------------------------------------------------------------------------------------
-# A run: calibrate, RS rounds, PPO, evaluate.
+def report(args, run: Run, state, history, t_start):
+    """Rank 0: the held-out tables, the figures and rs_ppo.json."""
+    results = {k: v for k, v in state["results"].items() if v}
+    if results:
+        S.print_table(results, title="greedy")
+        S.print_table(results, "sampled_", f"sampled, T={args.ppo_temperature:g}")
+        print(f"\n{'model':<18}{'red-team prompts: refuses harmful':>36}{'refuses benign':>16}")
+        for name, r in results.items():
+            print(f"{name:<18}{r['red_team_refusal_harmful']:>36.3f}{r['red_team_false_refusal_benign']:>16.3f}")
+    figures, wrote = state["figures"], ["rs.pt"] * bool(state["rs"]) + ["ppo.pt"] * bool(history)
+    if "best_of_n" in figures:
+        plot_best_of_n(args.run_dir / "rs_best_of_n.png", figures["best_of_n"], args.rs_temperature)
+        wrote.append("rs_best_of_n.png")
+    if figures.get("temperature"):
+        plot_temperatures(args.run_dir / "rs_temperature.png", figures["temperature"])
+        wrote.append("rs_temperature.png")
+    if history:
+        plot_ppo(args.run_dir / "ppo_curves.png", history)
+        wrote.append("ppo_curves.png")
+    split = {k: sum(x[k] for x in state["rs"] + history) for k in ("gen_s", "score_s", "train_s")}
+    tok.write_json(args.run_dir / "rs_ppo.json", dict(
+        config=vars(args), calibration=state["calibration"], results=results, rs_rounds=state["rs"],
+        ppo=history, figures=figures, time_split=split, wall_s=time.time() - t_start,
+        overlap=S.overlap([t.prompt for t in run.tasks + run.red_tasks],
+                          S.user_messages(p.dialog for p in training_prompts(args, run.source)))))
+    run.log(f"\nwall {P.fmt_time(time.time() - t_start)} (RS and PPO: generating {split['gen_s']:.0f}s, scoring "
+            f"{split['score_s']:.0f}s, training {split['train_s']:.0f}s) | wrote {', '.join(wrote + ['rs_ppo.json'])} "
+            f"in {args.run_dir}")
 
-def main(argv=None):
-    t_start = time.time()
+
+# ========================================================================================
+# 6. Plumbing: FSDP, DDP and compile for PPO, its optimizers, checkpoint and resume; prompts
+#    files; the command line.
+
+def shard_for_fsdp(policy, value_model):
+    """FSDP2: the policy and the value model train sharded, each block's weights 1/world per rank.
+    -> a full copy of the policy made first, for sampling: generation calls the model once per
+    token, a different number of times on each rank, which a sharded forward cannot do."""
+    from torch.distributed.fsdp import fully_shard
+    rollout_policy = copy.deepcopy(policy)
+    for model in (policy, value_model):
+        for block in [m for m in model.modules() if isinstance(m, M.TransformerBlock)]:
+            fully_shard(block)
+        fully_shard(model)
+    return rollout_policy
+
+
+def refresh_rollout_policy(rollout_policy, policy):
+    """The full copy gets the sharded policy's trained weights (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    rollout_policy.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
+
+
+def ppo_optimizers(args, policy, value_model, device):
+    """03's AdamW for the policy and the value model, each at its constant LR."""
+    betas = (args.beta1, args.beta2)
+    opts = [P.configure_optimizer(m, lr, args.weight_decay, betas, args.adam_eps, device)
+            for m, lr in ((policy, args.ppo_lr), (value_model, args.value_lr))]
+    # A step at LR 0, on zero gradients, before any real one. Why: AdamW makes its state (moments,
+    # step count) at its first step, and torch's checkpoint functions (save_ppo, resume_ppo) make
+    # it by such a step when there is none, as for a policy still frozen by the value warm-up. A
+    # run resumed from a checkpoint would then have taken one step more than a run never stopped;
+    # taking it here, in every run, makes resume exact. Its cost: the step count starts at 1 with
+    # zero moments, so Adam's bias correction counts a gradient of zero, and the first real update
+    # is sqrt(1 + beta2) / (1 + beta1) of the usual one, 0.735 at the paper's 0.9, 0.95 (measured
+    # with torch's AdamW on gradients far above eps: 0.734, then 0.85, 0.90, 0.93, 0.95 at the next
+    # steps, on to 1). The weights do not move (LR 0, so no weight decay either).
+    for opt in opts:
+        for group in opt.param_groups:
+            group["lr"] = 0.0
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for group in opt.param_groups:
+            group["lr"] = opt.defaults["lr"]
+    return opts
+
+
+def wrap_for_training(args, models, device):
+    """The models as their training forward is called: torch.compile'd with --compile, under DDP
+    when there are ranks and no FSDP; the plain modules stay what is saved."""
+    wrapped = [torch.compile(m) if args.compile else m for m in models]
+    if args.world_size > 1 and not args.fsdp:
+        wrapped = [torch.nn.parallel.DistributedDataParallel(w, device_ids=[device] if device.type == "cuda" else None)
+                   for w in wrapped]
+    return wrapped
+
+
+def save_ppo(path, policy, value_model, opts, args, it, history, state):
+    """03's checkpoint of the policy (ppo.pt loads as a plain model), with the value model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    value_state, value_opt = get_state_dict(value_model, opts[1],
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    P.save_checkpoint(path, policy, opts[0], args, it, history,
+                      extra={"kind": "ppo", "rs_ppo": state, "value_model": value_state, "value_optimizer": value_opt})
+
+
+def resume_ppo(path, policy, value_model, opts, log):
+    """save_ppo's file back: the policy and its optimizer by 03, then the value model.
+    -> (iterations done, history)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    it, history = P.load_training_state(path, policy, opts[0])
+    ckpt = M.load_checkpoint(path)
+    set_state_dict(value_model, opts[1], model_state_dict=ckpt["value_model"],
+                   optim_state_dict=ckpt["value_optimizer"], options=StateDictOptions(full_state_dict=True))
+    log(f"resumed at iteration {it} from {path}")
+    return it, history
+
+
+def resumed_state(args):
+    """What a resumed run has done: the state saved in ppo.pt, else in the last finished RS
+    round's rs.pt, else nothing. Keys: calibration, results, rs (rounds), pool, figures."""
+    paths = (args.run_dir / "ppo.pt", args.run_dir / "rs.pt")
+    resumed = next((M.load_checkpoint(p) for p in paths if args.resume and p.is_file()), {})
+    return resumed.get("rs_ppo") or dict(results={}, rs=[], pool={}, figures={})
+
+
+def read_prompts(path):
+    """A prompts file: {"prompt": ..., "unsafe": true|false} a line, "unsafe" the prompt's IS_SAFETY."""
+    out = []
+    for where, record in S.read_jsonl(path):
+        if not isinstance(record, dict) or "prompt" not in record:
+            raise UserError(f"{where}: expected an object with 'prompt' (and optional 'unsafe')")
+        is_safety = record.get("unsafe", False)
+        if not isinstance(is_safety, bool):   # bool("no") is True: a helpful prompt would be scored for safety
+            raise UserError(f"{where}: 'unsafe' must be true or false (a JSON boolean), got {is_safety!r:.40}")
+        out.append(Prompt(R.read_prompt(record["prompt"], where), is_safety))
+    if not out:
+        raise UserError(f"{path}: no prompts in it")
+    return out
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     P.add_training_args(parser, PAPER, TOY)   # 03's flags; those of the loop apply to the RS fine-tuning
     add = parser.add_argument
@@ -708,10 +941,11 @@ def main(argv=None):
         help="held-out prompts per task kind in the final tables")
     add("--no-rs", action="store_true", help="skip rejection sampling: PPO starts from --init")
     add("--world-seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.plan:   # 03's planner: memory per GPU and compute, on paper (no GPU, data or checkpoint)
-        return P.plan_stage(args, "rs_ppo", budget=BUDGET, reward_model=R.RewardModel)
-    rank, world_size, device = P.setup_distributed(args.device)
+    return parser.parse_args(argv)
+
+
+def resolve_budget(args, world_size: int):
+    """03's resolve_args, then BUDGET's defaults for the preset, and the batch sizes checked."""
     P.resolve_args(args, world_size)
     for key, (paper, toy, _) in BUDGET.items():
         if getattr(args, key) is None:
@@ -719,13 +953,16 @@ def main(argv=None):
             setattr(args, key, value.get(args.preset, 0.01) if isinstance(value, dict) else value)
     if args.no_rs:
         args.rs_iterations = 0
-    log = print if rank == 0 else (lambda *a, **k: None)
     if args.ppo_prompts % args.ppo_mini_batch or args.ppo_mini_batch % (world_size * args.ppo_micro_batch):
         raise UserError(f"--ppo-prompts {args.ppo_prompts} must be a multiple of --ppo-mini-batch "
                         f"{args.ppo_mini_batch}, itself a multiple of ranks x --ppo-micro-batch = "
                         f"{world_size} x {args.ppo_micro_batch}")
     if args.rs_prompts % world_size:
         raise UserError(f"--rs-prompts {args.rs_prompts} must be a multiple of the {world_size} ranks")
+
+
+def input_paths(args, log):
+    """The four files a run starts from, each checked to exist."""
     paths = dict(tokenizer=args.tokenizer or args.run_dir / "tokenizer.model",
                  init=Path(args.init or args.run_dir / "sft.pt"),
                  rm_helpful=args.rm_helpful or args.run_dir / "rm_helpful.pt",
@@ -735,6 +972,18 @@ def main(argv=None):
             raise UserError(f"{name.replace('_', ' ')} not found: {path} (run chapters 01-05 first, or pass "
                             f"--{name.replace('_', '-')})")
     S.check_init_preset(paths["init"], args.preset, log)   # --init gives the shape, --preset the hyper-parameters
+    return paths
+
+
+def main(argv=None):
+    t_start = time.time()
+    args = parse_args(argv)
+    if args.plan:   # 03's planner: memory per GPU and compute, on paper (no GPU, data or checkpoint)
+        return P.plan_stage(args, "rs_ppo", budget=BUDGET, reward_model=R.RewardModel)
+    rank, world_size, device = P.setup_distributed(args.device)
+    resolve_budget(args, world_size)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    paths = input_paths(args, log)
     P.check_writable(args.run_dir)
     tokenizer = tok.Tokenizer(paths["tokenizer"])
     # any id would do as padding (the masks say what is real); not EOS, so it never reads as an end
@@ -745,116 +994,14 @@ def main(argv=None):
     rms = [R.RewardModel.from_pretrained(paths[k], device, frozen_dtype) for k in ("rm_helpful", "rm_safety")]
     reward = Reward(*rms, pad_id, tokenizer.eos_id, combine=args.reward == "combined")
     tasks = S.eval_tasks(world, args.eval_per_kind, args.seed) if not args.prompts else []
-    red = red_team_tasks(world, args.eval_per_kind, args.seed) if tasks else []
-
-    def evaluate(model):   # 04's table on held-out prompts, greedy and sampled as PPO samples; and
-        if not tasks:      # refusals of held-out red-team prompts
-            return {}
-        red_team = S.evaluate_chat(model, tokenizer, red)
-        sampled = S.evaluate_chat(model, tokenizer, tasks, temperature=args.ppo_temperature, samples=EVAL_SAMPLES,
-                                  seed=args.seed)
-        return {**S.evaluate_chat(model, tokenizer, tasks),
-                **{f"sampled_{k}": v for k, v in sampled.items() if k != "examples"},
-                **{f"red_team_{k}": v for k, v in red_team.items() if "refusal" in k or k == "per_prompt"}}
-
-    held_out_gold = lambda r: (f"{r['sampled_gold']:.3f} sampled ({r['sampled_careless']:.1%} careless), "
-                               f"{r['gold']:.3f} greedy" if r else "n/a (no toy prompts)")
-
-    # 0. What we resume from: PPO's checkpoint, else the last finished RS round, else the start
-    ppo_path, rs_path = args.run_dir / "ppo.pt", args.run_dir / "rs.pt"
-    resumed = next((M.load_checkpoint(p) for p in (ppo_path, rs_path) if args.resume and p.is_file()), {})
-    state = resumed.get("rs_ppo") or dict(results={}, rs=[], pool={}, figures={})
-    model = M.Transformer.from_pretrained(paths["init"], device=device)
-    if model.args.vocab_size != tokenizer.n_words:
-        raise UserError(f"{paths['init']} has a vocabulary of {model.args.vocab_size}, "
-                        f"the tokenizer {tokenizer.n_words}")
-    if "calibration" not in state:
-        t0 = time.time()
-        prompts = draw_prompts(source, args.calibration_prompts, args.seed * 1000 - 1, args.safety_share)
-        samples = sample_answers(model, tokenizer, prompts, 1, args.max_new_tokens, args.rs_temperature,
-                                 torch.Generator(device=device).manual_seed(args.seed))
-        calibration = reward.calibrate(samples, prompts, [tokenizer.decode(a).strip() for _, a, _ in samples])
-        if world_size > 1:   # one calibration for all ranks: rank 0's
-            values = torch.tensor([calibration[k] for k in ("helpful_offset", "safety_offset", "mean", "std")],
-                                  device=device)
-            dist.broadcast(values, 0)
-            calibration.update(zip(("helpful_offset", "safety_offset", "mean", "std"), values.tolist()))
-        state["calibration"] = calibration
-        state["results"]["SFT"] = evaluate(model)
-        log(f"reward calibrated on {len(samples)} samples of {paths['init']} in {time.time() - t0:.0f}s: "
-            f"helpfulness offset {calibration['helpful_offset']:+.2f}, "
-            f"safety offset {calibration['safety_offset']:+.2f} "
-            f"({calibration['unsafe_answers']} unsafe answers), LOGIT({'Rc' if reward.combine else 'Rh'}) "
-            f"mean {calibration['mean']:+.2f} "
-            f"std {calibration['std']:.2f} | SFT held-out gold {held_out_gold(state['results']['SFT'])}")
-    reward.calibration = state["calibration"]
-
-    # 1. Figures 7 and 8 (best of N samples of the start model), then the rejection sampling rounds
-    if args.fig_n and rank == 0 and not state["figures"]:
-        t0 = time.time()
-        state["figures"] = best_of_n_figures(args, model, tokenizer, reward, source, device)
-        log(f"Figures 7 and 8: {args.fig_prompts} prompts x {args.fig_n} samples at each of "
-            f"{len(state['figures']['temperature'])} temperatures in {time.time() - t0:.0f}s")
-    done = len(state["rs"])
-    if done:
-        model = M.Transformer.from_pretrained(rs_path, device=device)
-    for rnd in range(done, args.rs_iterations):
-        state["rs"].append(rs_round(args, model, tokenizer, reward, source, state["pool"], rnd, rank, device, log))
-        model = M.Transformer.from_pretrained(rs_path, device=device)   # the plain, trained model
-        if rnd == args.rs_iterations - 1:
-            state["results"]["+RS"] = evaluate(model)
-            log(f"after RS: held-out gold {held_out_gold(state['results']['+RS'])}")
-        if rank == 0:   # the round's state joins rs.pt, so --resume continues from the next round
-            ckpt = M.load_checkpoint(rs_path)
-            M.save_atomic({**ckpt, "rs_ppo": state, "kind": "rs"}, rs_path)
-
-    # 2. PPO from the RS (or SFT) model: a frozen copy is the reference; the value model starts
-    #    from the Helpfulness RM (common practice: it already reads answers for their worth)
-    history = []
-    if args.ppo_iterations > 0:
-        start = rs_path if args.rs_iterations else paths["init"]
-        model = M.Transformer.from_pretrained(start, device=device).train()
-        ref = M.Transformer.from_pretrained(start, device=device, dtype=frozen_dtype)
-        value_model = R.RewardModel.from_pretrained(paths["rm_helpful"], device).train()
-        torch.manual_seed(args.seed)
-        history = run_ppo(args, model, value_model, ref, reward, source, tokenizer, state, rank, device, log)
-        if world_size > 1:
-            dist.barrier()
-        if args.stop_at and len(history) < args.ppo_iterations:
-            log(f"stopped at PPO iteration {len(history)}; continue with --resume")
-            P.end_distributed()
-            return None
-        state["results"]["+PPO"] = evaluate(M.Transformer.from_pretrained(ppo_path, device=device))
-
-    if rank == 0:
-        results = {k: v for k, v in state["results"].items() if v}
-        if results:
-            S.print_table(results, title="greedy")
-            S.print_table(results, "sampled_", f"sampled, T={args.ppo_temperature:g}")
-            print(f"\n{'model':<18}{'red-team prompts: refuses harmful':>36}{'refuses benign':>16}")
-            for name, r in results.items():
-                print(f"{name:<18}{r['red_team_refusal_harmful']:>36.3f}{r['red_team_false_refusal_benign']:>16.3f}")
-        figures, wrote = state["figures"], ["rs.pt"] * bool(state["rs"]) + ["ppo.pt"] * bool(history)
-        if "best_of_n" in figures:
-            plot_best_of_n(args.run_dir / "rs_best_of_n.png", figures["best_of_n"], args.rs_temperature)
-            wrote.append("rs_best_of_n.png")
-        if figures.get("temperature"):
-            plot_temperatures(args.run_dir / "rs_temperature.png", figures["temperature"])
-            wrote.append("rs_temperature.png")
-        if history:
-            plot_ppo(args.run_dir / "ppo_curves.png", history)
-            wrote.append("ppo_curves.png")
-        split = {k: sum(x[k] for x in state["rs"] + history) for k in ("gen_s", "score_s", "train_s")}
-        tok.write_json(args.run_dir / "rs_ppo.json", dict(
-            config=vars(args), calibration=state["calibration"], results=results, rs_rounds=state["rs"],
-            ppo=history, figures=figures, time_split=split, wall_s=time.time() - t_start,
-            overlap=S.overlap([t.prompt for t in tasks + red],
-                              S.user_messages(p.dialog for p in training_prompts(args, source)))))
-        log(f"\nwall {P.fmt_time(time.time() - t_start)} (RS and PPO: generating {split['gen_s']:.0f}s, scoring "
-            f"{split['score_s']:.0f}s, training {split['train_s']:.0f}s) | wrote {', '.join(wrote + ['rs_ppo.json'])} "
-            f"in {args.run_dir}")
+    red_tasks = red_team_tasks(world, args.eval_per_kind, args.seed) if tasks else []
+    run = Run(tokenizer, reward, source, tasks, red_tasks, paths, frozen_dtype, rank, device, log)
+    state = resumed_state(args)
+    history = run_rlhf(args, run, state)
+    if history is not None and rank == 0:
+        report(args, run, state, history, t_start)
     P.end_distributed()
-    return state
+    return state if history is not None else None
 
 
 if __name__ == "__main__":

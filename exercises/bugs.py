@@ -84,17 +84,19 @@ def bug_score_on_pad(logp, ref_logp, score, mask, beta: float):
     return rewards, kl.sum(1)
 
 
-def bug_kl_against_the_sampler(args, policy, value_model, ref, reward, sampler, tokenizer, prompts, seed, opts, runners, amp,
-             train_policy=True):
+def bug_kl_against_the_sampler(args, policy, value_model, ref, reward, rollout_policy, tokenizer, prompts, seed, opts,
+                               wrapped, amp, train_policy=True):
     """06's ppo_step: one PPO iteration: rollouts, their rewards (the score, and the KL penalty
     against ref, the frozen SFT model) and advantages, then one gradient step per mini-batch.
     In a run: the KL is taken against the wrong policy, so it is exactly 0 at every token: the
     log reads KL 0.000 at every iteration while the policy drifts from the SFT model unchecked,
     and the penalty that keeps it where the reward model is trustworthy (Sec. 3.2.3) does nothing."""
+    wrapped_policy, wrapped_value = wrapped
     t0, device = time.time(), next(policy.parameters()).device
-    sampler.eval()
+    rollout_policy.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
-    samples = RL.sample_answers(sampler, tokenizer, prompts, 1, args.max_new_tokens, args.ppo_temperature, generator)
+    samples = RL.sample_answers(rollout_policy, tokenizer, prompts, 1, args.max_new_tokens, args.ppo_temperature,
+                                generator)
     t_gen = time.time() - t0
 
     # Score and evaluate the old policy, the reference and the values, in the micro-batches the
@@ -105,11 +107,11 @@ def bug_kl_against_the_sampler(args, policy, value_model, ref, reward, sampler, 
     score = judged["score"][order].to(device)
     tokens, real, mask, start = RL.rollout_batch(samples, reward.pad_id, device)
     chunks = [slice(i, i + args.ppo_micro_batch) for i in range(0, len(samples), args.ppo_micro_batch)]
+    T = args.ppo_temperature
     with torch.no_grad(), amp():
-        old_logp, ref_logp, old_values = (torch.cat([f(c) for c in chunks]) for f in (
-            lambda c: RL.answer_logprobs(runners[0], tokens[c], real[c], start, args.ppo_temperature),
-            lambda c: RL.answer_logprobs(sampler, tokens[c], real[c], start, args.ppo_temperature),
-            lambda c: RL.answer_values(runners[1], tokens[c], real[c], start).float()))
+        old_logp = torch.cat([RL.answer_logprobs(wrapped_policy, tokens[c], real[c], start, T) for c in chunks])
+        ref_logp = torch.cat([RL.answer_logprobs(rollout_policy, tokens[c], real[c], start, T) for c in chunks])
+        old_values = torch.cat([RL.answer_values(wrapped_value, tokens[c], real[c], start).float() for c in chunks])
     rewards, kl = RL.kl_rewards(old_logp, ref_logp, score, mask, args.kl_beta)
     advantages, returns = RL.gae(rewards, old_values, mask, args.gamma, args.lam)
     advantages = RL.masked_whiten(advantages, mask)   # over the batch's valid tokens
@@ -122,22 +124,20 @@ def bug_kl_against_the_sampler(args, policy, value_model, ref, reward, sampler, 
         if epoch:   # later epochs reshuffle the micro-batches
             shuffle = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed + epoch))
             chunks = [chunks[i] for i in shuffle]
-        for first in range(0, len(chunks), per_mini):
-            group = chunks[first:first + per_mini]
+        for group in [chunks[i:i + per_mini] for i in range(0, len(chunks), per_mini)]:   # a mini-batch
             for c in group:
                 with amp():
-                    logp = RL.answer_logprobs(runners[0], tokens[c], real[c], start, args.ppo_temperature)
+                    logp = RL.answer_logprobs(wrapped_policy, tokens[c], real[c], start, T)
                     pg_loss, stats = RL.ppo_policy_loss(logp, old_logp[c], advantages[c], mask[c], args.clip_eps)
-                    values = RL.answer_values(runners[1], tokens[c], real[c], start).float()
+                    values = RL.answer_values(wrapped_value, tokens[c], real[c], start).float()
                     v_loss = RL.value_loss(values, old_values[c], returns[c], mask[c], args.value_clip)
                 if train_policy:
                     (pg_loss / len(group)).backward()
                 (v_loss / len(group)).backward()
                 logs.append(dict(policy_loss=pg_loss.item(), value_loss=v_loss.item(), **stats))
-            for model, opt in list(zip((policy, value_model), opts))[not train_policy:]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            if train_policy:
+                RL.clip_and_step(policy, opts[0], args.grad_clip)
+            RL.clip_and_step(value_model, opts[1], args.grad_clip)
     mean = lambda key: sum(x[key] for x in logs) / len(logs)
     return dict(reward=score.mean().item(), rc=judged["rc"].mean().item(), kl=kl.mean().item(),
                 **RL.rollout_stats(tokenizer, prompts, samples),

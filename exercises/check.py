@@ -384,9 +384,9 @@ def check_combined_reward(f, ref):
     g = rng(11)
     helpful, safety = torch.rand(10, generator=g), torch.rand(10, generator=g) * 0.4
     safety[0] = RL.SAFETY_THRESHOLD   # exactly at the threshold: "Rs < 0.15" is false
-    unsafe = torch.rand(10, generator=g) < 0.3
-    same_calls(f, ref, [(helpful, safety, unsafe), (helpful, safety, unsafe, 0.3)],
-               "combined_reward(helpful, safety, unsafe_prompt) -> (logit(Rc), Rc)", atol=1e-4)
+    is_safety = torch.rand(10, generator=g) < 0.3
+    same_calls(f, ref, [(helpful, safety, is_safety), (helpful, safety, is_safety, 0.3)],
+               "combined_reward(helpful, safety, is_safety) -> (logit(Rc), Rc)", atol=1e-4)
 
 
 def check_best_of_k(f, ref):

@@ -28,11 +28,11 @@ def whiten(x, mean, std):
     raise NotImplementedError
 
 
-def combined_reward(helpful, safety, unsafe_prompt, threshold: float = RL.SAFETY_THRESHOLD):
+def combined_reward(helpful, safety, is_safety, threshold: float = RL.SAFETY_THRESHOLD):
     """Sec. 3.2.3's piecewise reward: Rc = Rs if IS_SAFETY(p) or Rs < 0.15 else Rh.
-    helpful (Rh), safety (Rs): scores in (0, 1); unsafe_prompt: bool, IS_SAFETY(p).
+    helpful (Rh), safety (Rs): scores in (0, 1); is_safety: bool, IS_SAFETY(p).
     Shapes: all (n,) -> (logit(Rc), Rc), both (n,).
-    Hint: torch.where(condition, safety, helpful), the condition being unsafe_prompt | (safety < threshold);
+    Hint: torch.where(condition, safety, helpful), the condition being is_safety | (safety < threshold);
     use the chapter's RL.logit (your own logit is checked separately)."""
     raise NotImplementedError
 

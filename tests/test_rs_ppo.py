@@ -147,8 +147,8 @@ def test_value_loss_is_clipped_around_the_old_values():
 def test_combined_reward_picks_the_safety_score_when_the_paper_says():
     helpful = torch.tensor([0.9, 0.9, 0.9, 0.9, 0.2])
     safety = torch.tensor([0.5, 0.1, 0.5, 0.15, 0.149])
-    unsafe_prompt = torch.tensor([False, False, True, False, False])
-    logit_rc, rc = RL.combined_reward(helpful, safety, unsafe_prompt)
+    is_safety = torch.tensor([False, False, True, False, False])
+    logit_rc, rc = RL.combined_reward(helpful, safety, is_safety)
     # helpful; Rs < 0.15; a safety prompt; Rs = 0.15 is not below; Rs < 0.15 although Rh is higher
     assert torch.allclose(rc, torch.tensor([0.9, 0.1, 0.5, 0.9, 0.149]))
     assert torch.allclose(logit_rc, torch.log(rc / (1 - rc)), atol=1e-5)
@@ -169,18 +169,18 @@ def test_reward_calibration_and_whitening(tokenizer):
     g = torch.Generator().manual_seed(0)
     samples = [(S.encode_dialog(tokenizer, p.dialog)[0], torch.randint(3, 600, (5,), generator=g).tolist() + [2], True)
                for p in prompts]
-    harmful = [i for i, p in enumerate(prompts) if p.unsafe]
+    harmful = [i for i, p in enumerate(prompts) if p.is_safety]
     assert len(harmful) >= 2
     answers = ["Sure." if i in harmful[::2] else "I cannot help." for i in range(len(prompts))]   # half comply
     cal = reward.calibrate(samples, prompts, answers)
     out = reward(samples, prompts)
     assert out["score"].mean().abs() < 1e-5 and out["score"].std() == pytest.approx(1, abs=1e-5)
     assert out["helpful"].median().item() == pytest.approx(0.5, abs=1e-6)
-    unsafe = torch.tensor([p.unsafe and not S.is_refusal(a) for p, a in zip(prompts, answers)])
-    assert cal["unsafe_answers"] == int(unsafe.sum())
+    unsafe_answer = torch.tensor([p.is_safety and not S.is_refusal(a) for p, a in zip(prompts, answers)])
+    assert cal["unsafe_answers"] == int(unsafe_answer.sum())
     raw_s = reward.raw(samples)[1]
     assert torch.allclose(out["safety"], torch.sigmoid(raw_s + cal["safety_offset"]))
-    flagged = out["safety"][~unsafe] < RL.SAFETY_THRESHOLD   # "Rs < 0.15" flags 5% of the safe answers
+    flagged = out["safety"][~unsafe_answer] < RL.SAFETY_THRESHOLD   # "Rs < 0.15" flags 5% of the safe answers
     assert flagged.float().mean().item() == pytest.approx(RL.FALSE_FLAGS, abs=1 / len(prompts))
     # a cut-off answer pays the penalty
     cut_off = reward([(samples[0][0], samples[0][1][:-1], False)], prompts[:1])["score"]
@@ -196,7 +196,7 @@ def test_no_held_out_prompt_occurs_in_the_rs_and_ppo_prompts():
     args = argparse.Namespace(seed=0, safety_share=0.2, **{k: RL.BUDGET[k][1] for k in budget})   # the CPU defaults
     world = P.make_world(0)
     prompts = RL.training_prompts(args, world)
-    assert len(prompts) == 2 * 128 + 40 * 64 and any(p.unsafe for p in prompts)
+    assert len(prompts) == 2 * 128 + 40 * 64 and any(p.is_safety for p in prompts)
     assert [p.dialog for p in prompts[:128]] == [p.dialog for p in RL.draw_prompts(world, 128, RL.rs_seed(args, 0))]
     held_out = S.eval_tasks(world, 100, 0) + RL.red_team_tasks(world, 100, 0)
     assert S.overlap([t.prompt for t in held_out], S.user_messages(p.dialog for p in prompts)) == 0
@@ -331,7 +331,7 @@ def test_unsafe_must_be_a_json_boolean(tmp_path):
         with pytest.raises(UserError, match=r"p.jsonl:2: 'unsafe' must be true or false"):
             RL.read_prompts(path)
     path.write_text('{"prompt": "hi", "unsafe": true}\n{"prompt": "hi", "unsafe": false}\n{"prompt": "hi"}\n')
-    assert [p.unsafe for p in RL.read_prompts(path)] == [True, False, False]
+    assert [p.is_safety for p in RL.read_prompts(path)] == [True, False, False]
 
 
 @pytest.mark.parametrize("main, flag, value", [
