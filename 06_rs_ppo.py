@@ -43,7 +43,7 @@ with gold flat means the policy is gaming the reward model).
 --warmup-steps) set the RS fine-tuning; --stop-at N stops after PPO iteration N (then --resume).
 
 Run:
-  python 06_rs_ppo.py                                  # toy, from runs/toy: ~3 min on 2 CPU cores
+  python 06_rs_ppo.py                                  # toy, from runs/toy: ~2 min on 2 CPU cores
   python 06_rs_ppo.py --no-rs                          # PPO straight from the SFT model
   python 06_rs_ppo.py --ppo-iterations 0               # rejection sampling only
   python 06_rs_ppo.py --reward helpful --no-rs --fig-n 0 --run-dir runs/toy/reward-helpful --init runs/toy/sft.pt \
