@@ -322,8 +322,10 @@ def effect_bug_margin_sign():
          Row("gap_no_margin", "the same gap with margin none (both losses agree)", none[1], none[1])],
         f"the margin should make the RM separate clearly better answers by more than no margin does (gap "
         f"{none[1]:.2f} -> {chapter[1]:.2f}); with its sign flipped it separates them by less ({buggy[1]:.2f}). "
-        f"Accuracy hardly tells (on these easy pairs {chapter[0]:.2f} vs {buggy[0]:.2f}): the gap is what the "
-        "margin changes")
+        + (f"Accuracy hardly tells (on these easy pairs {chapter[0]:.2f} vs {buggy[0]:.2f}): the gap is what the "
+           "margin changes" if abs(chapter[0] - buggy[0]) < 0.05 else
+           f"The accuracy on these pairs falls with it ({chapter[0]:.2f} -> {buggy[0]:.2f}): a margin that pushes "
+           "the wrong way leaves the RM unsure of the pairs it should be surest of"))
 
 
 def effect_bug_kl_sign():
