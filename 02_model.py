@@ -282,7 +282,7 @@ class Transformer(nn.Module):
         logits_at: optional bool (batch, seq): logits only where True, as (n_true, vocab) in
         row-major order. The output layer and its softmax cost as much as a few blocks (in the
         toy, the output matrix holds 29% of the weights); SFT's loss reads only the answer tokens
-        (a third of 04's positions, a tenth of 07's), PPO only the answer's, so they skip the rest."""
+        (a third of 04's positions, a tenth of 07's GAtt samples'), PPO only the answer's: they skip the rest."""
         h = self.features(tokens, start_pos, mask)
         return self.output(h if logits_at is None else h[logits_at]).float()
 
