@@ -62,8 +62,10 @@ def test_repeat_kv_layout():
     assert torch.equal(y[0, 0, 0], y[0, 0, 2]) and torch.equal(y[0, 0, 3], x[0, 0, 1])
 
 
-def test_kv_cache_decoding_equals_full_forward():
+@pytest.mark.parametrize("attention", ["sdpa", "plain"])
+def test_kv_cache_decoding_equals_full_forward(attention):
     model = micro_model()
+    model.set_attention(attention)   # the plain path repeats the cached kv heads itself (GQA)
     tokens = torch.randint(0, MICRO.vocab_size, (3, 24))
     full = model(tokens)
     model.setup_cache(3, 24)
