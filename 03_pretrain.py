@@ -1,20 +1,29 @@
 """
-Chapter 03: pretraining (Llama 2 paper Sec. 2.1-2.2, Table 1).
+Chapter 03: pretraining (Llama 2 paper Sec. 2.1-2.2, Tables 1-2, Figure 5).
 
 Llama 2 is a next-token predictor trained on 2T tokens of public text with AdamW (beta1 0.9,
 beta2 0.95, eps 1e-5, weight decay 0.1), a cosine schedule with 2000 warm-up steps that
 decays to 10% of the peak, gradient clipping at 1.0, a global batch of 4M tokens and
 sequences of 4096 (Table 1: peak LR 3e-4 for 7B and 13B, 1.5e-4 for 34B and 70B). This
-script is that recipe at any scale. What you see:
+script is that recipe at any scale. What to look at, and why:
   * the corpus (Shakespeare plus documents about a small invented "toy world" that chapters
-    04-07 build their tasks on) tokenized once into flat token files under RUN_DIR/data,
-  * a log line per --log-every steps: loss, LR, gradient norm, tokens/s, MFU, ETA; and the
-    validation loss, overall and per source,
+    04-07 build their tasks on) tokenized once into flat token files under RUN_DIR/data: what
+    the later chapters ask about the world has to be in the pretraining data first,
+  * a log line per --log-every steps: loss, LR (the warm-up, then the cosine), gradient norm
+    (clipped at 1.0), tokens/s, MFU, ETA; and the validation loss, overall and per source,
   * at the end: the validation loss beside the unigram entropy of the data (the loss of a
-    model that ignores context), samples (a play, arithmetic, facts of the world), and
+    model that ignores context: the gap is what the model learned from context), samples (a
+    play; arithmetic and facts of the world, beside the answers the world holds), and
     RUN_DIR/pretrain_loss.png (loss against tokens, in the spirit of the paper's Figure 5),
     pretrain.json (metrics) and pretrain.pt (which 02's Transformer.from_pretrained loads).
-The training loop, train() below, is the one every later chapter runs.
+README.md gives the numbers a run measures.
+
+Reading order: the paper's method first (Sec. 2.1's data mix, the next-token loss, Sec. 2.2's
+AdamW, schedule and clipping, Table 1's batch in tokens), then the toy world, then train(), the
+loop every later chapter runs, then evaluation and figures (Figure 5, Table 2), then plumbing
+(data files, flags, processes, checkpoints, the memory planner, main).
+Why this chapter stays above ~600 lines: it holds what 04-07 share (train(), its flags, resume,
+DDP and FSDP) and the memory planner behind every chapter's --plan.
 
 Run:
   python 01_tokenizer.py && python 03_pretrain.py      # toy model on a 2-core CPU: ~2 minutes
@@ -49,8 +58,8 @@ M = importlib.import_module("02_model")
 UserError = tok.UserError
 
 # ------------------------------------------------------------------------------------------
-# Defaults: the paper's at full scale (Sec. 2.2, Table 1), and for the CPU presets (micro,
-# toy, small) values tuned to fit about two minutes on 2 cores. --help shows both.
+# Hyper-parameters: the paper's at full scale (Sec. 2.2, Table 1), and for the CPU presets
+# (micro, toy, small) values tuned to fit about two minutes on 2 cores. --help shows both.
 
 CPU_PRESETS = ("micro", "toy", "small")
 PAPER = dict(
@@ -74,14 +83,122 @@ DEFAULT_MIX = "shakespeare=0.6,world=0.4"
 VAL_FRACTION = 0.05   # the last 5% of each source's tokens is its validation split
 
 # ------------------------------------------------------------------------------------------
-# The toy world. The paper grades its later stages (SFT, reward models, RLHF, Ghost
-# Attention; Sec. 3) with human annotators reading open-ended chat. To show each stage's
-# effect on a CPU in minutes, we need tasks whose right answer a program knows. So the
-# pretraining mix holds documents about a small invented world: people and towns (facts as
-# (subject, relation, value) triples), worked arithmetic, list puzzles, and rules about
-# harm. Chapter 04 asks about it in dialogue, 05's annotators grade answers against these
-# tables, 06 rewards them, 07 keeps an instruction across turns. All of it follows from a
-# seed, and chapters import these functions rather than copy them.
+# Sec. 2.1, pretraining data. Llama samples each source by a weight: Llama 1 took CommonCrawl
+# 67%, C4 15%, GitHub, Wikipedia and Books 4.5% each, ArXiv 2.5%, StackExchange 2% (Llama 2
+# keeps its mix private). We draw the source per sequence, and the sequence is a window of that
+# source's tokens.
+
+def parse_mix(text: str, available) -> dict:
+    """Sec. 2.1: "a new mix of data from publicly available sources", as sampling weights:
+    'shakespeare=0.6,world=0.4' -> {'shakespeare': 0.6, 'world': 0.4}, normalised to sum 1."""
+    weights = {}
+    for item in text.split(","):
+        name, _, value = (s.strip() for s in item.partition("="))
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise UserError(f"bad --mix item {item!r}: expected NAME=WEIGHT, as in {DEFAULT_MIX}") from None
+        if name not in available:
+            raise UserError(f"--mix names an unknown source {name!r} (there are: {', '.join(available)})")
+        if not 0 <= weights[name] < math.inf:
+            raise UserError(f"bad --mix weight {value!r}: weights are numbers >= 0")
+    if sum(weights.values()) <= 0:
+        raise UserError(f"--mix {text!r} gives every source weight 0")
+    return {k: v / sum(weights.values()) for k, v in weights.items() if v > 0}
+
+
+def pick_source(weights: dict, rng: np.random.Generator) -> str:
+    """Sec. 2.1: "up-sampling the most factual sources". A source is drawn with its weight, so
+    up-sampling a source is raising its weight."""
+    return list(weights)[rng.choice(len(weights), p=list(weights.values()))]
+
+
+def sequence(data, weights, split: str, seq_len: int, seed: int, step: int, index: int) -> torch.Tensor:
+    """Sec. 2: "doubled the context length" (Table 1: 4k, our --seq-len). Sequence `index` of step
+    `step`: seq_len + 1 tokens (inputs, and targets one further) of a source drawn by its weight,
+    from data (load_splits: {source: {"train": tokens, "val": tokens}}); a pure function of the
+    arguments. So any rank can draw its share of a global batch, and a resumed run sees the same
+    data."""
+    rng = np.random.default_rng([seed, ("train", "val").index(split), step, index])
+    tokens = data[pick_source(weights, rng)][split]
+    start = int(rng.integers(0, len(tokens) - seq_len))   # start + seq_len + 1 <= len(tokens)
+    return torch.from_numpy(tokens[start:start + seq_len + 1].astype(np.int64))
+
+
+# ------------------------------------------------------------------------------------------
+# Sec. 2, the objective: "an optimized auto-regressive transformer" (02's model) learns to
+# predict each next token of the window.
+
+def to_xy(rows, device):
+    """Windows of seq_len + 1 tokens -> (inputs, targets): the same tokens shifted by one."""
+    xy = torch.stack(rows)   # on a GPU: copy from pinned memory while the GPU is busy
+    xy = xy.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else xy.to(device)
+    return xy[:, :-1], xy[:, 1:]
+
+
+def lm_loss(model, batch):
+    """Sec. 2: "an optimized auto-regressive transformer": the loss is the mean over positions t
+    of -log p(x_t+1 | x_1 ... x_t), the next-token cross-entropy; targets of -100 are ignored
+    (chapter 04 masks prompts so)."""
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100)
+
+
+# ------------------------------------------------------------------------------------------
+# Sec. 2.2, hyper-parameters: "We trained using the AdamW optimizer [...] We use a cosine
+# learning rate schedule [...] We use a weight decay of 0.1 and gradient clipping of 1.0."
+# Clipping is one call in train() (torch's clip_grad_norm_, on the norm of all gradients).
+
+def configure_optimizer(model, lr: float, weight_decay: float, betas, eps: float, device):
+    """Sec. 2.2: "We trained using the AdamW optimizer [...], with β1 = 0.9, β2 = 0.95,
+    eps = 10^-5" and "a weight decay of 0.1", the decay on the linear layers' weight matrices
+    only. Not on the RMSNorm gains: they are per-channel scales, and decay would shrink the
+    activations they exist to scale. Not on the token embedding: AdamW decays every row at every
+    step, but a row only gets gradient when its token occurs, so rare tokens would fade between
+    their occurrences. (The paper does not say; GPT-2 decays the embedding, OLMo does not.)"""
+    groups = {True: [], False: []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[p.dim() >= 2 and "tok_embeddings" not in name].append(p)
+    return torch.optim.AdamW([{"params": groups[True], "weight_decay": weight_decay},
+                              {"params": groups[False], "weight_decay": 0.0}],
+                             lr=lr, betas=tuple(betas), eps=eps, fused=device.type == "cuda")
+
+
+def get_lr(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
+    """Sec. 2.2: "We use a cosine learning rate schedule, with warmup of 2000 steps, and decay final
+    learning rate down to 10% of the peak learning rate": a linear warm-up to the peak, then half a
+    cosine down to min_ratio (10%) of it."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return peak_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ------------------------------------------------------------------------------------------
+# Table 1: "All models are trained with a global batch-size of 4M tokens."
+
+def grad_accum_steps(batch_tokens: int, seq_len: int, micro_batch: int, world_size: int) -> int:
+    """Table 1: "a global batch-size of 4M tokens". The batch is given in tokens; ranks and
+    micro-steps must tile it."""
+    per_micro_step = world_size * micro_batch * seq_len
+    if batch_tokens <= 0 or batch_tokens % per_micro_step:
+        raise UserError(f"--batch-tokens {batch_tokens} is not a multiple of ranks x micro-batch x seq-len "
+                        f"= {world_size} x {micro_batch} x {seq_len} = {per_micro_step}")
+    return batch_tokens // per_micro_step
+
+
+# ------------------------------------------------------------------------------------------
+# The toy world (not in the paper: it stands in for Sec. 3's human annotators). The paper
+# grades its later stages (SFT, reward models, RLHF, Ghost Attention; Sec. 3) with human
+# annotators reading open-ended chat. To show each stage's effect on a CPU in minutes, we need
+# tasks whose right answer a program knows. So the pretraining mix holds documents about a
+# small invented world: people and towns (facts as (subject, relation, value) triples), worked
+# arithmetic, list puzzles, and rules about harm. Chapter 04 asks about it in dialogue, 05's
+# annotators grade answers against these tables, 06 rewards them, 07 keeps an instruction
+# across turns. All of it follows from a seed, and chapters import these functions rather than
+# copy them.
 
 FIRST_NAMES = ("Mira Tobin Elsa Corin Hana Idris Luka Petra Oren Sable Wren Ansel Talia Bram Nell Joren "
                "Ilsa Kasper Yara Fenn").split()
@@ -265,11 +382,231 @@ def world_documents(world: World, n: int, rng: random.Random) -> list:
 
 
 # ------------------------------------------------------------------------------------------
-# Data. Each source is tokenized once into two flat token files, NAME.train.bin and
-# NAME.val.bin under RUN_DIR/data, every document wrapped in BOS ... EOS as Llama's are. They
-# are reused while NAME.json's fingerprint (tokenizer file + inputs) still matches. A training
-# sequence is a random window of seq_len + 1 tokens (inputs, and targets shifted by one)
-# inside one split, so no window ever straddles train and validation.
+# Sec. 2.2 put together: train(), the loop of every chapter from here to 07. A step sets
+# get_lr's LR, accumulates the global batch over micro-steps, clips the gradient norm and
+# steps AdamW; validation and checkpoints come on their own schedules.
+
+def train(cfg, model, get_batch, compute_loss, evaluate=None, ckpt_path=None, extra=None):
+    """The loop of every chapter. cfg: flags from add_training_args, after resolve_args.
+    model: the plain module on its device, with .args (a ModelArgs). get_batch(step,
+    micro_step) -> this rank's micro-batch, a pure function of its arguments (that makes
+    resume exact). compute_loss(model, batch) -> the micro-batch's mean loss.
+    evaluate(model) -> {name: number}, run on every rank (an FSDP forward needs them all).
+    extra: more keys for the checkpoint. Returns {"history": [a dict per logged step],
+    "tokens_per_s", "train_s", "finished": False if --stop-at cut it off}. The logged loss is the
+    mean since the previous log line. A run stopped off a log step still logs and evaluates where it
+    stops, in an entry marked "stopped" that keeps the open window's sum; a resumed run takes that
+    window back and drops what only the stop added, so its history is the uninterrupted run's."""
+    device, world_size = next(model.parameters()).device, cfg.world_size
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    checkpointing = getattr(cfg, "activation_checkpointing", False)
+    checkpoint_blocks(model, checkpointing)
+    if cfg.fsdp:   # FSDP2: each block's weights, gradients and Adam moments live 1/world_size per rank
+        from torch.distributed.fsdp import fully_shard
+        for block in [m for m in model.modules() if isinstance(m, M.TransformerBlock)]:
+            fully_shard(block)
+        fully_shard(model)
+    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
+    step, history = load_training_state(ckpt_path, model, optimizer, cfg) if cfg.resume else (0, [])
+    resumed_stop = history.pop().copy() if history and "stopped" in history[-1] else None
+    runner = torch.compile(model) if cfg.compile else model   # `model` stays the plain one we save
+    ddp = world_size > 1 and not cfg.fsdp
+    if ddp:
+        runner = torch.nn.parallel.DistributedDataParallel(
+            runner, device_ids=[device] if device.type == "cuda" else None)
+    amp_dtype = M.pick_dtype(cfg.dtype, device)
+    if amp_dtype == torch.float16:
+        raise UserError("--dtype fp16 would need loss scaling: train in bf16 or fp32")
+    # bf16 autocast: matmuls in bf16; weights, optimizer state and reductions stay fp32. Autocast
+    # caches each weight's bf16 copy until the forward ends; with checkpointing that cache would
+    # be the one whole copy of the model left, so it is off then (each weight is cast once a
+    # forward anyway, and the recomputation in backward casts its block's again)
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32,
+                                      cache_enabled=not checkpointing)
+    flops_per_step = M.flops_per_token(model.args, cfg.seq_len) * cfg.batch_tokens
+    device_peak = cfg.peak_flops or peak_flops(device)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    end, first = min(cfg.steps, cfg.stop_at or cfg.steps), step + 1
+    timed_s = timed_steps = steps_since = carried = 0
+    loss_since = torch.zeros((), device=device)
+    if resumed_stop:   # reopen the window the stopped run left open: the sum over ranks, counted once
+        stop = resumed_stop.pop("stopped")
+        carried = steps_since = stop["window_steps"]
+        loss_since += stop["window_loss"] if rank == 0 else 0.0
+        kept = {k: v for k, v in resumed_stop.items() if k not in stop["only"]}
+        if set(kept) - {"step", "tokens"}:
+            history.append(kept)
+    saved = step if cfg.resume else None   # the step the checkpoint on disk holds
+    t_mark = time.time()
+    try:
+        while step < end:
+            lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(cfg.grad_accum):
+                last = micro == cfg.grad_accum - 1
+                if cfg.fsdp:
+                    model.set_requires_gradient_sync(last)
+                # DDP all-reduces gradients during backward: only the last micro-step needs that
+                with runner.no_sync() if ddp and not last else nullcontext():
+                    with autocast():
+                        loss = compute_loss(runner, get_batch(step, micro)) / cfg.grad_accum   # mean of micro-steps
+                    loss.backward()
+                loss_since += loss.detach()
+            # "gradient clipping of 1.0" (Sec. 2.2): on the norm of all gradients together
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, steps_since = step + 1, steps_since + 1
+
+            # --stop-at cuts the run off here. It logs and evaluates, but what only the stop adds is
+            # listed in `only`, and the window since the last log line stays open for --resume
+            stopping, only, window = end < cfg.steps and step == end, [], (0.0, 0)
+            entry = {}
+            logging = step % cfg.log_every == 0 or step in (1, cfg.steps)
+            if logging or stopping:
+                if world_size > 1:   # the mean over ranks (gloo has no AVG)
+                    dist.all_reduce(loss_since)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                entry = dict(step=step, tokens=step * cfg.batch_tokens, lr=lr, grad_norm=grad_norm.item(),
+                             loss=loss_since.item() / (world_size * steps_since))   # mean since the last log line
+                elapsed = time.time() - t_mark   # .item() above waited for the GPU, so this is honest
+                new_steps = steps_since - carried   # steps of this process (a resumed window began before)
+                tok_s = new_steps * cfg.batch_tokens / elapsed
+                if step - new_steps >= first:   # the first step pays for warm-up and compilation: not averaged
+                    timed_s, timed_steps = timed_s + elapsed, timed_steps + new_steps
+                mfu = (f"{flops_per_step * new_steps / elapsed / (device_peak * world_size):.1%}" if device_peak
+                       else "n/a")
+                entry.update(tokens_per_s=tok_s, mfu=mfu)
+                log(f"step {step:>6}/{cfg.steps} | loss {entry['loss']:.4f} | lr {lr:.2e} | grad norm "
+                    f"{entry['grad_norm']:.2f} | {tok_s:,.0f} tok/s | MFU {mfu} | "
+                    f"ETA {fmt_time((end - step) * cfg.batch_tokens / tok_s)}")
+                if logging:
+                    t_mark, steps_since, carried, loss_since = time.time(), 0, 0, torch.zeros((), device=device)
+                else:
+                    only, window = list(entry), (loss_since.item(), steps_since)
+            t_other = time.time()   # validation and checkpoints are not training time
+            regular_eval = step % cfg.eval_every == 0 or step == cfg.steps
+            if evaluate and (regular_eval or stopping):
+                model.eval()
+                with torch.no_grad(), autocast():
+                    metrics = evaluate(model)
+                model.train()
+                entry = {"step": step, "tokens": step * cfg.batch_tokens, **entry, **metrics}
+                only += [] if regular_eval else list(metrics)
+                log(f"step {step:>6}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if only:
+                entry["stopped"] = {"only": only, "window_loss": window[0], "window_steps": window[1]}
+            if entry:
+                history.append(entry)
+            if ckpt_path and (step % cfg.ckpt_every == 0 or step == end):
+                save_checkpoint(ckpt_path, model, optimizer, cfg, step, history, extra)
+                saved = step
+            t_mark += time.time() - t_other
+    except KeyboardInterrupt:   # Ctrl-C: say where, and what the run folder holds
+        where = (f"{ckpt_path} holds step {saved}: continue with --resume" if ckpt_path and saved else
+                 "no checkpoint of this run was written yet: run it again")
+        raise KeyboardInterrupt(f"stopped during step {step + 1} of {cfg.steps}; {where}") from None
+    if checkpointing:   # the model leaves as it came: later chapters sample from it, copy it, save it
+        checkpoint_blocks(model, False)
+    return {"history": history, "train_s": timed_s, "finished": step >= cfg.steps,
+            "tokens_per_s": timed_steps * cfg.batch_tokens / timed_s if timed_s else None}
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation and figures: the validation loss read against the unigram entropy, the loss
+# curve (Figure 5), and the paper's GPU-hours from first principles (Sec. 2.2.1, Table 2).
+
+def unigram_entropy(data, weights, vocab_size: int) -> float:
+    """Entropy (nats) of the mix's token frequencies: the loss of the best model that ignores context."""
+    p = sum(w * np.bincount(data[n]["train"], minlength=vocab_size) / len(data[n]["train"])
+            for n, w in weights.items())
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def plot_losses(path, runs, entropy=None):
+    """Figure 5, "Training Loss for Llama 2 models": loss against tokens processed, one colour per
+    run (the paper's has one per model size); the training loss thin, the validation loss bold."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, (label, history) in enumerate(runs):
+        for key, kind, style in (("loss", "train", dict(alpha=0.4, lw=1)),
+                                 ("val_loss", "validation", dict(lw=2, marker="o", ms=3))):
+            points = [(h["tokens"], h[key]) for h in history if key in h]
+            if points:
+                ax.plot(*zip(*points), color=f"C{i}", label=f"{label} {kind}", **style)
+    if entropy:
+        ax.axhline(entropy, color="grey", ls="--", lw=1, label=f"unigram entropy {entropy:.2f} (no context)")
+    ax.set(xlabel="tokens processed", ylabel="loss (nats per token)",
+           title="Pretraining loss against tokens processed (cf. Llama 2, Figure 5)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- Sec. 2.2.1, Table 2: compute and MFU --------------------------------------------------
+# train() logs MFU, the share of a GPU's peak FLOP/s its model FLOPs reach; Table 2's
+# GPU-hours imply the MFU Meta reached.
+
+# Dense bf16 peaks (no sparsity) by GPU name, for MFU = achieved model FLOP/s / peak FLOP/s.
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12),
+              ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("MI300X", 1307e12)]
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None   # CPUs vary too much for a table: pass --peak-flops
+    return next((peak for key, peak in PEAK_FLOPS if key in torch.cuda.get_device_name(device)), None)
+
+
+PAPER_TOKENS = 2e12   # Table 2: every size pretrained on 2T tokens
+TABLE2_GPU_HOURS = {"7B": 184_320, "13B": 368_640, "34B": 1_038_336, "70B": 1_720_320}   # A100-80GB hours
+A100_PEAK = dict(PEAK_FLOPS)["A100"]   # dense bf16, 312 TFLOP/s: the paper's GPU
+
+
+def table2_rows():
+    """The paper's Table 2 from first principles: C = 6 N D for D = 2T tokens, against the GPU-hours
+    Meta reports at the A100's 312 TFLOP/s. The MFU that implies is C / (hours x 3600 x peak)."""
+    rows = []
+    for name, hours in TABLE2_GPU_HOURS.items():
+        a = M.PRESETS[name]
+        n = M.count_params(a)
+        six_nd = 6 * n * PAPER_TOKENS
+        with_attention = M.flops_per_token(a, a.max_seq_len) * PAPER_TOKENS
+        available = hours * 3600 * A100_PEAK
+        rows.append(dict(size=name, params=n, flops_6nd=six_nd, gpu_hours=hours, mfu_6nd=six_nd / available,
+                         flops_with_attention=with_attention, mfu_with_attention=with_attention / available))
+    return rows
+
+
+def print_table2():
+    print(f"Table 2 from first principles: C = 6 N D, D = {PAPER_TOKENS / 1e12:g}T tokens; the paper's A100 "
+          f"GPU-hours at {A100_PEAK / 1e12:g} TFLOP/s (bf16, dense) give the MFU Meta must have reached")
+    print(f"{'size':>5} {'parameters N':>15} {'6ND (FLOP)':>11} {'GPU-hours':>10} {'MFU':>6}   "
+          f"{'with attention (FLOP)':>21} {'MFU':>6}")
+    for r in table2_rows():
+        print(f"{r['size']:>5} {r['params']:>15,} {r['flops_6nd']:>11.3e} {r['gpu_hours']:>10,} "
+              f"{r['mfu_6nd']:>6.1%}   {r['flops_with_attention']:>21.3e} {r['mfu_with_attention']:>6.1%}")
+    print("(with attention: 02's flops_per_token at 4096 tokens, 6 x the matrix weights + 12 x layers x dim x "
+          "seq; the embedding lookup is no matmul)")
+
+
+# ------------------------------------------------------------------------------------------
+# Plumbing, from here to the end: how the recipe runs rather than what it is. Data files,
+# flags, processes (DDP, FSDP), the run folder, checkpoints and exact resume, activation
+# checkpointing, the memory planner, and main.
+
+# -- data files: Sec. 2.1's sources on disk ------------------------------------------------
+# Each source is tokenized once into two flat token files, NAME.train.bin and NAME.val.bin
+# under RUN_DIR/data, every document wrapped in BOS ... EOS as Llama's are. They are reused
+# while NAME.json's fingerprint (tokenizer file + inputs) still matches. A training sequence
+# is a random window of seq_len + 1 tokens (inputs, and targets shifted by one) inside one
+# split, so no window ever straddles train and validation.
 
 def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size < 2**16 else np.uint32
@@ -328,65 +665,9 @@ def load_splits(data_dir: Path, names, vocab_size: int, seq_len: int) -> dict:
     return data
 
 
-# The mix. Llama samples each source by a weight: Llama 1 took CommonCrawl 67%, C4 15%,
-# GitHub, Wikipedia and Books 4.5% each, ArXiv 2.5%, StackExchange 2% (Llama 2 keeps its mix
-# private; it "up-sampled the most factual sources", Sec. 2.1). We draw per sequence.
-
-def parse_mix(text: str, available) -> dict:
-    """'shakespeare=0.6,world=0.4' -> {'shakespeare': 0.6, 'world': 0.4}, normalised to sum 1."""
-    weights = {}
-    for item in text.split(","):
-        name, _, value = (s.strip() for s in item.partition("="))
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise UserError(f"bad --mix item {item!r}: expected NAME=WEIGHT, as in {DEFAULT_MIX}") from None
-        if name not in available:
-            raise UserError(f"--mix names an unknown source {name!r} (there are: {', '.join(available)})")
-        if not 0 <= weights[name] < math.inf:
-            raise UserError(f"bad --mix weight {value!r}: weights are numbers >= 0")
-    if sum(weights.values()) <= 0:
-        raise UserError(f"--mix {text!r} gives every source weight 0")
-    return {k: v / sum(weights.values()) for k, v in weights.items() if v > 0}
-
-
-def pick_source(weights: dict, rng: np.random.Generator) -> str:
-    return list(weights)[rng.choice(len(weights), p=list(weights.values()))]
-
-
-def sequence(data, weights, split: str, seq_len: int, seed: int, step: int, index: int) -> torch.Tensor:
-    """Sequence `index` of step `step`: seq_len + 1 tokens, a pure function of the arguments. So
-    any rank can draw its share of a global batch, and a resumed run sees the same data."""
-    rng = np.random.default_rng([seed, ("train", "val").index(split), step, index])
-    tokens = data[pick_source(weights, rng)][split]
-    start = int(rng.integers(0, len(tokens) - seq_len))   # start + seq_len + 1 <= len(tokens)
-    return torch.from_numpy(tokens[start:start + seq_len + 1].astype(np.int64))
-
-
-def to_xy(rows, device):
-    xy = torch.stack(rows)   # on a GPU: copy from pinned memory while the GPU is busy
-    xy = xy.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else xy.to(device)
-    return xy[:, :-1], xy[:, 1:]
-
-
-def lm_loss(model, batch):
-    """Next-token cross-entropy; targets of -100 are ignored (chapter 04 masks prompts so)."""
-    x, y = batch
-    logits = model(x)
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100)
-
-
-def unigram_entropy(data, weights, vocab_size: int) -> float:
-    """Entropy (nats) of the mix's token frequencies: the loss of the best model that ignores context."""
-    p = sum(w * np.bincount(data[n]["train"], minlength=vocab_size) / len(data[n]["train"])
-            for n, w in weights.items())
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
-
-
 # ------------------------------------------------------------------------------------------
-# The training machinery, which chapters 04-07 import: flags, processes, optimizer,
-# schedule, checkpoints, and the loop.
+# The training machinery's plumbing, which chapters 04-07 import: flags, processes, the run
+# folder, checkpoints and exact resume, activation checkpointing.
 
 def add_training_args(parser, paper: dict, toy: dict):
     """The flags every training chapter shares. Those named in `paper` (and `toy`) default to
@@ -463,15 +744,6 @@ def resolve_args(args, world_size: int = 1):
     return args
 
 
-def grad_accum_steps(batch_tokens: int, seq_len: int, micro_batch: int, world_size: int) -> int:
-    """The global batch is given in tokens (4M in the paper); ranks and micro-steps must tile it."""
-    per_micro_step = world_size * micro_batch * seq_len
-    if batch_tokens <= 0 or batch_tokens % per_micro_step:
-        raise UserError(f"--batch-tokens {batch_tokens} is not a multiple of ranks x micro-batch x seq-len "
-                        f"= {world_size} x {micro_batch} x {seq_len} = {per_micro_step}")
-    return batch_tokens // per_micro_step
-
-
 def setup_distributed(device_name: str = "auto"):
     """-> (rank, world_size, device). Under torchrun (RANK is set) joins the process group:
     NCCL on GPUs, gloo on CPUs, one GPU per process (LOCAL_RANK). Else one process."""
@@ -493,40 +765,6 @@ def end_distributed():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def configure_optimizer(model, lr: float, weight_decay: float, betas, eps: float, device):
-    """AdamW (Sec. 2.2), weight decay on the linear layers' weight matrices only. Not on the
-    RMSNorm gains: they are per-channel scales, and decay would shrink the activations they
-    exist to scale. Not on the token embedding: AdamW decays every row at every step, but a
-    row only gets gradient when its token occurs, so rare tokens would fade between their
-    occurrences. (The paper does not say; GPT-2 decays the embedding, OLMo does not.)"""
-    groups = {True: [], False: []}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups[p.dim() >= 2 and "tok_embeddings" not in name].append(p)
-    return torch.optim.AdamW([{"params": groups[True], "weight_decay": weight_decay},
-                              {"params": groups[False], "weight_decay": 0.0}],
-                             lr=lr, betas=tuple(betas), eps=eps, fused=device.type == "cuda")
-
-
-def get_lr(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
-    """Sec. 2.2: linear warm-up to the peak, then a cosine down to min_ratio (10%) of it."""
-    if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return peak_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# Dense bf16 peaks (no sparsity) by GPU name, for MFU = achieved model FLOP/s / peak FLOP/s.
-PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12),
-              ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("MI300X", 1307e12)]
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None   # CPUs vary too much for a table: pass --peak-flops
-    return next((peak for key, peak in PEAK_FLOPS if key in torch.cuda.get_device_name(device)), None)
 
 
 def check_writable(folder: Path):
@@ -612,136 +850,12 @@ def checkpoint_blocks(model, on: bool):
                                                      if torch.is_grad_enabled() else plain(*a))
 
 
-def train(cfg, model, get_batch, compute_loss, evaluate=None, ckpt_path=None, extra=None):
-    """The loop of every chapter. cfg: flags from add_training_args, after resolve_args.
-    model: the plain module on its device, with .args (a ModelArgs). get_batch(step,
-    micro_step) -> this rank's micro-batch, a pure function of its arguments (that makes
-    resume exact). compute_loss(model, batch) -> the micro-batch's mean loss.
-    evaluate(model) -> {name: number}, run on every rank (an FSDP forward needs them all).
-    extra: more keys for the checkpoint. Returns {"history": [a dict per logged step],
-    "tokens_per_s", "train_s", "finished": False if --stop-at cut it off}. The logged loss is the
-    mean since the previous log line. A run stopped off a log step still logs and evaluates where it
-    stops, in an entry marked "stopped" that keeps the open window's sum; a resumed run takes that
-    window back and drops what only the stop added, so its history is the uninterrupted run's."""
-    device, world = next(model.parameters()).device, cfg.world_size
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    checkpointing = getattr(cfg, "activation_checkpointing", False)
-    checkpoint_blocks(model, checkpointing)
-    if cfg.fsdp:   # FSDP2: each block's weights, gradients and Adam moments live 1/world per rank
-        from torch.distributed.fsdp import fully_shard
-        for block in [m for m in model.modules() if isinstance(m, M.TransformerBlock)]:
-            fully_shard(block)
-        fully_shard(model)
-    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
-    step, history = load_training_state(ckpt_path, model, optimizer, cfg) if cfg.resume else (0, [])
-    resumed_stop = history.pop().copy() if history and "stopped" in history[-1] else None
-    runner = torch.compile(model) if cfg.compile else model   # `model` stays the plain one we save
-    ddp = world > 1 and not cfg.fsdp
-    if ddp:
-        runner = torch.nn.parallel.DistributedDataParallel(
-            runner, device_ids=[device] if device.type == "cuda" else None)
-    amp_dtype = M.pick_dtype(cfg.dtype, device)
-    if amp_dtype == torch.float16:
-        raise UserError("--dtype fp16 would need loss scaling: train in bf16 or fp32")
-    # bf16 autocast: matmuls in bf16; weights, optimizer state and reductions stay fp32. Autocast
-    # caches each weight's bf16 copy until the forward ends; with checkpointing that cache would
-    # be the one whole copy of the model left, so it is off then (each weight is cast once a
-    # forward anyway, and the recomputation in backward casts its block's again)
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32,
-                                      cache_enabled=not checkpointing)
-    flops_per_step = M.flops_per_token(model.args, cfg.seq_len) * cfg.batch_tokens
-    peak = cfg.peak_flops or peak_flops(device)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    end, first = min(cfg.steps, cfg.stop_at or cfg.steps), step + 1
-    timed_s = timed_steps = steps_since = carried = 0
-    loss_since = torch.zeros((), device=device)
-    if resumed_stop:   # reopen the window the stopped run left open: the sum over ranks, counted once
-        stop = resumed_stop.pop("stopped")
-        carried = steps_since = stop["window_steps"]
-        loss_since += stop["window_loss"] if rank == 0 else 0.0
-        kept = {k: v for k, v in resumed_stop.items() if k not in stop["only"]}
-        if set(kept) - {"step", "tokens"}:
-            history.append(kept)
-    saved = step if cfg.resume else None   # the step the checkpoint on disk holds
-    t_mark = time.time()
-    try:
-        while step < end:
-            lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(cfg.grad_accum):
-                last = micro == cfg.grad_accum - 1
-                if cfg.fsdp:
-                    model.set_requires_gradient_sync(last)
-                # DDP all-reduces gradients during backward: only the last micro-step needs that
-                with runner.no_sync() if ddp and not last else nullcontext():
-                    with autocast():
-                        loss = compute_loss(runner, get_batch(step, micro)) / cfg.grad_accum   # mean of micro-steps
-                    loss.backward()
-                loss_since += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step, steps_since = step + 1, steps_since + 1
-
-            # --stop-at cuts the run off here. It logs and evaluates, but what only the stop adds is
-            # listed in `only`, and the window since the last log line stays open for --resume
-            stopping, only, window = end < cfg.steps and step == end, [], (0.0, 0)
-            entry = {}
-            logging = step % cfg.log_every == 0 or step in (1, cfg.steps)
-            if logging or stopping:
-                if world > 1:   # the mean over ranks (gloo has no AVG)
-                    dist.all_reduce(loss_since)
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                entry = dict(step=step, tokens=step * cfg.batch_tokens, lr=lr, grad_norm=grad_norm.item(),
-                             loss=loss_since.item() / (world * steps_since))   # mean since the last log line
-                elapsed = time.time() - t_mark   # .item() above waited for the GPU, so this is honest
-                new_steps = steps_since - carried   # steps of this process (a resumed window began before)
-                tok_s = new_steps * cfg.batch_tokens / elapsed
-                if step - new_steps >= first:   # the first step pays for warm-up and compilation: not averaged
-                    timed_s, timed_steps = timed_s + elapsed, timed_steps + new_steps
-                mfu = f"{flops_per_step * new_steps / elapsed / (peak * world):.1%}" if peak else "n/a"
-                entry.update(tokens_per_s=tok_s, mfu=mfu)
-                log(f"step {step:>6}/{cfg.steps} | loss {entry['loss']:.4f} | lr {lr:.2e} | grad norm "
-                    f"{entry['grad_norm']:.2f} | {tok_s:,.0f} tok/s | MFU {mfu} | "
-                    f"ETA {fmt_time((end - step) * cfg.batch_tokens / tok_s)}")
-                if logging:
-                    t_mark, steps_since, carried, loss_since = time.time(), 0, 0, torch.zeros((), device=device)
-                else:
-                    only, window = list(entry), (loss_since.item(), steps_since)
-            t_other = time.time()   # validation and checkpoints are not training time
-            regular_eval = step % cfg.eval_every == 0 or step == cfg.steps
-            if evaluate and (regular_eval or stopping):
-                model.eval()
-                with torch.no_grad(), autocast():
-                    metrics = evaluate(model)
-                model.train()
-                entry = {"step": step, "tokens": step * cfg.batch_tokens, **entry, **metrics}
-                only += [] if regular_eval else list(metrics)
-                log(f"step {step:>6}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if only:
-                entry["stopped"] = {"only": only, "window_loss": window[0], "window_steps": window[1]}
-            if entry:
-                history.append(entry)
-            if ckpt_path and (step % cfg.ckpt_every == 0 or step == end):
-                save_checkpoint(ckpt_path, model, optimizer, cfg, step, history, extra)
-                saved = step
-            t_mark += time.time() - t_other
-    except KeyboardInterrupt:   # Ctrl-C: say where, and what the run folder holds
-        where = (f"{ckpt_path} holds step {saved}: continue with --resume" if ckpt_path and saved else
-                 "no checkpoint of this run was written yet: run it again")
-        raise KeyboardInterrupt(f"stopped during step {step + 1} of {cfg.steps}; {where}") from None
-    if checkpointing:   # the model leaves as it came: later chapters sample from it, copy it, save it
-        checkpoint_blocks(model, False)
-    return {"history": history, "train_s": timed_s, "finished": step >= cfg.steps,
-            "tokens_per_s": timed_steps * cfg.batch_tokens / timed_s if timed_s else None}
-
-
 # ------------------------------------------------------------------------------------------
-# The planner (issue 18): will a command fit on N GPUs of G GB each, and how long will it take?
-# `--plan` on 03-07 comes here instead of running the stage, before any GPU, data or checkpoint
-# is touched. The stage's models are built on the meta device (shapes, no memory), and each
-# phase of the stage is costed per rank as TODAY's code holds its tensors, not as it could:
+# The memory planner (issue 18; not in the paper): will a command fit on N GPUs of G GB
+# each, and how long will it take? `--plan` on 03-07 comes here instead of running the stage,
+# before any GPU, data or checkpoint is touched. The stage's models are built on the meta
+# device (shapes, no memory), and each phase of the stage is costed per rank as TODAY's code
+# holds its tensors, not as it could:
 #   * a trained model is fp32 (weights, gradients and AdamW's two moments: 16 bytes a
 #     parameter), sharded 1/N by FSDP, whole under DDP (which adds its gradient buckets, a
 #     second copy of the gradients) or on one GPU,
@@ -761,9 +875,6 @@ def train(cfg, model, get_batch, compute_loss, evaluate=None, ckpt_path=None, ex
 GB = 1e9   # bytes. --gpu-memory is in GB too: an "80 GB" card holds 80 GiB = 85.9 GB, and the CUDA
            # context and the allocator's fragmentation take a few of them, so 80 is a fair usable figure
 KINDS = ("weights", "grads", "optimizer", "activations", "kv_cache", "other_models")
-PAPER_TOKENS = 2e12   # Table 2: every size pretrained on 2T tokens
-TABLE2_GPU_HOURS = {"7B": 184_320, "13B": 368_640, "34B": 1_038_336, "70B": 1_720_320}   # A100-80GB hours
-A100_PEAK = dict(PEAK_FLOPS)["A100"]   # dense bf16, 312 TFLOP/s: the paper's GPU
 PLAN_BATCHES = dict(answer_all=64, sample_answers=64, score_rows=64, evaluate_rm=128, converse=32)   # the
 # batch sizes the chapters generate and score with (04's answer_all, 06's sample_answers, 05's score_rows and
 # evaluate_rm, 07's converse): none is a flag, so no flag shrinks them
@@ -936,10 +1047,11 @@ def phase_total(items) -> float:
 
 def plan_pretrain(args, s: PlanSetup, models):
     m = models["policy"]
-    train = trained_state(m, s, "model", grads=True, accumulate=args.grad_accum > 1) + training_activations(
+    training = trained_state(m, s, "model", grads=True, accumulate=args.grad_accum > 1) + training_activations(
         m, s, args.micro_batch, args.seq_len, mask=False, ckpt=s.ckpt, label="model")
     return ([("build: the model, whole, before FSDP shards it", whole(m, "model", "weights"))] if s.fsdp else []) + \
-        [(f"train: {args.micro_batch} x {args.seq_len:,} tokens a micro-step, {args.grad_accum} micro-steps", train)]
+        [(f"train: {args.micro_batch} x {args.seq_len:,} tokens a micro-step, {args.grad_accum} micro-steps",
+          training)]
 
 
 def sft_training(args, s, m, label):
@@ -950,15 +1062,15 @@ def sft_training(args, s, m, label):
 
 def plan_sft(args, s: PlanSetup, models):
     m, phases = models["policy"], []
-    evaluate = not getattr(args, "data", None)   # 04 evaluates on the toy world's tasks only
+    toy_eval = not getattr(args, "data", None)   # 04 evaluates on the toy world's tasks only
     answers = lambda: generation(m, PLAN_BATCHES["answer_all"], s.prompt, PLAN_NEW_TOKENS["evaluate_chat"],
                                  "evaluation")
-    if evaluate and getattr(args, "init", None) != "scratch":
+    if toy_eval and getattr(args, "init", None) != "scratch":
         phases.append(("evaluate the start model (answer_all)", whole(m, "model", "weights") + answers()))
     if s.fsdp:
         phases.append(("build: the model loads whole before FSDP shards it", whole(m, "model", "weights")))
     phases.append(("SFT: 03's loop, 04's packing mask", sft_training(args, s, m, "model")))
-    if evaluate:
+    if toy_eval:
         phases.append(("evaluate the SFT model (answer_all)", held(m, s, "model", "weights", True) + answers()))
     if getattr(args, "compare_scratch", False):
         phases.append(("--compare-scratch: random weights train, the SFT model held",
@@ -1084,20 +1196,21 @@ def plan_flops(stage: str, args, s: PlanSetup, models):
     """-> (FLOPs of the run or None, FLOPs a step, what was counted). Training counts
     forward + backward (02's flops_per_token); a forward alone is a third of it."""
     a = models["policy"].args
-    train = M.flops_per_token(a, args.seq_len)
-    step = args.batch_tokens * train
+    per_token = M.flops_per_token(a, args.seq_len)
+    per_step = args.batch_tokens * per_token
     if stage == "pretrain":
-        return args.steps * step, step, f"{args.steps:,} steps x {args.batch_tokens:,} tokens"
+        return args.steps * per_step, per_step, f"{args.steps:,} steps x {args.batch_tokens:,} tokens"
     if stage == "sft":
         if args.steps:
-            return args.steps * step, step, f"{args.steps:,} steps x {args.batch_tokens:,} tokens"
-        return None, step, "the steps follow from the data (pass --steps to count them)"
+            return args.steps * per_step, per_step, f"{args.steps:,} steps x {args.batch_tokens:,} tokens"
+        return None, per_step, "the steps follow from the data (pass --steps to count them)"
     if stage == "reward":
         return None, args.batch_tokens * rm_flops_per_token(a, args.seq_len), \
             "a step of an RM; the steps follow from the data"
     if stage == "gatt":
         steps = args.inst_steps + args.steps
-        return steps * step, step, f"{steps:,} training steps (step 1 and GAtt); sampling and evaluation not counted"
+        return steps * per_step, per_step, \
+            f"{steps:,} training steps (step 1 and GAtt); sampling and evaluation not counted"
     # 06, with every answer as long as --max-new-tokens allows (an upper bound)
     length = min(a.max_seq_len, s.prompt + args.max_new_tokens)
     fwd, rm_fwd = M.flops_per_token(a, length) / 3, rm_flops_per_token(a, length) / 3
@@ -1113,33 +1226,6 @@ def plan_flops(stage: str, args, s: PlanSetup, models):
     return total, iteration, (f"{args.ppo_iterations} PPO iterations of {args.ppo_prompts} rollouts, "
                               f"{samples:,} other samples and RS on the pool, every answer "
                               f"{args.max_new_tokens} tokens long (an upper bound)")
-
-
-def table2_rows():
-    """The paper's Table 2 from first principles: C = 6 N D for D = 2T tokens, against the GPU-hours
-    Meta reports at the A100's 312 TFLOP/s. The MFU that implies is C / (hours x 3600 x peak)."""
-    rows = []
-    for name, hours in TABLE2_GPU_HOURS.items():
-        a = M.PRESETS[name]
-        n = M.count_params(a)
-        six_nd = 6 * n * PAPER_TOKENS
-        with_attention = M.flops_per_token(a, a.max_seq_len) * PAPER_TOKENS
-        available = hours * 3600 * A100_PEAK
-        rows.append(dict(size=name, params=n, flops_6nd=six_nd, gpu_hours=hours, mfu_6nd=six_nd / available,
-                         flops_with_attention=with_attention, mfu_with_attention=with_attention / available))
-    return rows
-
-
-def print_table2():
-    print(f"Table 2 from first principles: C = 6 N D, D = {PAPER_TOKENS / 1e12:g}T tokens; the paper's A100 "
-          f"GPU-hours at {A100_PEAK / 1e12:g} TFLOP/s (bf16, dense) give the MFU Meta must have reached")
-    print(f"{'size':>5} {'parameters N':>15} {'6ND (FLOP)':>11} {'GPU-hours':>10} {'MFU':>6}   "
-          f"{'with attention (FLOP)':>21} {'MFU':>6}")
-    for r in table2_rows():
-        print(f"{r['size']:>5} {r['params']:>15,} {r['flops_6nd']:>11.3e} {r['gpu_hours']:>10,} "
-              f"{r['mfu_6nd']:>6.1%}   {r['flops_with_attention']:>21.3e} {r['mfu_with_attention']:>6.1%}")
-    print("(with attention: 02's flops_per_token at 4096 tokens, 6 x the matrix weights + 12 x layers x dim x "
-          "seq; the embedding lookup is no matmul)")
 
 
 # -- running a plan --------------------------------------------------------------------------
@@ -1284,12 +1370,12 @@ def plan_stage(args, stage: str, budget=None, reward_model=None):
                     "in bf16, evaluation spread over the ranks)")
 
     fpt = M.flops_per_token(m.args, args.seq_len)
-    peak_flops = args.peak_flops or A100_PEAK
+    device_peak = args.peak_flops or A100_PEAK
     total, per_step, counted = plan_flops(stage, args, s, models)
-    rate = s.gpus * peak_flops * args.mfu
+    rate = s.gpus * device_peak * args.mfu
     print(f"\ncompute: {fpt / 1e9:.2f} GFLOP a token trained at {args.seq_len:,} tokens (02's flops_per_token: "
           f"6 x the {m.params - m.args.vocab_size * m.args.dim:,} weights that multiply + 12 x layers x dim x seq)")
-    which = f"{s.gpus} x {peak_flops / 1e12:g} TFLOP/s" + ("" if args.peak_flops else " (an A100's bf16, the paper's;"
+    which = f"{s.gpus} x {device_peak / 1e12:g} TFLOP/s" + ("" if args.peak_flops else " (an A100's bf16, the paper's;"
                                                              " --peak-flops for another GPU)")
     step_name = "a PPO iteration" if stage == "rs_ppo" else "a step"
     print(f"{step_name}: {per_step:.3e} FLOP, {per_step / rate:,.1f} s at MFU {args.mfu:.0%} on {which}")
@@ -1314,7 +1400,7 @@ def plan_stage(args, stage: str, budget=None, reward_model=None):
                   peak_phase=name, fits=fits, fix=fix,
                   phases=[dict(name=n, bytes=t, items=[dict(what=w, kind=k, bytes=b) for w, k, b, _ in its])
                           for n, its, t in phases],
-                  flops_per_token=fpt, flops_per_step=per_step, flops=total, mfu=args.mfu, peak_flops=peak_flops,
+                  flops_per_token=fpt, flops_per_step=per_step, flops=total, mfu=args.mfu, peak_flops=device_peak,
                   seconds=total / rate if total is not None else None, host_bytes_per_rank=host)
     if stage == "pretrain":
         result["table2"] = table2_rows()
@@ -1327,32 +1413,6 @@ def plan_stage(args, stage: str, budget=None, reward_model=None):
 def fmt_duration(seconds: float) -> str:
     return f"{seconds / 86400:,.1f} days" if seconds >= 86400 else f"{seconds / 3600:,.1f} hours" \
         if seconds >= 3600 else fmt_time(seconds)
-
-
-# ------------------------------------------------------------------------------------------
-# The figure: loss against tokens processed, one colour per run (the paper's Figure 5 has
-# one per model size); the training loss thin, the validation loss bold.
-
-def plot_losses(path, runs, entropy=None):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for i, (label, history) in enumerate(runs):
-        for key, kind, style in (("loss", "train", dict(alpha=0.4, lw=1)),
-                                 ("val_loss", "validation", dict(lw=2, marker="o", ms=3))):
-            points = [(h["tokens"], h[key]) for h in history if key in h]
-            if points:
-                ax.plot(*zip(*points), color=f"C{i}", label=f"{label} {kind}", **style)
-    if entropy:
-        ax.axhline(entropy, color="grey", ls="--", lw=1, label=f"unigram entropy {entropy:.2f} (no context)")
-    ax.set(xlabel="tokens processed", ylabel="loss (nats per token)",
-           title="Pretraining loss against tokens processed (cf. Llama 2, Figure 5)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------
@@ -1397,8 +1457,8 @@ def main(argv=None):
     if rank == 0:
         t0 = time.time()
         for name in weights:
-            m = prepare_source(args.run_dir / "data", name, sources[name], tokenizer, tok_path)
-            log(f"data {name}: {m['train_tokens']:,} train + {m['val_tokens']:,} validation tokens, "
+            manifest = prepare_source(args.run_dir / "data", name, sources[name], tokenizer, tok_path)
+            log(f"data {name}: {manifest['train_tokens']:,} train + {manifest['val_tokens']:,} validation tokens, "
                 f"weight {weights[name]:.2f}")
         log(f"data ready in {time.time() - t0:.1f}s under {args.run_dir / 'data'}")
     if world_size > 1:
