@@ -46,6 +46,7 @@ import time
 import zlib
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,15 @@ class World:
     def lookup(self, subject: str, relation: str):
         """The value of a fact, or None: what an annotator checks an answer against."""
         return next((v for s, r, v in self.facts if s == subject and r == relation), None)
+
+    @cached_property
+    def parts(self) -> dict:
+        """{evaluation: (facts, acts)}: the facts and acts of each part of the world's split
+        (held_out and act_held_out, below), worked out once: 04's make_task draws from one of
+        them tens of thousands of times, and checking every act's names each time cost seconds."""
+        return {evaluation: ([f for f in self.facts if held_out(f[0]) == evaluation],
+                             [a for a in self.acts if act_held_out(self, a) == evaluation])
+                for evaluation in (False, True)}
 
 
 def make_world(seed: int = 0, n_people: int = 40) -> World:

@@ -233,9 +233,9 @@ def make_task(world, kind: str, rng: random.Random, evaluation: bool = False) ->
         question, answer = P.list_task(rng, evaluation)
         return Task(kind, question, f"{answer}.", answer)
     if kind == "fact":
-        fact = rng.choice([f for f in world.facts if held_out(f[0]) == evaluation])
+        fact = rng.choice(world.parts[evaluation][0])
         return Task(kind, QUESTIONS[fact[1]].format(s=fact[0]), P.render_fact(fact), fact[2], fact[0])
-    harmful, benign, why = rng.choice([a for a in world.acts if P.act_held_out(world, a) == evaluation])
+    harmful, benign, why = rng.choice(world.parts[evaluation][1])
     request = rng.choice(REQUESTS)
     if kind == "harmful":
         return Task(kind, request.format(act=harmful), f"{REFUSAL}: to {harmful} is harmful, because {why}.", "")
