@@ -1,5 +1,5 @@
 """
-Chapter 02: the Llama 2 transformer (paper Sec. 2.2, Table 1).
+Chapter 02: the Llama 2 transformer (paper Sec. 2.2, Table 1, Appendix A.2.1).
 
 Llama 2 keeps Llama 1's architecture: a decoder-only transformer with
 pre-normalisation by RMSNorm, the SwiGLU feed-forward, rotary position
@@ -8,12 +8,26 @@ embedding. New in Llama 2: context 4096 and grouped-query attention (GQA) in
 the 34B and 70B models. The names below are Meta's (llama/model.py), so a
 reader can diff the two files and Meta's weights load with no key map.
 
+The file reads in the paper's order: the sizes (Table 1), RMSNorm, RoPE, GQA
+attention, SwiGLU, the pre-norm block, the transformer and its cost, then
+generation with a KV cache; each opens with the sentence of the paper it
+implements. The plumbing follows: checkpoints in our, Meta's and Hugging Face's
+formats, the device, the command line.
+Why it is over ~600 lines: it reads and writes Meta's and Hugging Face's formats, so real weights load.
+
 Run it:
     python 02_model.py                        # presets: params and FLOPs, then a random toy model generates
     python 02_model.py --ckpt llama-2-7b --prompt "The capital of France is" --device cuda --dtype bf16
         # finds tokenizer.model in llama-2-7b/ or beside it, where Meta's download puts it
     python 02_model.py --ckpt runs/toy/pretrain.pt --export-hf out/hf   # opens with transformers,
         # model and tokenizer (AutoTokenizer, with Meta's chat template)
+
+What to look at: the preset table's params column, where 7B, 13B and 70B should
+equal the released models' counts (README, chapter 02), which says the shapes
+are Meta's; the kv column, 8 for 34B and 70B (GQA); and the FLOPs per token,
+which chapter 03 turns into MFU. The random model's tokens are noise: they show
+that the prefill and the KV-cache steps run, not what a model knows (chapter 03
+trains one).
 
 Meta's folders (params.json + consolidated.*.pth), Hugging Face folders
 (config.json + *.safetensors or *.bin) and our own .pt checkpoints all load
@@ -37,9 +51,17 @@ tokenizer_chapter = importlib.import_module("01_tokenizer")
 UserError, run_cli, number_flag = tokenizer_chapter.UserError, tokenizer_chapter.run_cli, tokenizer_chapter.number_flag
 
 
+# ============================================================================
+# The method, in the paper's order (Sec. 2.2, Table 1, Appendix A.2.1): each section opens
+# with the sentence it implements.
+# ============================================================================
+
 # ----------------------------------------------------------------------------
-# Sizes (Table 1). Field names and defaults are those of Meta's ModelArgs and
-# params.json, so `ModelArgs(**json.load(open("params.json")))` just works.
+# Sizes (Sec. 2.2, Table 1). "The primary architectural differences from Llama 1
+# include increased context length and grouped-query attention (GQA)." (Sec. 2.2)
+# Table 1 gives each size's context and GQA; dim, layers and heads come from Meta's
+# params.json. Field names and defaults are those of Meta's ModelArgs and params.json,
+# so `ModelArgs(**json.load(open("params.json")))` just works.
 
 @dataclass
 class ModelArgs:
@@ -74,19 +96,10 @@ PRESETS = {
 }
 
 
-def ffn_hidden_dim(args: ModelArgs) -> int:
-    # SwiGLU has three matrices instead of two, so the width 4*dim shrinks by
-    # 2/3 to keep the parameter count (Shazeer 2020); Meta then scales it and
-    # rounds it up to a multiple that suits the hardware: 7B -> 11008.
-    hidden = int(2 * (4 * args.dim) / 3)
-    if args.ffn_dim_multiplier is not None:
-        hidden = int(args.ffn_dim_multiplier * hidden)
-    return args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
-
-
 # ----------------------------------------------------------------------------
-# RMSNorm: LayerNorm without the mean subtraction and the bias. Cheaper, and
-# it works as well (Zhang & Sennrich 2019). Computed in float32 for stability.
+# RMSNorm (Sec. 2.2). "apply pre-normalization using RMSNorm (Zhang and Sennrich,
+# 2019)": LayerNorm without the mean subtraction and the bias. Cheaper, and it works
+# as well. Computed in float32 for stability.
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -101,13 +114,14 @@ class RMSNorm(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# RoPE (Su et al. 2021). Each pair of channels (2i, 2i+1) of a query or key at
-# position m is rotated by the angle m * theta^(-2i/d). A dot product of two
-# rotated vectors then depends only on the offset between their positions,
-# which is all attention needs. Meta writes the rotation with complex numbers;
-# we write it with cos and sin, which bf16 and torch.compile handle better.
-# Pairs are interleaved (2i, 2i+1) as in Meta's weights; Hugging Face rotates
-# halves instead, which is why its q/k rows are permuted (see load_hf below).
+# RoPE (Sec. 2.2, after Llama 1's Sec. 2.2): "add rotary positional embeddings (RoPE),
+# introduced by Su et al. (2021), at each layer of the network." Each pair of channels
+# (2i, 2i+1) of a query or key at position m is rotated by the angle m * theta^(-2i/d).
+# A dot product of two rotated vectors then depends only on the offset between their
+# positions, which is all attention needs. Meta writes the rotation with complex
+# numbers; we write it with cos and sin, which bf16 and torch.compile handle better.
+# Pairs are interleaved (2i, 2i+1) as in Meta's weights; Hugging Face rotates halves
+# instead, which is why its q/k rows are permuted (see load_hf below).
 
 def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0):
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu").float() / head_dim))
@@ -125,9 +139,11 @@ def apply_rotary_emb(x, freqs_cis):
 
 
 # ----------------------------------------------------------------------------
-# Attention with grouped-query attention (GQA, Ainslie et al. 2023; paper
-# Sec. 2.2 and A.2.1): n_heads query heads share n_kv_heads key/value heads,
-# so the KV cache is n_heads/n_kv_heads times smaller at inference.
+# Attention with grouped-query attention (GQA, Ainslie et al. 2023; Sec. 2.2, A.2.1):
+# "For larger models, where KV cache size becomes a bottleneck, key and value
+# projections can be shared across multiple heads without much degradation of
+# performance" (A.2.1). n_heads query heads share n_kv_heads key/value heads, so the
+# KV cache is n_heads/n_kv_heads times smaller at inference.
 
 def repeat_kv(x, n_rep: int):
     """(batch, seq, n_kv_heads, head_dim) -> (batch, seq, n_kv_heads * n_rep, head_dim)."""
@@ -143,6 +159,13 @@ def plain_attention(q, k, v, mask):
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~mask, float("-inf"))
     return F.softmax(scores.float(), dim=-1).type_as(q) @ v
+
+
+def causal_mask(seqlen: int, start_pos: int, device):
+    """(seqlen, start_pos + seqlen) bool: query i (at position start_pos + i) sees keys <= its position."""
+    q_pos = torch.arange(start_pos, start_pos + seqlen, device=device)[:, None]
+    k_pos = torch.arange(start_pos + seqlen, device=device)[None, :]
+    return k_pos <= q_pos
 
 
 class Attention(nn.Module):
@@ -172,7 +195,7 @@ class Attention(nn.Module):
             # new token costs one row of attention instead of a full forward.
             # Laid out (batch, heads, position, head_dim), as attention reads it: Meta's
             # (batch, position, heads, head_dim) hands attention a strided view, which on
-            # a CPU made each decoding step's attention about twice as slow.
+            # a CPU made each decoding step markedly slower (README, chapter 02).
             self.cache_k[:bsz, :, start_pos:start_pos + seqlen] = k
             self.cache_v[:bsz, :, start_pos:start_pos + seqlen] = v
             k = self.cache_k[:bsz, :, :start_pos + seqlen]
@@ -192,6 +215,21 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
+# ----------------------------------------------------------------------------
+# SwiGLU feed-forward (Sec. 2.2): "use the SwiGLU activation function (Shazeer,
+# 2020)", at Llama 1's width (its Sec. 2.2): "We use a dimension of 2/3 4d instead of
+# 4d as in PaLM."
+
+def ffn_hidden_dim(args: ModelArgs) -> int:
+    # SwiGLU has three matrices instead of two, so the width 4*dim shrinks by
+    # 2/3 to keep the parameter count (Shazeer 2020); Meta then scales it and
+    # rounds it up to a multiple that suits the hardware: 7B -> 11008.
+    hidden = int(2 * (4 * args.dim) / 3)
+    if args.ffn_dim_multiplier is not None:
+        hidden = int(args.ffn_dim_multiplier * hidden)
+    return args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
+
+
 class FeedForward(nn.Module):
     """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x)."""
 
@@ -206,13 +244,18 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+# ----------------------------------------------------------------------------
+# The block (Sec. 2.2, after Llama 1's Sec. 2.2): "To improve the training stability,
+# we normalize the input of each transformer sub-layer, instead of normalizing the
+# output."
+
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.attention = Attention(args)
         self.feed_forward = FeedForward(args)
-        # pre-normalisation (GPT-3): normalise each sub-layer's input, not its
-        # output, which keeps the residual stream clean and training stable
+        # pre-normalisation (Llama 1 took it from GPT-3): each sub-layer reads a normalised
+        # copy of the residual stream, which itself is never normalised: training stays stable
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -221,12 +264,10 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def causal_mask(seqlen: int, start_pos: int, device):
-    """(seqlen, start_pos + seqlen) bool: query i (at position start_pos + i) sees keys <= its position."""
-    q_pos = torch.arange(start_pos, start_pos + seqlen, device=device)[:, None]
-    k_pos = torch.arange(start_pos + seqlen, device=device)[None, :]
-    return k_pos <= q_pos
-
+# ----------------------------------------------------------------------------
+# The transformer (Sec. 2.2): "We adopt most of the pretraining setting and model
+# architecture from Llama 1." Embedding, the blocks, a last RMSNorm, an output head
+# not tied to the embedding; the KV cache that generation fills.
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -283,20 +324,21 @@ class Transformer(nn.Module):
         mask: optional bool (seq, start_pos + seq) or (batch, 1, seq, start_pos + seq),
         True where attending is allowed; default causal.
         logits_at: optional bool (batch, seq): logits only where True, as (n_true, vocab) in
-        row-major order. The output layer and its softmax cost as much as a few blocks (in the
-        toy, the output matrix holds 29% of the weights); SFT's loss reads only the answer tokens
-        (a third of 04's positions, a tenth of 07's GAtt samples'), PPO only the answer's: they skip the rest."""
+        row-major order. The output layer and its softmax cost as much as a few blocks of a small
+        model, and most positions' logits go unread: SFT's loss reads only the answer tokens, PPO
+        only the answer's, generation's prefill only the last position. They skip the rest (README's
+        chapter 02 gives the shares)."""
         h = self.features(tokens, start_pos, mask)
         return self.output(h if logits_at is None else h[logits_at]).float()
 
     # -- the KV cache, only while generating --------------------------------
     def setup_cache(self, max_batch_size: int, max_seq_len: int):
-        p = self.output.weight
+        weight = self.output.weight   # the cache takes the weights' device and dtype
         for layer in self.layers:
             a = layer.attention
             shape = (max_batch_size, a.n_kv_heads, max_seq_len, a.head_dim)
-            a.cache_k = torch.zeros(shape, device=p.device, dtype=p.dtype)
-            a.cache_v = torch.zeros(shape, device=p.device, dtype=p.dtype)
+            a.cache_k = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
+            a.cache_v = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
 
     def clear_cache(self):
         for layer in self.layers:
@@ -318,6 +360,10 @@ class Transformer(nn.Module):
         return model.to(device=device, dtype=dtype).eval()
 
 
+# ----------------------------------------------------------------------------
+# Size and cost: each size's parameter count (Table 1's 7B ... 70B) and its training
+# FLOPs per token, which chapter 03 turns into MFU (Sec. 2.2.1, Table 2's GPU-hours).
+
 def meta_model(args: ModelArgs) -> Transformer:
     """A model on the meta device: shapes only, no memory, so even 70B builds in a blink."""
     with torch.device("meta"):
@@ -325,7 +371,7 @@ def meta_model(args: ModelArgs) -> Transformer:
 
 
 def count_params(args: ModelArgs) -> int:
-    return sum(p.numel() for p in meta_model(args).parameters())
+    return sum(param.numel() for param in meta_model(args).parameters())
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
@@ -337,16 +383,18 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
 
 
 # ----------------------------------------------------------------------------
-# Generation (after Meta's generation.py): the prompts are read in one forward
-# (the prefill), then each step adds one token to every row, and the KV cache
-# makes that step cheap: it reads the cached keys and values, not the prefix.
+# Generation (after Meta's generation.py; A.2.1): "A standard practice for
+# autoregressive decoding is to cache the key (K) and value (V) pairs for the previous
+# tokens in the sequence, speeding up attention computation." The prompts are read in
+# one forward (the prefill), then each step adds one token to every row, and the KV
+# cache makes that step cheap: it reads the cached keys and values, not the prefix.
 
 def sample_categorical(probs, generator=None):
     """One draw per row from probs (rows need not sum to 1), by inverting the cumulative
     distribution: draw u uniform on [0, total) and take the first token whose cumulative
     probability exceeds it. One random number per row, where the Gumbel-max trick or
-    torch.multinomial draw one per vocabulary entry: on a CPU those draws took longer than
-    the model's own matmuls in the toy's sampled generation."""
+    torch.multinomial draw one per vocabulary entry: for a small model on a CPU, drawing a
+    vocabulary's worth of random numbers at every step can cost more than the model itself."""
     cumulative = probs.cumsum(dim=-1)
     total = cumulative[:, -1:]
     u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype) * total
@@ -362,14 +410,15 @@ NUCLEUS_CANDIDATES = 64   # sample_top_p sorts only this many most likely tokens
 def sample_top_p(probs, p: float, generator=None):
     """Nucleus sampling: keep the smallest set of tokens whose mass reaches p.
     At p >= 1 nothing is cut, so the sort is skipped. A token is cut when the tokens more likely
-    than it already hold more than p, so the nucleus lies inside the top k whenever their mass
-    exceeds p: then only those k are sorted (torch.topk), else the whole vocabulary is. The same
-    tokens, the same draw; on a CPU the full sort was a fifth of 07's sampling time."""
+    than it already hold more than p, so the nucleus lies inside the top n whenever their mass
+    exceeds p: then only those n are sorted (torch.topk), else the whole vocabulary is. The same
+    tokens, the same draw, without sorting the whole vocabulary at every step (README's chapter 02
+    gives the time saved)."""
     if p >= 1.0:
         return sample_categorical(probs, generator)
-    k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
-    probs_sort, probs_idx = torch.topk(probs, k, dim=-1)          # sorted, most likely first
-    if k < probs.shape[-1] and (probs_sort.sum(dim=-1) <= p).any():   # a nucleus may reach past them
+    n_top = min(NUCLEUS_CANDIDATES, probs.shape[-1])
+    probs_sort, probs_idx = torch.topk(probs, n_top, dim=-1)      # sorted, most likely first
+    if n_top < probs.shape[-1] and (probs_sort.sum(dim=-1) <= p).any():   # a nucleus may reach past them
         probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
     probs_sort[mass_before > p] = 0.0
@@ -416,8 +465,9 @@ def generate(model, prompt_tokens, max_gen_len: int, temperature: float = 0.6,
             # of one length need no mask: plain causal attention, the fused kernel.
             mask = None
             if min_len < max_len:
-                q, k = column[prev_pos:cur_pos, None], column[None, :cur_pos]
-                mask = ((k <= q) & is_token[:, None, :cur_pos] | (k == q))[:, None]   # (bsz, 1, seq, cur_pos)
+                q_pos, k_pos = column[prev_pos:cur_pos, None], column[None, :cur_pos]
+                allowed = (k_pos <= q_pos) & is_token[:, None, :cur_pos] | (k_pos == q_pos)
+                mask = allowed[:, None]   # (bsz, 1, seq, cur_pos)
             last = torch.zeros(bsz, cur_pos - prev_pos, dtype=torch.bool, device=device)
             last[:, -1] = True   # only the last position's logits are read: the prefill skips the rest
             logits = model(tokens[:, prev_pos:cur_pos], prev_pos, mask, logits_at=last)
@@ -442,9 +492,15 @@ def generate(model, prompt_tokens, max_gen_len: int, temperature: float = 0.6,
     return out
 
 
+# ============================================================================
+# Plumbing, after the method: what lets real weights load here and our models open in
+# Meta's and Hugging Face's code. Nothing below is in the paper.
+# ============================================================================
+
 # ----------------------------------------------------------------------------
-# Checkpoints. Every load goes through torch.load(weights_only=True): a .pth
-# file is a pickle, and a hostile pickle could run code.
+# Checkpoints, any format (our .pt files and the files of the two below). Every load
+# goes through torch.load(weights_only=True): a .pth file is a pickle, and a hostile
+# pickle could run code.
 
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint, and a
@@ -483,6 +539,30 @@ def load_checkpoint(path, mmap: bool = False):
         raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
 
 
+def read_config(path: Path) -> dict:
+    """params.json or config.json as a dict; a damaged one is a one-line error."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = getattr(e, 'msg', None) or e.reason
+        raise UserError(f"{path} is not valid JSON ({why}): a damaged download?") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return config
+
+
+def export_folder(folder) -> Path:
+    """The folder an export writes into: a new or existing folder, never a file."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file: exports write a folder, so pick a new name")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make the folder {folder}: {e.strerror}") from None
+    return folder
+
+
 def save_model(model: Transformer, path, **extra):
     """Our format: one .pt file with the args (a plain dict) and the weights."""
     save_atomic({"model_args": asdict(model.args), "model": model.state_dict(), **extra}, path)
@@ -506,6 +586,10 @@ def check_state_dict(model: nn.Module, state: dict, path):
                             f"{tuple(v.shape)} (a checkpoint of another size?)")
 
 
+# ----------------------------------------------------------------------------
+# Meta's format, as released for Table 1's models: params.json + consolidated.NN.pth
+# (llama/model.py's key names, which are ours).
+
 # Meta's model-parallel shards split each matrix along one dimension
 # (fairscale's ColumnParallelLinear splits outputs, RowParallelLinear inputs);
 # norms are copied into every shard. 13B comes in 2 shards, 70B in 8.
@@ -515,18 +599,6 @@ META_SHARD_DIM = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "
 
 def meta_shard_dim(key: str):
     return META_SHARD_DIM.get(key.split(".")[-2])   # None: a norm, the same in every shard
-
-
-def read_config(path: Path) -> dict:
-    """params.json or config.json as a dict; a damaged one is a one-line error."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        why = getattr(e, 'msg', None) or e.reason
-        raise UserError(f"{path} is not valid JSON ({why}): a damaged download?") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} is not a JSON object")
-    return config
 
 
 def load_meta(folder: Path):
@@ -542,24 +614,12 @@ def load_meta(folder: Path):
     for key in shards[0]:
         if key == "rope.freqs":                 # Meta stores its RoPE table; we recompute ours
             continue
-        dim = meta_shard_dim(key)
-        state[key] = shards[0][key] if dim is None or len(shards) == 1 else \
-            torch.cat([s[key] for s in shards], dim=dim)
+        shard_dim = meta_shard_dim(key)
+        state[key] = shards[0][key] if shard_dim is None or len(shards) == 1 else \
+            torch.cat([s[key] for s in shards], dim=shard_dim)
     if params.get("vocab_size", -1) == -1:       # Meta's params.json says -1; the embedding knows
         params["vocab_size"] = state["tok_embeddings.weight"].shape[0]
     return args_from_dict(params), state
-
-
-def export_folder(folder) -> Path:
-    """The folder an export writes into: a new or existing folder, never a file."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder} is a file: exports write a folder, so pick a new name")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot make the folder {folder}: {e.strerror}") from None
-    return folder
 
 
 # What Meta's params.json holds: the fields of its ModelArgs except max_seq_len and
@@ -596,6 +656,10 @@ def save_meta(model: Transformer, folder, num_shards: int = 1, tokenizer=None):
     if tokenizer is not None:
         tokenizer_chapter.atomic_write_text(folder / "tokenizer.model", tokenizer.sp_model.serialized_model_proto())
 
+
+# ----------------------------------------------------------------------------
+# Hugging Face's format: config.json + *.safetensors, with transformers' key names
+# and RoPE's q/k rows permuted (LlamaForCausalLM).
 
 # Hugging Face's names for Meta's weights (the layer index is the same).
 HF_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -672,7 +736,7 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     raise UserError(f"intermediate_size {width} is narrower than Llama's rule allows for dim {args.dim}")
 
 
-def hf_config(args: ModelArgs, dtype: str = "float32") -> dict:
+def hf_config(args: ModelArgs, dtype_name: str = "float32") -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
             "hidden_size": args.dim, "intermediate_size": ffn_hidden_dim(args),
             "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
@@ -682,7 +746,7 @@ def hf_config(args: ModelArgs, dtype: str = "float32") -> dict:
             "rope_theta": args.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
             "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": False,
             "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2,
-            "torch_dtype": dtype}
+            "torch_dtype": dtype_name}
 
 
 def load_hf(folder: Path):
@@ -719,6 +783,40 @@ def load_hf(folder: Path):
     return args, state
 
 
+def save_hf(model: Transformer, folder, tokenizer=None):
+    """Export to Hugging Face's layout: opens with transformers' LlamaForCausalLM.from_pretrained, and,
+    given the tokenizer, with AutoTokenizer.from_pretrained (the same ids, Meta's chat template)."""
+    folder = export_folder(folder)
+    args, hf_state = model.args, {}
+    for k, w in model.state_dict().items():
+        if k.endswith("wq.weight"):
+            w = permute_for_hf(w, args.n_heads)
+        elif k.endswith("wk.weight"):
+            w = permute_for_hf(w, args.n_kv_heads or args.n_heads)
+        hf_state[meta_key_to_hf(k)] = w.contiguous()
+    dtype_name = str(model.output.weight.dtype).removeprefix("torch.")
+    try:
+        from safetensors.torch import save_file
+        tmp = folder / "model.safetensors.tmp"
+        try:
+            save_file(hf_state, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, folder / "model.safetensors")
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            raise write_error(e, folder / "model.safetensors") from None
+    except ImportError:                       # transformers reads the older .bin form too
+        save_atomic(hf_state, folder / "pytorch_model.bin")
+    tokenizer_chapter.write_json(folder / "config.json", hf_config(args, dtype_name))
+    for name, content in (hf_tokenizer_files(tokenizer, args.max_seq_len) if tokenizer else {}).items():
+        if name == "tokenizer.json":   # a few MB at 32000 pieces: on one line, as machine data
+            content = json.dumps(content, ensure_ascii=False)
+        if isinstance(content, dict):
+            tokenizer_chapter.write_json(folder / name, content)
+        else:
+            tokenizer_chapter.atomic_write_text(folder / name, content)
+
+
+# ----------------------------------------------------------------------------
 # The tokenizer beside a Hugging Face export, so that the folder opens as a whole (AutoTokenizer too).
 #
 # Meta's chat format (generation.py's chat_completion, written out in 04_sft.py's encode_dialog) as the
@@ -756,8 +854,8 @@ def hf_tokenizer_json(tokenizer) -> dict:
     for i in sorted(range(n), key=lambda i: -sp.get_score(i)):   # sorted() is stable: ties stay in id order
         piece = sp.id_to_piece(i)
         if piece in mergeable:
-            merges += [[piece[:k], piece[k:]] for k in range(1, len(piece))
-                       if piece[:k] in mergeable and piece[k:] in mergeable]
+            merges += [[piece[:cut], piece[cut:]] for cut in range(1, len(piece))
+                       if piece[:cut] in mergeable and piece[cut:] in mergeable]
     bos = sp.id_to_piece(tokenizer.bos_id)
     return {
         "version": "1.0", "truncation": None, "padding": None,
@@ -802,38 +900,9 @@ def hf_tokenizer_files(tokenizer, max_seq_len: int) -> dict:
             "tokenizer_config.json": config, "special_tokens_map.json": specials}
 
 
-def save_hf(model: Transformer, folder, tokenizer=None):
-    """Export to Hugging Face's layout: opens with transformers' LlamaForCausalLM.from_pretrained, and,
-    given the tokenizer, with AutoTokenizer.from_pretrained (the same ids, Meta's chat template)."""
-    folder = export_folder(folder)
-    args, hf_state = model.args, {}
-    for k, w in model.state_dict().items():
-        if k.endswith("wq.weight"):
-            w = permute_for_hf(w, args.n_heads)
-        elif k.endswith("wk.weight"):
-            w = permute_for_hf(w, args.n_kv_heads or args.n_heads)
-        hf_state[meta_key_to_hf(k)] = w.contiguous()
-    dtype = str(model.output.weight.dtype).removeprefix("torch.")
-    try:
-        from safetensors.torch import save_file
-        tmp = folder / "model.safetensors.tmp"
-        try:
-            save_file(hf_state, str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, folder / "model.safetensors")
-        except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            raise write_error(e, folder / "model.safetensors") from None
-    except ImportError:                       # transformers reads the older .bin form too
-        save_atomic(hf_state, folder / "pytorch_model.bin")
-    tokenizer_chapter.write_json(folder / "config.json", hf_config(args, dtype))
-    for name, content in (hf_tokenizer_files(tokenizer, args.max_seq_len) if tokenizer else {}).items():
-        if name == "tokenizer.json":   # a few MB at 32000 pieces: on one line, as machine data
-            content = json.dumps(content, ensure_ascii=False)
-        if isinstance(content, dict):
-            tokenizer_chapter.write_json(folder / name, content)
-        else:
-            tokenizer_chapter.atomic_write_text(folder / name, content)
-
+# ----------------------------------------------------------------------------
+# Any of the three formats in (load_weights, read_model_args): what Transformer.from_pretrained and
+# the later chapters read.
 
 def load_weights(path):
     """(ModelArgs, state dict with Meta's key names) from any of the three formats."""
@@ -867,7 +936,7 @@ def read_model_args(path) -> ModelArgs:
 
 
 # ----------------------------------------------------------------------------
-# Devices. CUDA, then Apple's MPS, then the CPU; bf16 where the GPU has it.
+# Devices (pick_device, pick_dtype): CUDA, then Apple's MPS, then the CPU; bf16 where the GPU has it.
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -900,7 +969,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------
-# The command line: the size table, or a loaded model completing a prompt.
+# The command line (main): the size table of Table 1's presets, or a loaded model completing a prompt.
 
 def preset_table():
     """Each preset's shape, parameter count and training FLOPs per token (Table 1's sizes)."""
@@ -913,46 +982,48 @@ def preset_table():
 def print_presets():
     print(f"{'preset':>6} {'dim':>5} {'layers':>6} {'heads':>5} {'kv':>3} {'ffn':>6} "
           f"{'params':>15} {'train GFLOP/token':>18}")
-    for name, t in preset_table().items():
-        print(f"{name:>6} {t['dim']:>5} {t['n_layers']:>6} {t['n_heads']:>5} {t['n_kv_heads']:>3} "
-              f"{t['ffn_dim']:>6} {t['params']:>15,} {t['train_flops_per_token'] / 1e9:>18.3f}")
+    for name, row in preset_table().items():
+        print(f"{name:>6} {row['dim']:>5} {row['n_layers']:>6} {row['n_heads']:>5} {row['n_kv_heads']:>3} "
+              f"{row['ffn_dim']:>6} {row['params']:>15,} {row['train_flops_per_token'] / 1e9:>18.3f}")
     print("(toy presets take the tokenizer's vocabulary at run time; FLOPs are forward + backward "
           "at each preset's max_seq_len)")
 
 
-def tokenizer_places(ckpt=None) -> list:
+def tokenizer_places(ckpt_path=None) -> list:
     """Where a checkpoint's tokenizer.model is looked for: in its folder (our runs, Hugging Face folders,
     our exports), then in the folder above, where Meta's download.sh puts it, beside llama-2-7b/ and the
     other model folders. Without a checkpoint, the random model takes the toy run's tokenizer."""
-    if ckpt is None:
+    if ckpt_path is None:
         return [tokenizer_chapter.DEFAULT_RUN_DIR / "tokenizer.model"]
-    folder = Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent
+    folder = Path(ckpt_path) if Path(ckpt_path).is_dir() else Path(ckpt_path).parent
     return list(dict.fromkeys([folder / "tokenizer.model", folder.parent / "tokenizer.model"]))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The Llama 2 model (paper Sec. 2.2): sizes, loading, generation.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", help="Meta folder, Hugging Face folder or our .pt file "
-                                  "(default: a randomly initialised --preset model)")
-    p.add_argument("--preset", default="toy", choices=PRESETS, help="size of the random model")
-    p.add_argument("--tokenizer", help="SentencePiece model (default: tokenizer.model in CKPT's folder or the "
-                                       "one above it; without --ckpt, the toy run's)")
-    p.add_argument("--prompt", action="append", help="text to complete (repeat the flag for a batch)")
-    p.add_argument("--max-new-tokens", type=number_flag("--max-new-tokens", at_least=1), default=32)
-    p.add_argument("--temperature", type=number_flag("--temperature", float, at_least=0), default=0.6,
-                   help="0 = greedy; Meta's example uses 0.6")
-    p.add_argument("--top-p", type=number_flag("--top-p", float, above=0, at_most=1), default=0.9)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16, fp16")
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "plain"])
-    p.add_argument("--export-hf", metavar="DIR", help="write the model in Hugging Face's format and stop "
-                                                      "(with the tokenizer, when there is one)")
-    p.add_argument("--export-meta", metavar="DIR", help="write the model in Meta's format and stop "
-                                                        "(with the tokenizer, when there is one)")
-    p.add_argument("--json", metavar="PATH", help="also write the preset table there (the pipeline's model.json)")
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(description="The Llama 2 model (paper Sec. 2.2): sizes, loading, generation.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--ckpt", help="Meta folder, Hugging Face folder or our .pt file "
+                                       "(default: a randomly initialised --preset model)")
+    parser.add_argument("--preset", default="toy", choices=PRESETS, help="size of the random model")
+    parser.add_argument("--tokenizer", help="SentencePiece model (default: tokenizer.model in CKPT's folder or "
+                                            "the one above it; without --ckpt, the toy run's)")
+    parser.add_argument("--prompt", action="append", help="text to complete (repeat the flag for a batch)")
+    parser.add_argument("--max-new-tokens", type=number_flag("--max-new-tokens", at_least=1), default=32)
+    parser.add_argument("--temperature", type=number_flag("--temperature", float, at_least=0), default=0.6,
+                        help="0 = greedy; Meta's example uses 0.6")
+    parser.add_argument("--top-p", type=number_flag("--top-p", float, above=0, at_most=1), default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16, fp16")
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "plain"])
+    parser.add_argument("--export-hf", metavar="DIR", help="write the model in Hugging Face's format and stop "
+                                                           "(with the tokenizer, when there is one)")
+    parser.add_argument("--export-meta", metavar="DIR", help="write the model in Meta's format and stop "
+                                                             "(with the tokenizer, when there is one)")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the preset table there (the pipeline's model.json)")
+    args = parser.parse_args(argv)
     if args.json:
         tokenizer_chapter.write_json(args.json, preset_table())
 
