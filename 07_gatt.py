@@ -8,26 +8,24 @@ hold throughout; concatenate the instruction to every user message and let the l
 sample the answers, which then follow it; build the training sample with the instruction in
 the first turn only, and set the loss to zero on every token of the earlier turns, assistant
 messages included. The model learns to give the last answer, which follows the instruction,
-when the instruction is far back. This chapter does it on the toy world of 03-06:
-  * instructions in the paper's three families as rules a program can check: Public figure
-    ("Always act as the King from now on": the answer opens with the speaker label "King:",
-    as in a play), Language ("Always speak like a pirate": then "Arr!"), Hobby ("You enjoy
-    music": then "I enjoy music."), one or two combined, half the time in the short form
-    ("Figure: King; Hobby: music"). follows() is the annotator,
-  * step 1, what the paper's RLHF model already knows: a short SFT that teaches the toy model
-    to follow an instruction in the *current* message (single turns, and dialogues with the
-    instruction in every user message), with 04's plain dialogues mixed in. The result is
-    "before GAtt": it follows the instruction in turn 1 and, like the paper's baseline, not
-    for long after,
-  * step 2, GAtt: dialogues with the instruction concatenated to every user message, every
-    answer sampled by the step-1 model (the latest model, as in the paper), rebuilt by hand
-    into samples with the instruction in turn 1 only and loss on the last turn only
-    (gatt_example). The result is "after GAtt",
-  * the evaluation: dialogues of 20 turns with the instruction in turn 1 only (a system
-    message) and the model's own answers fed back; the share of turns that follow it, by turn,
-    before and after GAtt (cf. Table 30, Figure 28); the attention that each answer pays to
-    the system message, by layer (cf. Figure 10); and 04's helpfulness and safety table on
-    held-out prompts, to show that GAtt costs them little.
+when the instruction is far back. The file, in order:
+ 1. that method, as small functions: with_instruction, gatt_example, last_turn_only, gatt_examples;
+ 2. the toy world's part: the paper's three families of instructions as rules a program can
+    check: Public figure ("Always act as the King from now on": the answer opens with the
+    speaker label "King:", as in a play), Language ("Always speak like a pirate": then "Arr!"),
+    Hobby ("You enjoy music": then "I enjoy music."), one or two combined, half the time in the
+    short form ("Figure: King; Hobby: music"); follows() is the annotator;
+ 3. the loop. Step 1 gives the toy model what the paper's RLHF model already knows: a short SFT
+    to follow an instruction in the *current* message (single turns, and dialogues with it in
+    every user message; 04's plain dialogues mixed in): "before GAtt". Step 2 is GAtt, on
+    dialogues sampled by the step-1 model (the latest model, as in the paper): "after GAtt";
+ 4. the evaluation: dialogues of 20 turns with the instruction in turn 1 only (a system message)
+    and the model's own answers fed back: the share of turns that follow it, by turn (cf. Table
+    30, Figure 28); the attention each answer pays to the system message, by layer (cf. Figure
+    10); 04's helpfulness and safety table on held-out prompts;
+ 5. plumbing: the command line, main.
+Above 600 lines: the evaluation (Table 30 with a copy control, Figure 10's attention recomputed
+from the weights, the held-out check, two figures) is over a third of it.
 Outputs in RUN_DIR: gatt.pt (the GAtt model; loads like sft.pt), gatt_before.pt (step 1),
 gatt_samples.jsonl (the sampled dialogues), gatt.json, gatt_adherence.png, gatt_attention.png.
 The toy context of 512 tokens holds about 10 of our turns: from there on the evaluation drops
@@ -38,8 +36,8 @@ before GAtt, it fades (Figure 9, left). Two evaluations tell reading the instruc
 copying it: fed its own answers, a model can keep a rule by copying its last answer's opening;
 given earlier answers that follow no rule (the copy control), only a model that reads the
 system message keeps it. GAtt should lift both, the second one being the paper's point. The
-attention on the system message as an answer begins should rise after GAtt (Figure 10), and
-04's helpfulness and safety table should barely move. Measured figures, over seeds, are in
+attention on the system message as an answer begins should rise after GAtt (Figure 10); 04's
+table shows what GAtt costs helpfulness and safety. Measured figures, over seeds, are in
 README.md and in report.md.
 
 Run:
@@ -77,9 +75,9 @@ UserError = tok.UserError
 # its SFT settings (Sec. 3.1). Toy: rows of 512 tokens, ~10 turns (a longer GAtt sample loses
 # middle turns, as the evaluation's dialogues do).
 # Step 1 teaches a skill the model lacks, and the skill arrives suddenly (measured from sft.pt):
-# at LR 1e-3 most answers still named a wrong figure or hobby after 200 steps, and 98% followed
-# every rule after 300; at 2e-3, 78% after 150 steps, 97% after 200; the default 250 leaves a
-# margin. Four rows a step beat eight rows at half the steps. GAtt runs at a quarter of the LR.
+# at LR 1e-3 it came later than our step budget allows, at 2e-3 within it, and the default 250
+# steps leave a margin. Four rows a step beat eight rows at half the steps. GAtt runs at a
+# quarter of the LR (--gatt-lr says why).
 PAPER = S.PAPER
 TOY = dict(batch_tokens=4 * 512, seq_len=512, micro_batch=4, lr=2e-3, warmup_steps=10,
            log_every=25, eval_every=1000, ckpt_every=50)
@@ -87,19 +85,82 @@ TASK_KINDS = ("arithmetic", "fact", "list")   # short helpful tasks: many turns 
 MAX_NEW_TOKENS = 40                            # an answer: up to ~20 tokens, the rules up to ~10 more
 PAPER_TABLE30 = {"baseline": {2: 100, 4: 10, 6: 0, 20: 0}, "GAtt": {2: 100, 4: 100, 6: 100, 20: 100}}
 
-# ----------------------------------------------------------------------------------------
-# Instructions (Sec. 3.3): "Hobbies ('You enjoy e.g. Tennis'), Language ('Speak in e.g.
-# French'), or Public Figure ('Act as e.g. Napoleon')", randomly combined, and half the time
-# made shorter ("Always act as Napoleon from now" -> "Figure: Napoleon"). A 2M-parameter model
-# cannot speak French, and a program cannot judge whether it sounds like Napoleon; so each
-# family becomes a rule whose trace in the answer a program can check. Every value is one
-# token of the toy vocabulary, and only the instruction says which one applies: to follow it,
-# the model must look at it. (A first version signed answers "- the king" at the end: in our
-# budget the toy model never learned to pick the right figure there. A speaker label that
-# opens the answer, as in the plays it was pretrained on, it learns. The instruction names the
-# figure as the label writes it, "King": a lower-case "king" made the model learn a change of
-# case on top of the copy, and on a slower machine's run the figure was the rule it followed
-# least often.)
+
+# ========================================================================================
+# 1. Ghost Attention (Sec. 3.3), as small pure functions in the paper's order. The sampling
+#    between with_instruction and gatt_example ("Next, we can sample from this synthetic data
+#    using the latest RLHF model") is converse (part 2), called by sample_gatt_dialogs (part 3).
+
+def with_instruction(instruction: str, user: str) -> str:
+    """Sec. 3.3: "We can then synthetically concatenate this instruction to all the user messages
+    of the conversation." Meta's <<SYS>> block costs 18 tokens a turn; in a 512-token context we
+    write the instruction in front of the text instead."""
+    return f"{instruction}\n{user}"
+
+
+def gatt_example(tokenizer, instruction: str, users, answers, max_len: int = None):
+    """Sec. 3.3: "Instead of augmenting all context-dialogue turns with the instruction, we can
+    drop it in all but the first turn". -> (ids, learn): the dialogue in 04's template with the
+    instruction in the first turn only (a system message), and learn True only on the last
+    answer's tokens (last_turn_only). A dialogue longer than max_len tokens loses its oldest
+    turns after the first, as the evaluation's dialogues do once the context is full: the
+    instruction and the supervised last turn always stay."""
+    dialog = [{"role": "system", "content": instruction}]
+    for user, answer in zip(users, answers):
+        dialog += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    while max_len and len(S.encode_dialog(tokenizer, dialog)[0]) > max_len and len(dialog) > 5:
+        del dialog[3:5]   # [system, user 1, answer 1] stay, and the last turn
+    ids, is_answer = S.encode_dialog(tokenizer, dialog)
+    return ids, last_turn_only(ids, is_answer, tokenizer.bos_id)
+
+
+def last_turn_only(ids, is_answer, bos_id: int):
+    """Sec. 3.3: "we simply set the loss to 0 for all the tokens from the previous turns,
+    including assistant messages". They were sampled with the instruction in their user message,
+    so without it they mismatch their context, which "could hurt the training". ids, is_answer:
+    04's encode_dialog -> learn, True only on the last answer's tokens."""
+    last_turn = len(ids) - 1 - ids[::-1].index(bos_id)   # every turn opens with BOS
+    return [answer and i >= last_turn for i, answer in enumerate(is_answer)]
+
+
+def gatt_examples(tokenizer, sampled, min_turns: int = 2, plain_history: float = 0.0, max_len: int = None,
+                  seed: int = 0):
+    """Sec. 3.3: "These steps produce an SFT dataset". Every prefix of a sampled dialogue is
+    itself a dialogue whose answers were sampled with the instruction in every message (an
+    answer saw only the turns before it), so a dialogue of n turns gives samples of
+    min_turns..n turns, one supervised turn each: on a CPU, sampling costs more than training.
+    A sample whose last answer breaks the instruction is dropped, as it would teach the opposite
+    (our choice: the paper does not say).
+    plain_history (our addition, not the paper's): in that share of the samples the earlier
+    answers, which carry no loss, are given with their rules stripped (strip_rules). In the
+    paper's samples every earlier answer follows the rule, so a small model can learn to copy
+    the opening of the last answer instead of reading the instruction: measured with 07's copy
+    control, it did, and the rule faded once the earlier answers did not show it."""
+    rng, out, dropped = random.Random(seed), [], 0
+    for s in sampled:
+        for k in range(min_turns, len(s["users"]) + 1):
+            if not all(follows(s["rules"], s["answers"][k - 1]).values()):
+                dropped += 1
+                continue
+            answers = s["answers"][:k]
+            if rng.random() < plain_history:
+                answers = [strip_rules(a) for a in answers[:-1]] + answers[-1:]
+            out.append(gatt_example(tokenizer, s["instruction"], s["users"][:k], answers, max_len))
+    return out, dropped
+
+
+# ========================================================================================
+# 2. The toy world's part. Instructions (Sec. 3.3): "Hobbies ('You enjoy e.g. Tennis'),
+# Language ('Speak in e.g. French'), or Public Figure ('Act as e.g. Napoleon')", randomly
+# combined, and half the time made shorter ("Always act as Napoleon from now" -> "Figure:
+# Napoleon"). A 2M-parameter model cannot speak French, and a program cannot judge whether it
+# sounds like Napoleon; so each family becomes a rule whose trace in the answer a program can
+# check. Every value is one token of the toy vocabulary, and only the instruction says which
+# one applies: to follow it, the model must look at it. (A first version signed answers "- the
+# king" at the end, which the toy model never learned in our budget; a speaker label that opens
+# the answer, as in the plays it was pretrained on, it learns. The instruction writes the figure
+# as the label does, "King": a lower-case "king" added a change of case to the copy, and the
+# figure became the rule it followed least often.)
 
 FIGURES = "King Queen Duke Fool".split()                            # Figure: opens with "King:"
 STYLES = {"pirate": "Arr!", "bard": "Hark!", "robot": "Beep!"}   # Language: then its interjection
@@ -111,10 +172,11 @@ SHORT = {"language": "Language: {}", "figure": "Figure: {}", "hobby": "Hobby: {}
 
 
 def random_instruction(rng: random.Random, evaluation: bool = False):
-    """-> (text, rules): one or two families combined, half the time in the short form.
-    rules: {family: value}, what the annotator checks. Combinations of two families are split
-    by 03's held_out_pair into a training and an evaluation part (evaluation=True draws from the
-    latter): 10 of the 40, each value held out with one value of each other family at most. A
+    """Sec. 3.3: "we construct the final instruction by randomly combining the above constraints".
+    -> (text, rules): one or two families, half the time in the short form. rules: {family:
+    value}, what the annotator checks. Combinations of two families are split by 03's
+    held_out_pair into a training and an evaluation part (evaluation=True draws from the latter):
+    10 of the 40, each value held out with one value of each other family at most. A
     single-family instruction is in both: holding one out would hold out its value, which the
     model would then never have seen (there are only 11)."""
     def draw(rng):   # -> rules, and the places of the two values in their families (03's split)
@@ -155,20 +217,11 @@ def strip_rules(answer: str) -> str:
     return re.sub(SPEAKER + rf"(?:(?:{styles}) )?(?:I enjoy \w+\. )?", "", answer.strip() + " ", count=1).strip()
 
 
-def with_instruction(instruction: str, user: str) -> str:
-    """The instruction concatenated to a user message. Meta's <<SYS>> block costs 18 tokens a
-    turn; in a 512-token context we write the instruction in front of the text instead."""
-    return f"{instruction}\n{user}"
-
-
 # ----------------------------------------------------------------------------------------
-# Step 1: follow an instruction that is in the current message. The paper's RLHF model can;
-# ours has never seen one. Reference answers are 04's, rewritten by apply_rules: annotators'
-# answers, in the paper's terms. 04's plain dialogues are mixed in so it keeps its manners.
-
-def mean(xs):
-    return sum(xs) / max(len(xs), 1)
-
+# Step 1's dialogues: follow an instruction that is in the current message. The paper's RLHF
+# model can; ours has never seen one. Reference answers are 04's, rewritten by apply_rules:
+# annotators' answers, in the paper's terms. 04's plain dialogues are mixed in so it keeps its
+# manners.
 
 def task_turn(world, rng, evaluation=False):
     return S.make_task(world, rng.choice(TASK_KINDS), rng, evaluation)
@@ -221,8 +274,8 @@ def converse(model, tokenizer, instructions, users, every_turn: bool, temperatur
     for t in range(max(map(len, users))):
         active = [i for i, u in enumerate(users) if t < len(u)]
         for i in active:
-            text = with_instruction(instructions[i], users[i][t]) if every_turn else users[i][t]
-            dialogs[i].append({"role": "user", "content": text})
+            user = with_instruction(instructions[i], users[i][t]) if every_turn else users[i][t]
+            dialogs[i].append({"role": "user", "content": user})
         prompts = {i: fit(tokenizer, dialogs[i], model.args.max_seq_len - max_new_tokens) for i in active}
         answers = S.answer_all(model, tokenizer, [prompts[i] for i in active], max_new_tokens, batch_size,
                                temperature, 0.9, generator)
@@ -236,55 +289,14 @@ def answers_of(dialog):
     return [m["content"] for m in dialog if m["role"] == "assistant"]
 
 
-# ----------------------------------------------------------------------------------------
-# Step 2: Ghost Attention's training samples (Sec. 3.3), written out by hand.
-
-def gatt_example(tokenizer, instruction: str, users, answers, max_len: int = None):
-    """-> (ids, learn): the dialogue in 04's template with the instruction in the first turn
-    only (a system message), and learn True only on the last answer's tokens. The loss is zero
-    on every token of the earlier turns, "including assistant messages": they were sampled with
-    the instruction in their user message, so without it they mismatch their context, which
-    "could hurt the training" (Sec. 3.3). A dialogue longer than max_len tokens loses its oldest
-    turns after the first, as the evaluation's dialogues do once the context is full: the
-    instruction and the supervised last turn always stay."""
-    dialog = [{"role": "system", "content": instruction}]
-    for user, answer in zip(users, answers):
-        dialog += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-    while max_len and len(S.encode_dialog(tokenizer, dialog)[0]) > max_len and len(dialog) > 5:
-        del dialog[3:5]   # [system, user 1, answer 1] stay, and the last turn
-    ids, is_answer = S.encode_dialog(tokenizer, dialog)
-    last_turn = len(ids) - 1 - ids[::-1].index(tokenizer.bos_id)   # every turn opens with BOS
-    return ids, [answer and i >= last_turn for i, answer in enumerate(is_answer)]
-
-
-def gatt_examples(tokenizer, sampled, min_turns: int = 2, plain_history: float = 0.0, max_len: int = None,
-                  seed: int = 0):
-    """Every prefix of a sampled dialogue is itself a dialogue whose answers were sampled with
-    the instruction in every message (an answer saw only the turns before it), so a dialogue
-    of n turns gives samples of min_turns..n turns, one supervised turn each: on a CPU,
-    sampling costs more than training. A sample whose last answer breaks the instruction is
-    dropped, as it would teach the opposite (our choice: the paper does not say).
-    plain_history (our addition, not the paper's): in that share of the samples the earlier
-    answers, which carry no loss, are given with their rules stripped (strip_rules). In the
-    paper's samples every earlier answer follows the rule, so a small model can learn to copy
-    the opening of the last answer instead of reading the instruction: measured with 07's copy
-    control, it did, and the rule faded once the earlier answers did not show it."""
-    rng, out, dropped = random.Random(seed), [], 0
-    for s in sampled:
-        for k in range(min_turns, len(s["users"]) + 1):
-            if not all(follows(s["rules"], s["answers"][k - 1]).values()):
-                dropped += 1
-                continue
-            answers = s["answers"][:k]
-            if rng.random() < plain_history:
-                answers = [strip_rules(a) for a in answers[:-1]] + answers[-1:]
-            out.append(gatt_example(tokenizer, s["instruction"], s["users"][:k], answers, max_len))
-    return out, dropped
-
+# ========================================================================================
+# 3. The loop: step 1 and step 2 are 04's SFT through 03's loop (train_step); between them, the
+#    step-1 model samples GAtt's dialogues and gatt_examples rebuilds them (gatt_data).
 
 def sample_gatt_dialogs(model, tokenizer, world, n: int, turns: int, seed: int, temperature: float):
-    """n dialogues of `turns` turns, the instruction concatenated to every user message, each
-    answer sampled by `model`."""
+    """Sec. 3.3: "Next, we can sample from this synthetic data using the latest RLHF model." n
+    dialogues of `turns` turns, the instruction concatenated to every user message, each answer
+    sampled by `model` (the step-1 model)."""
     rng = random.Random(seed)
     instructions = [random_instruction(rng) for _ in range(n)]
     users = [[task_turn(world, rng).prompt for _ in range(turns)] for _ in range(n)]
@@ -294,13 +306,80 @@ def sample_gatt_dialogs(model, tokenizer, world, n: int, turns: int, seed: int, 
             for (text, rules), u, d in zip(instructions, users, dialogs)]
 
 
+def train_step(args, name: str, examples, init, steps: int, lr: float, ckpt_path, rank, device, tokenizer, log):
+    """03's loop, through 04's run_sft: examples [(ids, learn)] packed into rows, the loss only
+    where learn is True. 2% of the examples measure the held-out loss."""
+    cfg = copy.copy(args)
+    cfg.steps, cfg.lr = steps, lr
+    cfg.resume = cfg.resume and Path(ckpt_path).is_file()   # cut off before this step began: start it
+    n_val = max(1, len(examples) // 50)
+    # 04's padding: pack gives it no target and a dialogue of its own (-1), so no loss and no real
+    # token reads its id. 06's rollouts pad with an id other than EOS: there `tokens != pad_id` marks
+    # the real tokens.
+    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
+    rows, val_rows = S.pack(examples[n_val:], args.seq_len, pad_id), S.pack(examples[:n_val], args.seq_len, pad_id)
+    n_learn = int((rows[1] != S.IGNORE).sum())
+    log(f"\n== {name}: {len(examples):,} examples -> {len(rows[0]):,} rows of {args.seq_len} tokens, "
+        f"{n_learn / rows[1].numel():.1%} of positions carry loss | {steps} steps | peak LR {cfg.lr:g} ==")
+    model = M.Transformer.from_pretrained(init, device=device).train()
+    if model.args.vocab_size != tokenizer.n_words:
+        raise UserError(f"{init} has a vocabulary of {model.args.vocab_size}, the tokenizer {tokenizer.n_words}")
+    return S.run_sft(cfg, model, rows, val_rows, ckpt_path, rank, device)
+
+
+def gatt_data(args, world, tokenizer, before_path, rank, world_size, device, log):
+    """Step 2's data: the step-1 model samples --dialogues dialogues with the instruction in
+    every user message (rank 0 writes gatt_samples.jsonl; a resumed run reads it back);
+    gatt_examples turns them into samples, and step-1 dialogues are replayed beside them
+    (--replay). -> (sampled, examples shuffled, n_replay, the data's counts for gatt.json)"""
+    t0 = time.time()
+    samples_path = args.run_dir / "gatt_samples.jsonl"
+    if rank == 0 and not (args.resume and samples_path.is_file()):
+        log(f"\nsampling {args.dialogues} dialogues of {args.train_turns} turns from {before_path} "
+            f"(temperature {args.temperature}), the instruction concatenated to every user message ...")
+        sampler = M.Transformer.from_pretrained(before_path, device=device)
+        sampled = sample_gatt_dialogs(sampler, tokenizer, world, args.dialogues, args.train_turns, args.seed,
+                                      args.temperature)
+        if args.rules_by_program:   # a model that follows nothing (the pipeline's micro smoke run)
+            for s in sampled:
+                s["answers"] = [apply_rules(s["rules"], a) for a in s["answers"]]
+        tok.atomic_write_text(samples_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in sampled))
+        del sampler
+    if world_size > 1:
+        dist.barrier()
+    sampled = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").split("\n") if line]
+    examples, dropped = gatt_examples(tokenizer, sampled, plain_history=args.plain_history, max_len=args.seq_len + 1,
+                                      seed=args.seed)
+    if not examples:
+        raise UserError(f"no sampled answer after turn 1 follows its instruction: step 1 did not teach the rules "
+                        f"({before_path}; raise --inst-steps or --lr)")
+    n_replay = round(len(examples) * args.replay / (1 - args.replay))
+    examples += [S.encode_dialog(tokenizer, d) for d in instruction_dialogs(world, n_replay, args.seed + 1)]
+    n_followed = sum(all(follows(s["rules"], a).values()) for s in sampled for a in s["answers"])
+    n_answers = sum(len(s["answers"]) for s in sampled)
+    log(f"GAtt data: {len(sampled)} dialogues, {n_followed / n_answers:.1%} of the sampled answers follow the "
+        f"instruction; {len(examples) - n_replay:,} samples of 2-{args.train_turns} turns ({dropped} dropped: the "
+        f"last answer broke the instruction) + {n_replay:,} step-1 dialogues replayed, in {time.time() - t0:.0f}s")
+    random.Random(args.seed).shuffle(examples)
+    return sampled, examples, n_replay, dict(dialogues=len(sampled), samples=len(examples), dropped=dropped,
+                                             answers_following=n_followed / n_answers)
+
+
+# ========================================================================================
+# 4. Evaluation and figures.
+
+def mean(xs):
+    return sum(xs) / max(len(xs), 1)
+
+
 # ----------------------------------------------------------------------------------------
 # Evaluation 1: multi-turn adherence (Table 30, Figure 28). The instruction is a system
 # message in turn 1 only, the user's messages are held-out toy tasks, the model's answers are
-# fed back; at each turn the annotator says whether the answer follows every rule.
+# fed back; at each turn the annotator says whether the answer follows every rule. A dialogue's
+# script is (instruction, rules, tasks): the user's side, the model answering.
 
 def eval_dialogs(world, n: int, turns: int, seed: int):
-    """[(instruction, rules, tasks)]: instructions and tasks from 03's evaluation part."""
+    """n scripts [(instruction, rules, tasks)]: instructions and tasks from 03's evaluation part."""
     rng = random.Random(seed + 7_000_003)
     out = []
     for _ in range(n):
@@ -309,27 +388,27 @@ def eval_dialogs(world, n: int, turns: int, seed: int):
     return out
 
 
-def adherence(model, tokenizer, dialogs) -> dict:
-    """-> share of dialogues following the instruction at each turn (all rules, and per
-    family), the gold score of the answers' plain part, the first turn at which some dialogue
-    had to drop turns to fit the context, and examples."""
-    talks = converse(model, tokenizer, [d[0] for d in dialogs], [[t.prompt for t in d[2]] for d in dialogs], False)
-    answers, turns = [answers_of(talk) for talk in talks], len(dialogs[0][2])
+def adherence(model, tokenizer, scripts) -> dict:
+    """The model plays each script (eval_dialogs) -> share of dialogues following the instruction
+    at each turn (all rules, and per family), the gold score of the answers' plain part, the
+    first turn at which some dialogue had to drop turns to fit the context, and examples."""
+    talks = converse(model, tokenizer, [sc[0] for sc in scripts], [[t.prompt for t in sc[2]] for sc in scripts], False)
+    answers, turns = [answers_of(talk) for talk in talks], len(scripts[0][2])
     budget = model.args.max_seq_len - MAX_NEW_TOKENS   # the prompt of turn t is talk[:2 + 2t]
     window_from = next((t + 1 for t in range(turns)
                         if any(len(S.encode_dialog(tokenizer, talk[:2 + 2 * t])[0]) > budget for talk in talks)), None)
-    checks = [[follows(rules, a[t]) for t in range(turns)] for (_, rules, _), a in zip(dialogs, answers)]
+    checks = [[follows(rules, a[t]) for t in range(turns)] for (_, rules, _), a in zip(scripts, answers)]
     by_family = {f: [mean([c[t][f] for c in checks if f in c[t]]) for t in range(turns)] for f in FAMILIES}
     followed = [[all(c[t].values()) for t in range(turns)] for c in checks]   # per dialogue: for intervals
     return {"by_turn": [mean([f[t] for f in followed]) for t in range(turns)], "followed": followed,
             "by_family": by_family, "window_from": window_from,
-            "gold": mean([S.gold_score(task, strip_rules(a[t])) for (_, _, tasks), a in zip(dialogs, answers)
+            "gold": mean([S.gold_score(task, strip_rules(a[t])) for (_, _, tasks), a in zip(scripts, answers)
                           for t, task in enumerate(tasks)]),
-            "examples": [{"instruction": d[0], "turns": [[task.prompt, a] for task, a in zip(d[2], answers[i])]}
-                         for i, d in enumerate(dialogs[:3])]}
+            "examples": [{"instruction": sc[0], "turns": [[task.prompt, a] for task, a in zip(sc[2], answers[i])]}
+                         for i, sc in enumerate(scripts[:3])]}
 
 
-def adherence_given_plain_history(model, tokenizer, dialogs) -> dict:
+def adherence_given_plain_history(model, tokenizer, scripts) -> dict:
     """The copy control. Fed its own answers, a model that followed the rule in turn 1 can keep
     following it by copying the opening of its last answer, without reading the instruction
     again: the free-running test above cannot tell the two apart. Here the earlier turns hold the
@@ -338,7 +417,7 @@ def adherence_given_plain_history(model, tokenizer, dialogs) -> dict:
     turns back. -> the share following it by turn, and per dialogue (for intervals)."""
     budget = model.args.max_seq_len - MAX_NEW_TOKENS
     prompts, where = [], []
-    for i, (text, _, tasks) in enumerate(dialogs):
+    for i, (text, _, tasks) in enumerate(scripts):
         dialog = [{"role": "system", "content": text}]
         for t, task in enumerate(tasks):
             prompts.append(fit(tokenizer, dialog + [{"role": "user", "content": task.prompt}], budget))
@@ -348,10 +427,10 @@ def adherence_given_plain_history(model, tokenizer, dialogs) -> dict:
     was_training = model.training
     answers = dict(zip(order, S.answer_all(model.eval(), tokenizer, [prompts[j] for j in order], MAX_NEW_TOKENS, 32)))
     model.train(was_training)
-    turns = len(dialogs[0][2])
-    followed = [[False] * turns for _ in dialogs]
+    turns = len(scripts[0][2])
+    followed = [[False] * turns for _ in scripts]
     for j, (i, t) in enumerate(where):
-        followed[i][t] = all(follows(dialogs[i][1], answers[j]).values())
+        followed[i][t] = all(follows(scripts[i][1], answers[j]).values())
     return {"by_turn": [mean([f[t] for f in followed]) for t in range(turns)], "followed": followed}
 
 
@@ -453,16 +532,69 @@ def training_texts(world, args, sampled, n_replay: int) -> list:
     return prompt_texts(dialogs)
 
 
-def evaluation_texts(dialogs, long_dialogs, tasks) -> list:
-    """The held-out prompt texts: the tasks of the adherence dialogues, the attention dialogues
-    and 04's table, and the adherence dialogues' instructions that combine two families (one
+def evaluation_texts(scripts, long_dialogs, tasks) -> list:
+    """The held-out prompt texts: the tasks of the adherence scripts, the attention dialogues
+    and 04's table, and the adherence scripts' instructions that combine two families (one
     family alone is in both parts, see random_instruction)."""
-    return ([t.prompt for _, _, turns in dialogs for t in turns] + S.user_messages(long_dialogs)
-            + [t.prompt for t in tasks] + [text for text, rules, _ in dialogs if len(rules) == 2])
+    return ([task.prompt for sc in scripts for task in sc[2]] + S.user_messages(long_dialogs)
+            + [task.prompt for task in tasks] + [text for text, rules, _ in scripts if len(rules) == 2])
 
 
 # ----------------------------------------------------------------------------------------
-# Figures.
+# The evaluations of a run, its tables and figures.
+
+def evaluate(args, world, tokenizer, init, before_path, gatt_path, device, log, timings):
+    """On rank 0, with the models as saved: adherence by turn, own answers and the copy control
+    (Table 30); the attention on the system message (Figure 10); 04's table for the start model,
+    before and after GAtt. -> (adherence, attention, chat, scripts, long_dialogs, tasks)"""
+    t0 = time.time()
+    models = {"before GAtt": M.Transformer.from_pretrained(before_path, device=device),
+              "after GAtt": M.Transformer.from_pretrained(gatt_path, device=device)}
+    scripts = eval_dialogs(world, args.eval_dialogues, args.eval_turns, args.seed)
+    adh = {}
+    for name, model in models.items():
+        adh[name] = adherence(model, tokenizer, scripts)
+        adh[name]["control"] = adherence_given_plain_history(model, tokenizer, scripts)
+        log(f"{name}: turns following the instruction, by turn: "
+            + " ".join(f"{100 * x:.0f}" for x in adh[name]["by_turn"]) + f" (%) | gold of the plain part "
+            f"{adh[name]['gold']:.3f}\n{'':>{len(name) + 2}}the same, earlier answers given plain (copy control): "
+            + " ".join(f"{100 * x:.0f}" for x in adh[name]["control"]["by_turn"]))
+    timings["adherence_s"] = time.time() - t0
+    t0 = time.time()
+    long_dialogs = attention_dialogs(tokenizer, world, args.attention_dialogues, args.seed,
+                                     models["after GAtt"].args.max_seq_len)
+    attention = {name: system_attention(model, tokenizer, long_dialogs) for name, model in models.items()}
+    tasks = S.eval_tasks(world, args.eval_per_kind, args.seed)
+    chat = {"start (--init)": S.evaluate_chat(M.Transformer.from_pretrained(init, device=device), tokenizer, tasks),
+            **{name: S.evaluate_chat(model, tokenizer, tasks) for name, model in models.items()}}
+    S.print_table(chat)
+    timings["chat_eval_s"] = time.time() - t0
+    return adh, attention, chat, scripts, long_dialogs, tasks
+
+
+def report(args, adh, attention, chat, long_dialogs, timings, log) -> dict:
+    """Table 30 beside the paper's, the attention by layer, the two figures. -> the results
+    main() returns and gatt.json holds."""
+    summary = {name: {"turn_1": r["by_turn"][0], "turns_2_4": mean(r["by_turn"][1:4]),
+                      "turns_5_on": mean(r["by_turn"][4:]), "gold_plain_part": r["gold"],
+                      "control_turn_1": r["control"]["by_turn"][0],
+                      "control_turns_5_on": mean(r["control"]["by_turn"][4:])}
+               for name, r in adh.items()}
+    log("\nturns following the instruction (%), cf. Table 30:\n" + f"{'':<22}" +
+        "".join(f"{'turn ' + str(t):>9}" for t in PAPER_TABLE30["GAtt"] if t <= args.eval_turns) +
+        f"{'turns 5+':>10}{'5+, control':>13}")
+    for (name, r), paper in zip(adh.items(), PAPER_TABLE30.values()):
+        log(f"{name:<22}" + "".join(f"{100 * r['by_turn'][t - 1]:>9.0f}" for t in paper if t <= args.eval_turns)
+            + f"{100 * summary[name]['turns_5_on']:>10.1f}{100 * summary[name]['control_turns_5_on']:>13.1f}")
+        log(f"{'  (paper)':<22}" + "".join(f"{v:>9}" for t, v in paper.items() if t <= args.eval_turns))
+    for name, by_layer in attention.items():
+        log(f"attention on the system message as the answer begins, turns 2-{len(by_layer[0])} by layer "
+            f"({name}): " + " ".join(f"{mean(row[1:]):.3f}" for row in by_layer))
+    plot_adherence(args.run_dir / "gatt_adherence.png", adh)
+    plot_attention(args.run_dir / "gatt_attention.png", attention, len(long_dialogs))
+    return dict(summary=summary, adherence=adh, chat=chat, timings=timings,
+                attention=dict(by_layer_and_turn=attention, example_dialog=long_dialogs[0]))
+
 
 def plot_adherence(path, results: dict):
     import matplotlib
@@ -509,29 +641,11 @@ def plot_attention(path, maps: dict, n_dialogs: int):
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------
-# A run: step 1, the GAtt data, step 2, the evaluations.
+# ========================================================================================
+# 5. Plumbing: the command line, the checks on it, and main, which runs the phases in order:
+#    step 1, the GAtt data, step 2, the evaluations.
 
-def train_step(args, name: str, examples, init, steps: int, lr: float, ckpt_path, rank, device, tokenizer, log):
-    """03's loop, through 04's run_sft: examples [(ids, learn)] packed into rows, the loss only
-    where learn is True. 2% of the examples measure the held-out loss."""
-    cfg = copy.copy(args)
-    cfg.steps, cfg.lr = steps, lr
-    cfg.resume = cfg.resume and Path(ckpt_path).is_file()   # cut off before this step began: start it
-    n_val = max(1, len(examples) // 50)
-    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
-    rows, val_rows = S.pack(examples[n_val:], args.seq_len, pad_id), S.pack(examples[:n_val], args.seq_len, pad_id)
-    n_learn = int((rows[1] != S.IGNORE).sum())
-    log(f"\n== {name}: {len(examples):,} examples -> {len(rows[0]):,} rows of {args.seq_len} tokens, "
-        f"{n_learn / rows[1].numel():.1%} of positions carry loss | {steps} steps | peak LR {cfg.lr:g} ==")
-    model = M.Transformer.from_pretrained(init, device=device).train()
-    if model.args.vocab_size != tokenizer.n_words:
-        raise UserError(f"{init} has a vocabulary of {model.args.vocab_size}, the tokenizer {tokenizer.n_words}")
-    return S.run_sft(cfg, model, rows, val_rows, ckpt_path, rank, device)
-
-
-def main(argv=None):
-    t_start = time.time()
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     P.add_training_args(parser, PAPER, TOY)
     add = parser.add_argument
@@ -539,12 +653,14 @@ def main(argv=None):
     add("--tokenizer", type=Path, help="SentencePiece model (default RUN_DIR/tokenizer.model)")
     add("--inst-examples", type=int, default=4000,
         help="step 1: dialogues, 70%% with an instruction in the current message, 30%% 04's (default 4000)")
-    add("--inst-steps", type=int, default=250, help="step 1: optimizer steps (default 250: with 200, one seed's step-1 model followed the instruction in only half its sampled answers, and GAtt learned to copy)")
+    add("--inst-steps", type=int, default=250,
+        help="step 1: optimizer steps (default 250: with fewer, a seed's step-1 model followed its instruction in "
+             "too few of its sampled answers, and GAtt, trained on the rest, learned to copy)")
     add("--dialogues", type=int, default=128,
         help="GAtt: dialogues to sample; each gives a sample per turn from the second (default 128)")
     add("--train-turns", type=int, default=20,
-        help="GAtt: turns per sampled dialogue (default 20, as many as the evaluation: trained on 8 turns, the "
-             "toy model kept the rule through turn 8 and then lost it in about a third of the turns)")
+        help="GAtt: turns per sampled dialogue (default 20, as many as the evaluation: trained on fewer "
+             "turns, the toy model kept the rule as far as it was trained and often lost it beyond)")
     add("--steps", type=int, default=300, help="GAtt: optimizer steps (default 300)")
     add("--gatt-lr", type=float, help="GAtt: peak learning rate (default --lr / 4: step 1 teaches a new skill, "
                                       "GAtt only adjusts one, and a higher rate erodes what 06 taught)")
@@ -565,12 +681,11 @@ def main(argv=None):
     add("--world-seed", type=int, default=0, help="seed of 03's toy world (default 0)")
     add("--rules-by-program", action="store_true", help="rewrite the sampled answers to follow their rules "
         "(only to test the plumbing with an untrained model; the paper samples the latest model's answers)")
-    args = parser.parse_args(argv)
-    if args.plan:   # 03's planner: memory per GPU and compute, on paper (no GPU, data or checkpoint)
-        return P.plan_stage(args, "gatt")
-    rank, world_size, device = P.setup_distributed(args.device)
-    P.resolve_args(args, world_size)
-    log = print if rank == 0 else (lambda *a, **k: None)
+    return parser.parse_args(argv)
+
+
+def input_paths(args, log):
+    """-> (tokenizer path, the start model's path), each checked to exist, and the flags checked."""
     tok_path = args.tokenizer or args.run_dir / "tokenizer.model"
     init = args.init or str(args.run_dir / "ppo.pt")
     if not Path(tok_path).is_file():
@@ -586,6 +701,18 @@ def main(argv=None):
     if not 0 <= args.replay < 1:
         raise UserError(f"--replay {args.replay} must be in [0, 1): the share of replayed dialogues")
     S.check_init_preset(init, args.preset, log)   # --init gives the shape, --preset the hyper-parameters
+    return tok_path, init
+
+
+def main(argv=None):
+    t_start = time.time()
+    args = parse_args(argv)
+    if args.plan:   # 03's planner: memory per GPU and compute, on paper (no GPU, data or checkpoint)
+        return P.plan_stage(args, "gatt")
+    rank, world_size, device = P.setup_distributed(args.device)
+    P.resolve_args(args, world_size)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    tok_path, init = input_paths(args, log)
     args.gatt_lr = args.gatt_lr or args.lr / 4
     tokenizer, world = tok.Tokenizer(tok_path), P.make_world(args.world_seed)
     timings = {}
@@ -595,47 +722,20 @@ def main(argv=None):
     before_path, gatt_path = args.run_dir / "gatt_before.pt", args.run_dir / "gatt.pt"
     examples = [S.encode_dialog(tokenizer, d) for d in instruction_dialogs(world, args.inst_examples, args.seed)]
     out_before = train_step(args, "step 1: instructions in the current message", examples, init,
-                               args.inst_steps, args.lr, before_path, rank, device, tokenizer, log)
+                            args.inst_steps, args.lr, before_path, rank, device, tokenizer, log)
     timings["step1_s"] = time.time() - t0
     if args.stop_at and args.stop_at < args.inst_steps:
         return stop(f"stopped at step {args.stop_at} of step 1 (--stop-at): continue with --resume", log)
 
     # 2. The GAtt data: sampled by the step-1 model, the instruction in every user message
     t0 = time.time()
-    samples_path = args.run_dir / "gatt_samples.jsonl"
-    if rank == 0 and not (args.resume and samples_path.is_file()):
-        log(f"\nsampling {args.dialogues} dialogues of {args.train_turns} turns from {before_path} "
-            f"(temperature {args.temperature}), the instruction concatenated to every user message ...")
-        sampler = M.Transformer.from_pretrained(before_path, device=device)
-        sampled = sample_gatt_dialogs(sampler, tokenizer, world, args.dialogues, args.train_turns, args.seed,
-                                      args.temperature)
-        if args.rules_by_program:   # a model that follows nothing (the pipeline's micro smoke run)
-            for s in sampled:
-                s["answers"] = [apply_rules(s["rules"], a) for a in s["answers"]]
-        tok.atomic_write_text(samples_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in sampled))
-        del sampler
-    if world_size > 1:
-        dist.barrier()
-    sampled = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").split("\n") if line]
-    examples, dropped = gatt_examples(tokenizer, sampled, plain_history=args.plain_history, max_len=args.seq_len + 1,
-                                      seed=args.seed)
-    if not examples:
-        raise UserError(f"no sampled answer after turn 1 follows its instruction: step 1 did not teach the rules "
-                        f"({before_path}; raise --inst-steps or --lr)")
-    n_replay = round(len(examples) * args.replay / (1 - args.replay))
-    examples += [S.encode_dialog(tokenizer, d) for d in instruction_dialogs(world, n_replay, args.seed + 1)]
-    followed = sum(all(follows(s["rules"], a).values()) for s in sampled for a in s["answers"])
-    n_answers = sum(len(s["answers"]) for s in sampled)
-    log(f"GAtt data: {len(sampled)} dialogues, {followed / n_answers:.1%} of the sampled answers follow the "
-        f"instruction; {len(examples) - n_replay:,} samples of 2-{args.train_turns} turns ({dropped} dropped: the "
-        f"last answer broke the instruction) + {n_replay:,} step-1 dialogues replayed, in {time.time() - t0:.0f}s")
-    random.Random(args.seed).shuffle(examples)
+    sampled, examples, n_replay, data = gatt_data(args, world, tokenizer, before_path, rank, world_size, device, log)
     timings["sampling_s"] = time.time() - t0
 
     # 3. Step 2: Ghost Attention
     t0 = time.time()
     out_gatt = train_step(args, "step 2: Ghost Attention", examples, before_path, args.steps, args.gatt_lr,
-                             gatt_path, rank, device, tokenizer, log)
+                          gatt_path, rank, device, tokenizer, log)
     timings["gatt_s"] = time.time() - t0
     if args.stop_at and args.stop_at < args.steps:
         return stop(f"stopped at step {args.stop_at} of GAtt (--stop-at): continue with --resume", log)
@@ -643,52 +743,13 @@ def main(argv=None):
     # 4. Evaluations, on rank 0, with the models as saved
     results = None
     if rank == 0:
-        t0 = time.time()
-        models = {"before GAtt": M.Transformer.from_pretrained(before_path, device=device),
-                  "after GAtt": M.Transformer.from_pretrained(gatt_path, device=device)}
-        dialogs = eval_dialogs(world, args.eval_dialogues, args.eval_turns, args.seed)
-        adh = {}
-        for name, model in models.items():
-            adh[name] = adherence(model, tokenizer, dialogs)
-            adh[name]["control"] = adherence_given_plain_history(model, tokenizer, dialogs)
-            log(f"{name}: turns following the instruction, by turn: "
-                + " ".join(f"{100 * x:.0f}" for x in adh[name]["by_turn"]) + f" (%) | gold of the plain part "
-                f"{adh[name]['gold']:.3f}\n{'':>{len(name) + 2}}the same, earlier answers given plain (copy control): "
-                + " ".join(f"{100 * x:.0f}" for x in adh[name]["control"]["by_turn"]))
-        timings["adherence_s"] = time.time() - t0
-        t0 = time.time()
-        long_dialogs = attention_dialogs(tokenizer, world, args.attention_dialogues, args.seed,
-                                         models["after GAtt"].args.max_seq_len)
-        attention = {name: system_attention(model, tokenizer, long_dialogs) for name, model in models.items()}
-        tasks = S.eval_tasks(world, args.eval_per_kind, args.seed)
-        chat = {"start (--init)": S.evaluate_chat(M.Transformer.from_pretrained(init, device=device), tokenizer, tasks),
-                **{name: S.evaluate_chat(model, tokenizer, tasks) for name, model in models.items()}}
-        S.print_table(chat)
-        timings["chat_eval_s"] = time.time() - t0
-        summary = {name: {"turn_1": r["by_turn"][0], "turns_2_4": mean(r["by_turn"][1:4]),
-                          "turns_5_on": mean(r["by_turn"][4:]), "gold_plain_part": r["gold"],
-                          "control_turn_1": r["control"]["by_turn"][0],
-                          "control_turns_5_on": mean(r["control"]["by_turn"][4:])}
-                   for name, r in adh.items()}
-        log("\nturns following the instruction (%), cf. Table 30:\n" + f"{'':<22}" +
-            "".join(f"{'turn ' + str(t):>9}" for t in PAPER_TABLE30["GAtt"] if t <= args.eval_turns) +
-            f"{'turns 5+':>10}{'5+, control':>13}")
-        for (name, r), paper in zip(adh.items(), PAPER_TABLE30.values()):
-            log(f"{name:<22}" + "".join(f"{100 * r['by_turn'][t - 1]:>9.0f}" for t in paper if t <= args.eval_turns)
-                + f"{100 * summary[name]['turns_5_on']:>10.1f}{100 * summary[name]['control_turns_5_on']:>13.1f}")
-            log(f"{'  (paper)':<22}" + "".join(f"{v:>9}" for t, v in paper.items() if t <= args.eval_turns))
-        for name, rows in attention.items():
-            log(f"attention on the system message as the answer begins, turns 2-{len(rows[0])} by layer "
-                f"({name}): " + " ".join(f"{mean(r[1:]):.3f}" for r in rows))
-        plot_adherence(args.run_dir / "gatt_adherence.png", adh)
-        plot_attention(args.run_dir / "gatt_attention.png", attention, len(long_dialogs))
-        results = dict(summary=summary, adherence=adh, chat=chat, timings=timings,
-                       attention=dict(by_layer_and_turn=attention, example_dialog=long_dialogs[0]))
+        adh, attention, chat, scripts, long_dialogs, tasks = evaluate(args, world, tokenizer, init, before_path,
+                                                                       gatt_path, device, log, timings)
+        results = report(args, adh, attention, chat, long_dialogs, timings, log)
         tok.write_json(args.run_dir / "gatt.json", dict(
-            config=vars(args), **results, gatt_data=dict(dialogues=len(sampled), samples=len(examples),
-                                                        dropped=dropped, answers_following=followed / n_answers),
+            config=vars(args), **results, gatt_data=data,
             histories={"step1": out_before["history"], "gatt": out_gatt["history"]}, wall_s=time.time() - t_start,
-            overlap=S.overlap(evaluation_texts(dialogs, long_dialogs, tasks),
+            overlap=S.overlap(evaluation_texts(scripts, long_dialogs, tasks),
                               training_texts(world, args, sampled, n_replay))))
     return stop(f"\nwall {P.fmt_time(time.time() - t_start)} | wrote {gatt_path.name}, gatt.json, "
                 f"gatt_adherence.png, gatt_attention.png in {args.run_dir}", log, results)
