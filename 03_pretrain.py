@@ -777,6 +777,15 @@ def end_distributed():
         dist.destroy_process_group()
 
 
+def find_tokenizer(args) -> Path:
+    """--tokenizer, or RUN_DIR/tokenizer.model (chapter 01's): a one-line error if it is missing.
+    Chapters 03-07 start here."""
+    path = Path(args.tokenizer or args.run_dir / "tokenizer.model")
+    if not path.is_file():
+        raise UserError(f"tokenizer not found: {path} (run 01_tokenizer.py first, or pass --tokenizer)")
+    return path
+
+
 def check_writable(folder: Path):
     """Fail now, in one line, if the run folder cannot take our files: not after the training."""
     try:
@@ -1454,9 +1463,7 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
 
     # 1. Tokenizer and data. One process tokenizes; the others wait, then map the same files.
-    tok_path = args.tokenizer or args.run_dir / "tokenizer.model"
-    if not tok_path.is_file():
-        raise UserError(f"tokenizer not found: {tok_path} (run 01_tokenizer.py first, or pass --tokenizer)")
+    tok_path = find_tokenizer(args)
     tokenizer, args.tokenizer = tok.Tokenizer(tok_path), tok_path
     world = make_world(args.world_seed)
     sources = {"data": list(args.data)} if args.data else {

@@ -637,10 +637,8 @@ def main(argv=None):
     P.check_writable(args.run_dir)
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    tok_path = args.tokenizer or args.run_dir / "tokenizer.model"
+    tok_path = P.find_tokenizer(args)
     init = args.init or str(args.run_dir / "pretrain.pt")
-    if not Path(tok_path).is_file():
-        raise UserError(f"tokenizer not found: {tok_path} (run 01_tokenizer.py first, or pass --tokenizer)")
     if init != "scratch" and not Path(init).exists():
         raise UserError(f"no model to start from: {init} (run 03_pretrain.py first, or pass --init)")
     context = M.PRESETS[args.preset].max_seq_len

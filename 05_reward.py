@@ -668,10 +668,8 @@ def parse_args(argv):
 
 def input_paths(args, log):
     """The tokenizer and the chat model a run starts from, each checked to exist."""
-    tok_path = args.tokenizer or args.run_dir / "tokenizer.model"
+    tok_path = P.find_tokenizer(args)
     init = args.init or str(args.run_dir / "sft.pt")
-    if not Path(tok_path).is_file():
-        raise UserError(f"tokenizer not found: {tok_path} (run 01_tokenizer.py first, or pass --tokenizer)")
     if not Path(init).exists():
         raise UserError(f"no chat model to start from: {init} (run 04_sft.py first, or pass --init)")
     S.check_init_preset(init, args.preset, log)   # --init gives the shape, --preset the hyper-parameters

@@ -686,10 +686,8 @@ def parse_args(argv):
 
 def input_paths(args, log):
     """-> (tokenizer path, the start model's path), each checked to exist, and the flags checked."""
-    tok_path = args.tokenizer or args.run_dir / "tokenizer.model"
+    tok_path = P.find_tokenizer(args)
     init = args.init or str(args.run_dir / "ppo.pt")
-    if not Path(tok_path).is_file():
-        raise UserError(f"tokenizer not found: {tok_path} (run 01_tokenizer.py first, or pass --tokenizer)")
     if not Path(init).exists():
         raise UserError(f"no RLHF model to start from: {init} (run 06_rs_ppo.py first, or pass --init)")
     for flag in ("inst_examples", "inst_steps", "dialogues", "train_turns", "steps", "eval_dialogues",
