@@ -11,8 +11,9 @@ a small public-domain corpus (42 Shakespeare texts in data/shakespeare/), then s
   * a short pure-Python BPE encoder (PurePythonBPE) that gives exactly SentencePiece's ids.
 The model goes to runs/toy/tokenizer.model; later scripts load it with this file's Tokenizer.
 
-On a 2-core CPU the default run takes ~1.5 s (training ~0.4 s) and gives 2.84 bytes per token
-(3.55 with --vocab-size 32000). No GPU or torchrun is needed for this chapter. Run:
+On a 2-core CPU the default run takes seconds; README gives the bytes per token it measured
+(more with --vocab-size 32000: a larger vocabulary has longer pieces). No GPU or torchrun is
+needed for this chapter. Run:
   python 01_tokenizer.py                                       # toy vocabulary of 4096 pieces
   python 01_tokenizer.py --vocab-size 32000 --input my/*.txt   # the paper's size, your text
   python 01_tokenizer.py --model tokenizer.model               # inspect Meta's model (writes nothing;
