@@ -586,6 +586,16 @@ def plot_sft(path, history, results):
 # ----------------------------------------------------------------------------------------
 # python 04_sft.py: checks of the flags, the data, SFT, evaluation, outputs.
 
+def find_start(args, default: str, what: str, made_by: str, log=print) -> str:
+    """--init, or RUN_DIR/default: a one-line error if it is missing, then its shape checked
+    against --preset (check_init_preset). Chapters 05 and 07 start here."""
+    init = args.init or str(args.run_dir / default)
+    if not Path(init).exists():
+        raise UserError(f"no {what} to start from: {init} (run {made_by} first, or pass --init)")
+    check_init_preset(init, args.preset, log)   # --init gives the shape, --preset the hyper-parameters
+    return init
+
+
 def check_init_preset(init, preset: str, log=print):
     """--init decides the model's shape; --preset then only picks the default hyper-parameters: the
     paper's for the full-size presets, the CPU presets' otherwise. One side's on a model of the

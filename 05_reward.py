@@ -668,12 +668,7 @@ def parse_args(argv):
 
 def input_paths(args, log):
     """The tokenizer and the chat model a run starts from, each checked to exist."""
-    tok_path = P.find_tokenizer(args)
-    init = args.init or str(args.run_dir / "sft.pt")
-    if not Path(init).exists():
-        raise UserError(f"no chat model to start from: {init} (run 04_sft.py first, or pass --init)")
-    S.check_init_preset(init, args.preset, log)   # --init gives the shape, --preset the hyper-parameters
-    return tok_path, init
+    return P.find_tokenizer(args), S.find_start(args, "sft.pt", "chat model", "04_sft.py", log)
 
 
 def write_toy_sets(run: Run, files: dict):
