@@ -686,8 +686,6 @@ def parse_args(argv):
 
 def input_paths(args, log):
     """-> (tokenizer path, the start model's path), each checked to exist, and the flags checked."""
-    tok_path = P.find_tokenizer(args)
-    init = S.find_start(args, "ppo.pt", "RLHF model", "06_rs_ppo.py", log)
     for flag in ("inst_examples", "inst_steps", "dialogues", "train_turns", "steps", "eval_dialogues",
                  "eval_turns", "attention_dialogues", "eval_per_kind"):
         if getattr(args, flag) < (2 if flag == "train_turns" else 1):
@@ -696,7 +694,7 @@ def input_paths(args, log):
         raise UserError(f"--plain-history {args.plain_history} must be in [0, 1]: a share of the GAtt samples")
     if not 0 <= args.replay < 1:
         raise UserError(f"--replay {args.replay} must be in [0, 1): the share of replayed dialogues")
-    return tok_path, init
+    return P.find_tokenizer(args), S.find_start(args, "ppo.pt", "RLHF model", "06_rs_ppo.py", log)
 
 
 def main(argv=None):
