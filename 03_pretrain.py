@@ -535,12 +535,24 @@ def unigram_entropy(data, weights, vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def plot_losses(path, runs, entropy=None):
-    """Figure 5, "Training Loss for Llama 2 models": loss against tokens processed, one colour per
-    run (the paper's has one per model size); the training loss thin, the validation loss bold."""
+def pyplot():
+    """matplotlib's pyplot with the file-only backend: the chapters write PNGs, and need no display."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_losses(path, runs, entropy=None):
+    """Figure 5, "Training Loss for Llama 2 models": loss against tokens processed, one colour per
+    run (the paper's has one per model size); the training loss thin, the validation loss bold."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for i, (label, history) in enumerate(runs):
         for key, kind, style in (("loss", "train", dict(alpha=0.4, lw=1)),
@@ -554,9 +566,7 @@ def plot_losses(path, runs, entropy=None):
            title="Pretraining loss against tokens processed (cf. Llama 2, Figure 5)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 # -- Sec. 2.2.1, Table 2: compute and MFU --------------------------------------------------

@@ -551,9 +551,7 @@ def print_table(results: dict, prefix: str = "", title: str = "model"):
 
 
 def plot_sft(path, history, results):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = P.pyplot()
     fig, axes = plt.subplots(1, 2 if results else 1, figsize=(12 if results else 6, 4.2), squeeze=False)
     left = axes[0, 0]
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
@@ -564,9 +562,7 @@ def plot_sft(path, history, results):
     left.set(xlabel="step", ylabel="masked loss (nats per answer token)", title="SFT loss")
     left.legend()
     if not results:   # your own data: no toy-world prompts to grade
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        P.save_figure(plt, fig, path)
         return
     right, width = axes[0, 1], 0.8 / len(results)
     for i, (name, r) in enumerate(results.items()):
@@ -575,9 +571,7 @@ def plot_sft(path, history, results):
                      [label.replace(" ", "\n") for label in LABELS], fontsize=8)
     right.set(ylim=(0, 1), title="Held-out prompts (gold score; refusal rates)")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    P.save_figure(plt, fig, path)
 
 
 # ========================================================================================

@@ -550,9 +550,7 @@ def print_table(title: str, rows: dict, paper: dict = None):
 
 
 def plot_margins(path, ablation: dict, test):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = P.pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for i, (scheme, acc) in enumerate(ablation.items()):
         values = [100 * (acc[r] or 0) for r in RATINGS + ("avg",)]
@@ -564,15 +562,11 @@ def plot_margins(path, ablation: dict, test):
     ax.set(ylim=(0, 105), ylabel="held-out accuracy (%)",
            title="Helpfulness RM: margin ablation by rating (cf. Table 28)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    P.save_figure(plt, fig, path)
 
 
 def plot_scaling(path, scaling: list):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = P.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     n = [s["comparisons"] for s in scaling]
     for test_name, key, label in (("helpful", "avg", "helpful test, all pairs"),
@@ -587,9 +581,7 @@ def plot_scaling(path, scaling: list):
     ax.set(xlabel="training comparisons (Helpfulness RM's mix)", ylabel="held-out accuracy (%)", ylim=(40, 100),
            title="Helpfulness RM: accuracy against training data (cf. Figure 6)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    P.save_figure(plt, fig, path)
 
 
 # ========================================================================================

@@ -704,21 +704,8 @@ def best_of_n_figures(args, model, tokenizer, reward, source, device):
     return dict(best_of_n=by_temperature[f"{args.rs_temperature:g}"], temperature=by_temperature)
 
 
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(plt, fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def plot_best_of_n(path, curves, temperature):
-    plt = pyplot()
+    plt = P.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(curves["n"], curves["max"], marker="o", label="max of N")
     ax.plot(curves["n"], curves["median"], marker="o", label="median of N")
@@ -731,22 +718,22 @@ def plot_best_of_n(path, curves, temperature):
         gold.plot(curves["n"], curves["gold_of_max"], ls="--", color="grey", label="gold score of the max (right)")
         gold.set_ylabel("gold score (toy annotator)")
         gold.legend(fontsize=8, loc="lower right")
-    save_figure(plt, fig, path)
+    P.save_figure(plt, fig, path)
 
 
 def plot_temperatures(path, by_temperature):
-    plt = pyplot()
+    plt = P.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for t, curves in sorted(by_temperature.items(), key=lambda kv: float(kv[0])):
         ax.plot(curves["n"], curves["max"], marker="o", ms=3, label=f"T={float(t):g}")
     ax.set(xlabel="N samples per prompt", ylabel="max reward among N",
            title="Best of N against the sampling temperature (cf. Figure 8)")
     ax.legend(fontsize=8)
-    save_figure(plt, fig, path)
+    P.save_figure(plt, fig, path)
 
 
 def plot_ppo(path, history):
-    plt = pyplot()
+    plt = P.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     it = [h["iteration"] for h in history]
     real = lambda w: [x for x in w if not math.isnan(x)] or [math.nan]   # an iteration may have no harmful prompt
@@ -762,7 +749,7 @@ def plot_ppo(path, history):
         ax.set(xlabel="PPO iteration", title=title)
         ax.legend(fontsize=8)
     fig.suptitle("PPO on the rollouts: reward up with gold flat would mean the RM is being gamed")
-    save_figure(plt, fig, path)
+    P.save_figure(plt, fig, path)
 
 
 def report(args, run: Run, state, history, t_start):

@@ -597,9 +597,7 @@ def report(args, adh, attention, chat, long_dialogs, timings, log) -> dict:
 
 
 def plot_adherence(path, results: dict):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = P.pyplot()
     fig, ax = plt.subplots(figsize=(10.5, 4.2))
     turns = range(1, len(next(iter(results.values()))["by_turn"]) + 1)
     for i, (name, r) in enumerate(results.items()):
@@ -619,15 +617,11 @@ def plot_adherence(path, results: dict):
     ax.set_xticks(turns)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))   # outside: curves fill the box
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    P.save_figure(plt, fig, path)
 
 
 def plot_attention(path, maps: dict, n_dialogs: int):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = P.pyplot()
     fig, axes = plt.subplots(1, len(maps), figsize=(4.8 * len(maps) + 1, 3.8), squeeze=False, layout="constrained")
     for ax, (name, m) in zip(axes[0], maps.items()):
         image = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
