@@ -282,7 +282,8 @@ class Transformer(nn.Module):
         # bf16 (bf16 angles lose precision at long positions), and out of checkpoints.
         self.freqs_cis = precompute_freqs_cis(args.dim // args.n_heads, args.max_seq_len * 2,
                                               args.rope_theta)
-        self.apply(self._init_weights)
+        if self.output.weight.device.type != "meta":   # a meta model has shapes only: nothing to draw
+            self.apply(self._init_weights)   # (and on meta, each draw costs ~1 ms of tracing)
 
     def _init_weights(self, module):
         # The paper does not give its initialisation; this is GPT-2's: N(0, 0.02),
@@ -371,7 +372,12 @@ def meta_model(args: ModelArgs) -> Transformer:
 
 
 def count_params(args: ModelArgs) -> int:
-    return sum(param.numel() for param in meta_model(args).parameters())
+    """The weights Transformer(args) holds, counted from its shapes (a test checks it against
+    the built model's): embedding and output layer, and per block four attention matrices (k
+    and v at the kv heads' width), three SwiGLU matrices and two RMSNorm gains."""
+    kv_dim = (args.n_kv_heads or args.n_heads) * (args.dim // args.n_heads)
+    block = 2 * args.dim * args.dim + 2 * args.dim * kv_dim + 3 * args.dim * ffn_hidden_dim(args) + 2 * args.dim
+    return 2 * args.vocab_size * args.dim + args.n_layers * block + args.dim
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:

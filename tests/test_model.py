@@ -120,6 +120,11 @@ def test_preset_shapes_match_the_paper(name, params, ffn):
         assert M.count_params(args) == params
 
 
+@pytest.mark.parametrize("name", list(M.PRESETS))
+def test_count_params_is_what_the_model_holds(name):
+    assert M.count_params(M.PRESETS[name]) == sum(p.numel() for p in M.meta_model(M.PRESETS[name]).parameters())
+
+
 def test_preset_table_json_is_what_the_model_has(tmp_path):
     M.main(["--json", str(tmp_path / "model.json"), "--preset", "micro", "--max-new-tokens", "2"])
     table = json.loads((tmp_path / "model.json").read_text())
