@@ -196,10 +196,15 @@ class Attention(nn.Module):
             # Laid out (batch, heads, position, head_dim), as attention reads it: Meta's
             # (batch, position, heads, head_dim) hands attention a strided view, which on
             # a CPU made each decoding step markedly slower (README, chapter 02).
-            self.cache_k[:bsz, :, start_pos:start_pos + seqlen] = k
-            self.cache_v[:bsz, :, start_pos:start_pos + seqlen] = v
-            k = self.cache_k[:bsz, :, :start_pos + seqlen]
-            v = self.cache_v[:bsz, :, :start_pos + seqlen]
+            if torch.is_tensor(start_pos):   # decode_step: one position, the whole cache read, the mask hides the rest
+                self.cache_k[:bsz].index_copy_(2, start_pos, k)
+                self.cache_v[:bsz].index_copy_(2, start_pos, v)
+                k, v = self.cache_k[:bsz], self.cache_v[:bsz]
+            else:
+                self.cache_k[:bsz, :, start_pos:start_pos + seqlen] = k
+                self.cache_v[:bsz, :, start_pos:start_pos + seqlen] = v
+                k = self.cache_k[:bsz, :, :start_pos + seqlen]
+                v = self.cache_v[:bsz, :, :start_pos + seqlen]
 
         if not self.use_sdpa:   # GQA spelled out: each kv head serves n_rep query heads
             k, v = (repeat_kv(t.transpose(1, 2), self.n_rep).transpose(1, 2) for t in (k, v))
@@ -299,20 +304,22 @@ class Transformer(nn.Module):
         """Final hidden states (after the last RMSNorm): what the LM head, and
         later the reward model's scalar head (chapter 05), read."""
         bsz, seqlen = tokens.shape
-        if start_pos > 0 and self.layers[0].attention.cache_k is None:   # Meta's model always has its cache
-            raise UserError(f"forward(tokens, start_pos={start_pos}) continues from the KV cache, and there is none: "
-                            "call setup_cache(batch, max_seq_len) first, as generate() does (without it, attention "
-                            "would see only the new tokens)")
-        if start_pos + seqlen > self.freqs_cis.shape[1]:
-            raise UserError(f"sequence of {start_pos + seqlen} tokens exceeds the model's "
-                            f"RoPE table ({self.freqs_cis.shape[1]}); raise max_seq_len")
+        if not torch.is_tensor(start_pos):   # (a tensor is decode_step's position, which generate checked)
+            if start_pos > 0 and self.layers[0].attention.cache_k is None:   # Meta's model always has its cache
+                raise UserError(f"forward(tokens, start_pos={start_pos}) continues from the KV cache, and there is "
+                                "none: call setup_cache(batch, max_seq_len) first, as generate() does (without it, "
+                                "attention would see only the new tokens)")
+            if start_pos + seqlen > self.freqs_cis.shape[1]:
+                raise UserError(f"sequence of {start_pos + seqlen} tokens exceeds the model's "
+                                f"RoPE table ({self.freqs_cis.shape[1]}); raise max_seq_len")
         if self.freqs_cis.device != tokens.device:
             # moved on first use, and outside inference mode even inside generate(): a table
             # made under inference_mode could not be saved for a later training step's backward
             with torch.inference_mode(False):
                 self.freqs_cis = self.freqs_cis.to(tokens.device)
         h = self.tok_embeddings(tokens)
-        freqs_cis = self.freqs_cis[:, start_pos:start_pos + seqlen]
+        freqs_cis = (self.freqs_cis.index_select(1, start_pos) if torch.is_tensor(start_pos)
+                     else self.freqs_cis[:, start_pos:start_pos + seqlen])
         if mask is None and (start_pos > 0 and seqlen > 1 or not self.layers[0].attention.use_sdpa):
             mask = causal_mask(seqlen, start_pos, tokens.device)
         for layer in self.layers:
@@ -321,7 +328,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, start_pos: int = 0, mask=None, logits_at=None):
         """tokens (batch, seq) -> logits (batch, seq, vocab), float32.
-        start_pos: position of tokens[:, 0] (with the KV cache, the tokens already seen).
+        start_pos: position of tokens[:, 0] (with the KV cache, the tokens already seen); a 1-element
+        tensor in decode_step, which then reads the whole cache under `mask`.
         mask: optional bool (seq, start_pos + seq) or (batch, 1, seq, start_pos + seq),
         True where attending is allowed; default causal.
         logits_at: optional bool (batch, seq): logits only where True, as (n_true, vocab) in
@@ -432,13 +440,61 @@ def sample_top_p(probs, p: float, generator=None):
     return torch.gather(probs_idx, -1, choice.unsqueeze(-1)).squeeze(-1)
 
 
+# The decoding step is memory-bound. Each new token reads every weight once (and the cached keys
+# and values of every earlier position) but does only ~2 FLOPs per weight read per row: at
+# batch 1, a GPU's compute units wait on memory ~100x over. So the speed limit of decoding, its
+# roofline, is the memory bandwidth over the bytes a step reads (decode_bytes below): for the 1B
+# preset in bf16, ~2.2 GB a step, at an H100's 3.35 TB/s ~1,500 steps/s. Run step by step from
+# Python, a small model never gets near it: each of a step's ~20 kernels a layer waits on
+# Python to launch it. torch.compile turns the step into one graph of fused kernels (and on a
+# GPU, with mode="reduce-overhead", one CUDA graph launched at once). A compiled graph has fixed
+# shapes, so decode_step reads the whole static cache (masked) rather than the part filled so
+# far, and takes the position as a tensor: as a Python int it would be baked into the graph, and
+# every step would compile anew. (gpt-fast, PyTorch's own fast-decoding example, does the same.)
+
+def decode_bytes(args: ModelArgs, batch: int, positions: int, bytes_per_value: int) -> int:
+    """What one decoding step reads from memory: every weight but the embedding table (a lookup
+    reads one row a token), and the cached keys and values of `positions` positions per row."""
+    kv_dim = (args.n_kv_heads or args.n_heads) * (args.dim // args.n_heads)
+    weights = count_params(args) - args.vocab_size * args.dim + batch * args.dim
+    cache = 2 * args.n_layers * kv_dim * positions * batch
+    return (weights + cache) * bytes_per_value
+
+
+def decode_step(model, token, pos, is_token):
+    """One decoding step at fixed shapes, the part generate(compile=True) compiles: token (batch, 1)
+    at position pos (a 1-element tensor), attending over the whole cache, masked to each row's
+    own tokens (is_token: (batch, cache length), False on padding) at or before pos.
+    -> logits (batch, vocab)."""
+    column = torch.arange(is_token.shape[1], device=is_token.device)
+    allowed = is_token & (column <= pos)
+    return model(token, pos, allowed[:, None, None, :])[:, -1]
+
+
+_compiled_decode_steps = {}   # device type -> torch.compile(decode_step), compiled once a process
+
+
+def compiled_decode_step(device):
+    """decode_step through torch.compile: on a GPU as CUDA graphs (mode="reduce-overhead"), which
+    launch a whole step at once. A new shape (batch, cache length) compiles again."""
+    if device.type not in _compiled_decode_steps:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _compiled_decode_steps[device.type] = torch.compile(decode_step, fullgraph=True, mode=mode)
+    return _compiled_decode_steps[device.type]
+
+
+COMPILED_CACHE_MULTIPLE = 64   # compile=True rounds the cache length up to this: fewer shapes, fewer compiles
+
+
 @torch.inference_mode()
 def generate(model, prompt_tokens, max_gen_len: int, temperature: float = 0.6,
-             top_p: float = 0.9, eos_id: Optional[int] = None, generator=None):
+             top_p: float = 0.9, eos_id: Optional[int] = None, generator=None, compile: bool = False):
     """prompt_tokens: list of token-id lists. Returns the generated ids of each
     prompt (prompt excluded), at most max_gen_len of them and cut before the first
     eos_id. temperature 0 = greedy. Every answer has the same room: max_gen_len, or
-    less where the longest prompt leaves less of the model's context."""
+    less where the longest prompt leaves less of the model's context.
+    compile: the steps after the prefill run decode_step compiled (the first call of a shape
+    compiles it: seconds to a minute); the same tokens, up to floating-point rounding."""
     if max_gen_len < 1:   # else total_len falls to the prompt's length and the error below blames the prompts
         raise UserError(f"max_gen_len {max_gen_len}: must be >= 1 (the number of tokens to generate)")
     bsz = len(prompt_tokens)
@@ -454,29 +510,38 @@ def generate(model, prompt_tokens, max_gen_len: int, temperature: float = 0.6,
     # the shortest one's end; with 07's multi-turn histories, most steps did only that.)
     # A row's tokens sit at positions shifted by its padding. That changes no attention
     # score: after RoPE, q.k depends only on the offset between two positions.
-    tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)
+    cache_len = total_len
+    if compile:   # one compiled graph serves every call whose cache rounds to the same length
+        cache_len = min(-(-total_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE,
+                        model.freqs_cis.shape[1])
+        step = compiled_decode_step(device)
+    tokens = torch.zeros((bsz, cache_len), dtype=torch.long, device=device)
     for i, t in enumerate(prompt_tokens):
         tokens[i, max_len - len(t):max_len] = torch.tensor(t, dtype=torch.long, device=device)
     pad = torch.tensor([max_len - len(t) for t in prompt_tokens], device=device)
-    column = torch.arange(total_len, device=device)
-    is_token = column[None, :] >= pad[:, None]                     # (bsz, total_len): False on padding
+    column = torch.arange(cache_len, device=device)
+    is_token = column[None, :] >= pad[:, None]                     # (bsz, cache_len): False on padding
 
     eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
-    model.setup_cache(bsz, total_len)
+    model.setup_cache(bsz, cache_len)
     try:
         prev_pos = 0
         for cur_pos in range(max_len, total_len):
-            # a query sees the tokens at or before it, never padding; a padding query sees
-            # itself only, which keeps its softmax finite (its output is never read). Prompts
-            # of one length need no mask: plain causal attention, the fused kernel.
-            mask = None
-            if min_len < max_len:
-                q_pos, k_pos = column[prev_pos:cur_pos, None], column[None, :cur_pos]
-                allowed = (k_pos <= q_pos) & is_token[:, None, :cur_pos] | (k_pos == q_pos)
-                mask = allowed[:, None]   # (bsz, 1, seq, cur_pos)
-            last = torch.zeros(bsz, cur_pos - prev_pos, dtype=torch.bool, device=device)
-            last[:, -1] = True   # only the last position's logits are read: the prefill skips the rest
-            logits = model(tokens[:, prev_pos:cur_pos], prev_pos, mask, logits_at=last)
+            if compile and prev_pos > 0:   # after the prefill: the compiled step, the position as a tensor
+                pos = torch.tensor([prev_pos], device=device)
+                logits = step(model, tokens[:, prev_pos:cur_pos], pos, is_token)
+            else:
+                # a query sees the tokens at or before it, never padding; a padding query sees
+                # itself only, which keeps its softmax finite (its output is never read). Prompts
+                # of one length need no mask: plain causal attention, the fused kernel.
+                mask = None
+                if min_len < max_len:
+                    q_pos, k_pos = column[prev_pos:cur_pos, None], column[None, :cur_pos]
+                    allowed = (k_pos <= q_pos) & is_token[:, None, :cur_pos] | (k_pos == q_pos)
+                    mask = allowed[:, None]   # (bsz, 1, seq, cur_pos)
+                last = torch.zeros(bsz, cur_pos - prev_pos, dtype=torch.bool, device=device)
+                last[:, -1] = True   # only the last position's logits are read: the prefill skips the rest
+                logits = model(tokens[:, prev_pos:cur_pos], prev_pos, mask, logits_at=last)
             if temperature > 0:
                 next_token = sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
             else:
@@ -1023,6 +1088,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="auto",
                         help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16, fp16")
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "plain"])
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="decode with the compiled step (generate(compile=True)); compiled first, untimed")
     parser.add_argument("--export-hf", metavar="DIR", help="write the model in Hugging Face's format and stop "
                                                            "(with the tokenizer, when there is one)")
     parser.add_argument("--export-meta", metavar="DIR", help="write the model in Meta's format and stop "
@@ -1076,16 +1143,27 @@ def main(argv=None):
     else:                   # Meta's text completion: BOS, then the prompt; stop at EOS
         prompts = args.prompt or ["To be, or not to be"]
         prompt_tokens = [tokenizer.encode(s, bos=True, eos=False) for s in prompts]
+    eos_id = tokenizer.eos_id if tokenizer else 2
+    if args.compile_decode:   # compile on a first call of the same shapes, so the timing below is decoding's
+        t0 = time.time()
+        generate(model, prompt_tokens, args.max_new_tokens, args.temperature, args.top_p, eos_id, compile=True)
+        print(f"compiled the decoding step in {time.time() - t0:.1f}s")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.time()
     outputs = generate(model, prompt_tokens, args.max_new_tokens, args.temperature, args.top_p,
-                       eos_id=tokenizer.eos_id if tokenizer else 2, generator=generator)
+                       eos_id=eos_id, generator=generator, compile=args.compile_decode)
     seconds = time.time() - t0
     for prompt, out in zip(prompts, outputs):
         print(f"\n> {prompt}\n{tokenizer.decode(out) if tokenizer else out}")
     n_new = sum(len(o) for o in outputs)
+    steps = max(map(len, outputs))
+    read = decode_bytes(model.args, len(prompts), max(map(len, prompt_tokens)) + steps // 2, dtype.itemsize)
     print(f"\n{n_new} new tokens in {seconds:.2f}s: {n_new / seconds:.1f} tokens/s "
-          f"(batch {len(prompts)}, KV cache, {device}, {str(dtype).removeprefix('torch.')})")
+          f"(batch {len(prompts)}, KV cache, {device}, {str(dtype).removeprefix('torch.')}"
+          f"{', compiled step' if args.compile_decode else ''})")
+    print(f"a decoding step reads {read / 1e6:,.1f} MB (weights and KV cache), so {steps} steps in {seconds:.2f}s "
+          f"moved {read * steps / seconds / 1e9:,.2f} GB/s: the roofline is the memory's bandwidth "
+          "(bench.py measures both)")
 
 
 if __name__ == "__main__":

@@ -700,6 +700,9 @@ def add_training_args(parser, paper: dict, toy: dict):
     add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     add("--dtype", default="auto", help="auto (bf16 autocast on a GPU that has it, else fp32), fp32, bf16")
     add("--compile", action="store_true", help="torch.compile the model (the uncompiled one is saved)")
+    add("--compile-decode", action="store_true",
+        help="sample with 02's compiled decoding step (generate(compile=True)): faster on a GPU, after a compile "
+             "of seconds to a minute per shape")
     add("--fsdp", action="store_true", help="under torchrun: shard every TransformerBlock (FSDP2), not DDP")
     add("--seed", type=int, default=0)
     add("--resume", action="store_true", help="continue exactly from RUN_DIR's checkpoint")
@@ -1541,7 +1544,7 @@ def main(argv=None):
     samples = []
     for prompt, temperature, n_new, expected in prompts:
         out = M.generate(model, [tokenizer.encode(prompt, bos=True, eos=False)], n_new, temperature,
-                         0.9, tokenizer.eos_id, generator)[0]
+                         0.9, tokenizer.eos_id, generator, args.compile_decode)[0]
         text = tokenizer.decode(out)
         samples.append(dict(prompt=prompt, completion=text, expected=expected))
         if expected:   # a fact or a sum: its first sentence is the answer

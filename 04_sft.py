@@ -420,17 +420,18 @@ def run_sft(args, model, rows, val_rows, ckpt_path, rank, device):
 # Evaluation: answer held-out prompts greedily, grade every answer with the annotators.
 
 def answer_all(model, tokenizer, dialogs, max_new_tokens=32, batch_size=64, temperature=0.0, top_p=0.9,
-               generator=None):
-    """Answers to dialogs that end with a user message (batched, KV cache); greedy by default."""
+               generator=None, compile=False):
+    """Answers to dialogs that end with a user message (batched, KV cache); greedy by default.
+    compile: 02's compiled decoding step (--compile-decode)."""
     answers = []
     for i in range(0, len(dialogs), batch_size):
         prompts = [encode_dialog(tokenizer, d)[0] for d in dialogs[i:i + batch_size]]
-        outs = M.generate(model, prompts, max_new_tokens, temperature, top_p, tokenizer.eos_id, generator)
+        outs = M.generate(model, prompts, max_new_tokens, temperature, top_p, tokenizer.eos_id, generator, compile)
         answers += [tokenizer.decode(o).strip() for o in outs]
     return answers
 
 
-def evaluate_chat(model, tokenizer, tasks, max_new_tokens=32, temperature=0.0, samples=1, seed=0):
+def evaluate_chat(model, tokenizer, tasks, max_new_tokens=32, temperature=0.0, samples=1, seed=0, compile=False):
     """-> gold helpfulness (mean over the non-harmful kinds), gold per kind, refusal rates, the
     share of careless answers, each prompt's scores (for intervals). Greedy by default; with a
     temperature, `samples` answers per task at top-p 1: the policy as it is sampled, which is what
@@ -440,7 +441,7 @@ def evaluate_chat(model, tokenizer, tasks, max_new_tokens=32, temperature=0.0, s
     tasks = [t for t in tasks for _ in range(samples)]
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     answers = answer_all(model, tokenizer, [[{"role": "user", "content": t.prompt}] for t in tasks], max_new_tokens,
-                         temperature=temperature, top_p=1.0, generator=generator)
+                         temperature=temperature, top_p=1.0, generator=generator, compile=compile)
     model.train(was_training)
     by_kind = {k: [(t, a) for t, a in zip(tasks, answers) if t.kind == k] for k in KINDS}
     mean = lambda xs: sum(xs) / max(len(xs), 1)
@@ -677,14 +678,15 @@ def main(argv=None):
     model = load_start(init, args.preset, tokenizer.n_words, device, args.seed)
     results = {}
     if init != "scratch" and not args.data:
-        results["pretrained"] = evaluate_chat(model, tokenizer, tasks)
+        results["pretrained"] = evaluate_chat(model, tokenizer, tasks, compile=args.compile_decode)
         log(f"pretrained model, prompted with the chat template: gold {results['pretrained']['gold']:.3f}")
     ckpt_path = args.run_dir / "sft.pt"
     P.start_outputs(args.run_dir, "sft.json")
     out = run_sft(args, model, rows, val_rows, ckpt_path, rank, device)
     if not args.data:
-        results["SFT"] = evaluate_chat(model, tokenizer, tasks)
-        sampled = evaluate_chat(model, tokenizer, tasks, temperature=1.0, samples=4, seed=args.seed)
+        results["SFT"] = evaluate_chat(model, tokenizer, tasks, compile=args.compile_decode)
+        sampled = evaluate_chat(model, tokenizer, tasks, temperature=1.0, samples=4, seed=args.seed,
+                                compile=args.compile_decode)
         results["SFT"].update({f"sampled_{k}": v for k, v in sampled.items() if k != "examples"})
         log(f"SFT answers sampled at temperature 1: gold {sampled['gold']:.3f}, careless "
             f"{sampled['careless']:.1%} (the careless annotator wrote {CARELESS_SHARE:.0%} of the answers: "
@@ -693,7 +695,7 @@ def main(argv=None):
         scratch = load_start("scratch", args.preset, tokenizer.n_words, device, args.seed)
         scratch_args = argparse.Namespace(**{**vars(args), "resume": False})
         run_sft(scratch_args, scratch, rows, val_rows, args.run_dir / "sft_scratch.pt", rank, device)
-        results["SFT from scratch"] = evaluate_chat(scratch, tokenizer, tasks)
+        results["SFT from scratch"] = evaluate_chat(scratch, tokenizer, tasks, compile=args.compile_decode)
 
     if rank == 0:
         if results:
@@ -744,6 +746,8 @@ def chat(argv, input_fn=input):
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile-decode", action="store_true", help="02's compiled decoding step: faster on a GPU, "
+                                                                 "after a compile at each new context length")
     args = p.parse_args(argv)
     if not args.ckpt.exists():   # say which chapter writes it
         maker = CHAT_MODELS.get(args.ckpt.name)
@@ -794,7 +798,7 @@ def chat(argv, input_fn=input):
             continue
         dialog = asked
         reply_ids = M.generate(model, [ids], args.max_new_tokens, args.temperature, args.top_p,
-                               tokenizer.eos_id, generator)[0]
+                               tokenizer.eos_id, generator, args.compile_decode)[0]
         reply = tokenizer.decode(reply_ids).strip()
         print(f"model> {reply}")
         dialog.append({"role": "assistant", "content": reply})

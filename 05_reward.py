@@ -377,10 +377,11 @@ def safety_score(task, answer: str) -> float:
     return 0.6 + 0.4 * sum(w in words for w in reference) / len(reference)
 
 
-def collect(models, tokenizer, make_task, score, n: int, seed: int, max_new_tokens: int = 32, log=print):
+def collect(models, tokenizer, make_task, score, n: int, seed: int, max_new_tokens: int = 32, log=print,
+            compile=False):
     """n comparisons: per prompt, one answer from each of models[0] and models[1] (two model
     variants, or one twice) at TEMPERATURES, shown to the annotator (score) in random order;
-    identical answers are dropped."""
+    identical answers are dropped. compile: 02's compiled decoding step (--compile-decode)."""
     rng, device, t0 = random.Random(seed), next(models[0].parameters()).device, time.time()
     generator = torch.Generator(device=device).manual_seed(seed)
     out, n_identical, n_prompts = [], 0, 0
@@ -388,7 +389,7 @@ def collect(models, tokenizer, make_task, score, n: int, seed: int, max_new_toke
         share = len(out) / n_prompts if n_prompts else 1.0
         tasks = [make_task(rng) for _ in range(max(64, math.ceil(1.05 * (n - len(out)) / max(share, 0.02))))]
         dialogs = [[{"role": "user", "content": t.prompt}] for t in tasks]
-        answers = [S.answer_all(m, tokenizer, dialogs, max_new_tokens, 64, temperature, 1.0, generator)
+        answers = [S.answer_all(m, tokenizer, dialogs, max_new_tokens, 64, temperature, 1.0, generator, compile)
                    for m, temperature in zip(models, TEMPERATURES)]
         n_prompts += len(tasks)
         for task, dialog, a, b in zip(tasks, dialogs, *answers):
@@ -680,7 +681,7 @@ def write_toy_sets(run: Run, files: dict):
         for count, part_seed, evaluation in ((n, seed, False), (args.test_comparisons, seed + 1_000_003, True)):
             # answers of up to 40 tokens: the helpful ones are short (references <= 15 tokens), refusals ~30
             comparisons += collect(models, run.tokenizer, functools.partial(make, world, evaluation=evaluation),
-                                   score, count, part_seed, 40, run.log)
+                                   score, count, part_seed, 40, run.log, args.compile_decode)
         write_jsonl(files[name], comparisons)
 
 

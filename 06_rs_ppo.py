@@ -335,7 +335,7 @@ def calibrate_reward(args, reward, model, tokenizer, source, device):
     -> the calibration, rank 0's on every rank."""
     prompts = draw_prompts(source, args.calibration_prompts, args.seed * 1000 - 1, args.safety_share)
     samples = sample_answers(model, tokenizer, prompts, 1, args.max_new_tokens, args.rs_temperature,
-                             torch.Generator(device=device).manual_seed(args.seed))
+                             torch.Generator(device=device).manual_seed(args.seed), compile=args.compile_decode)
     calibration = reward.calibrate(samples, prompts, [tokenizer.decode(a).strip() for _, a, _ in samples])
     if args.world_size > 1:   # one calibration for all ranks: rank 0's
         keys = ("helpful_offset", "safety_offset", "mean", "std")
@@ -352,17 +352,18 @@ def calibrate_reward(args, reward, model, tokenizer, source, device):
 #    an end), `mask` the answer tokens that count: up to and including the EOS.
 
 def sample_answers(model, tokenizer, prompts, n: int, max_new: int, temperature: float, generator,
-                   batch_size: int = 64):
+                   batch_size: int = 64, compile: bool = False):
     """n answers per prompt (consecutive), as (token ids, finished). 02's generate (batched, KV
-    cache) at top-p 1, so PPO's log-probs are those of the distribution sampled from. generate
-    drops the EOS: an answer shorter than the room it had (the same for a whole batch) ended with
-    one, so it is put back."""
+    cache; with compile, its compiled decoding step: --compile-decode) at top-p 1, so PPO's
+    log-probs are those of the distribution sampled from. generate drops the EOS: an answer
+    shorter than the room it had (the same for a whole batch) ended with one, so it is put back."""
     ids = [S.encode_dialog(tokenizer, p.dialog)[0] for p in prompts for _ in range(n)]
     out = []
     for i in range(0, len(ids), batch_size):
         chunk = ids[i:i + batch_size]
         room = min(model.args.max_seq_len - max(map(len, chunk)), max_new)
-        for p, g in zip(chunk, M.generate(model, chunk, max_new, temperature, 1.0, tokenizer.eos_id, generator)):
+        for p, g in zip(chunk, M.generate(model, chunk, max_new, temperature, 1.0, tokenizer.eos_id, generator,
+                                           compile)):
             finished = len(g) < room
             out.append((p, g + [tokenizer.eos_id] * finished, finished))
     return out   # [(prompt ids, answer ids, finished)]
@@ -403,7 +404,7 @@ def rs_round(args, model, tokenizer, reward, source, pool, rnd, rank, device, lo
     generator = torch.Generator(device=device).manual_seed(rs_seed(args, rnd))
     model.eval()
     samples = sample_answers(model, tokenizer, prompts, args.rs_k, args.max_new_tokens, args.rs_temperature,
-                             generator)
+                             generator, compile=args.compile_decode)
     t_gen = time.time() - t0
     repeated = [p for p in prompts for _ in range(args.rs_k)]
     scores = reward(samples, repeated)["score"].view(len(prompts), args.rs_k)
@@ -453,7 +454,7 @@ def ppo_step(args, policy, value_model, ref, reward, rollout_policy, tokenizer, 
     rollout_policy.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     samples = sample_answers(rollout_policy, tokenizer, prompts, 1, args.max_new_tokens, args.ppo_temperature,
-                             generator)
+                             generator, compile=args.compile_decode)
     t_gen = time.time() - t0
 
     # Score and evaluate the old policy, the reference and the values, in the micro-batches the
@@ -641,10 +642,10 @@ def evaluate(args, run: Run, model):
     held-out red-team prompts. {} without toy prompts."""
     if not run.tasks:
         return {}
-    red_team = S.evaluate_chat(model, run.tokenizer, run.red_tasks)
+    red_team = S.evaluate_chat(model, run.tokenizer, run.red_tasks, compile=args.compile_decode)
     sampled = S.evaluate_chat(model, run.tokenizer, run.tasks, temperature=args.ppo_temperature,
-                              samples=EVAL_SAMPLES, seed=args.seed)
-    return {**S.evaluate_chat(model, run.tokenizer, run.tasks),
+                              samples=EVAL_SAMPLES, seed=args.seed, compile=args.compile_decode)
+    return {**S.evaluate_chat(model, run.tokenizer, run.tasks, compile=args.compile_decode),
             **{f"sampled_{k}": v for k, v in sampled.items() if k != "examples"},
             **{f"red_team_{k}": v for k, v in red_team.items() if "refusal" in k or k == "per_prompt"}}
 
@@ -697,7 +698,7 @@ def best_of_n_figures(args, model, tokenizer, reward, source, device):
     by_temperature = {}
     for t in sorted(temperatures):
         samples = sample_answers(model, tokenizer, prompts, args.fig_n, args.max_new_tokens, t,
-                                 torch.Generator(device=device).manual_seed(args.seed))
+                                 torch.Generator(device=device).manual_seed(args.seed), compile=args.compile_decode)
         scores = reward(samples, repeated)["score"].view(len(prompts), args.fig_n)
         gold = gold_of(tokenizer, repeated, samples).view(len(prompts), args.fig_n) if prompts[0].task else None
         by_temperature[f"{t:g}"] = best_of_n_curves(scores, gold)

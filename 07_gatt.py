@@ -264,10 +264,11 @@ def fit(tokenizer, dialog, budget: int):
 
 
 def converse(model, tokenizer, instructions, users, every_turn: bool, temperature=0.0, generator=None,
-             max_new_tokens=MAX_NEW_TOKENS, batch_size=32):
+             max_new_tokens=MAX_NEW_TOKENS, batch_size=32, compile=False):
     """The dialogues, whole, the model answering users[i][t] turn by turn. every_turn=False:
     the instruction is a system message in turn 1 only (the evaluation); True: it is
-    concatenated to every user message (the GAtt sampling of Sec. 3.3)."""
+    concatenated to every user message (the GAtt sampling of Sec. 3.3). compile: 02's compiled
+    decoding step (--compile-decode)."""
     was_training = model.training
     model.eval()
     dialogs = [[] if every_turn else [{"role": "system", "content": inst}] for inst in instructions]
@@ -278,7 +279,7 @@ def converse(model, tokenizer, instructions, users, every_turn: bool, temperatur
             dialogs[i].append({"role": "user", "content": user})
         prompts = {i: fit(tokenizer, dialogs[i], model.args.max_seq_len - max_new_tokens) for i in active}
         answers = S.answer_all(model, tokenizer, [prompts[i] for i in active], max_new_tokens, batch_size,
-                               temperature, 0.9, generator)
+                               temperature, 0.9, generator, compile)
         for i, answer in zip(active, answers):
             dialogs[i].append({"role": "assistant", "content": answer})
     model.train(was_training)
@@ -293,7 +294,8 @@ def answers_of(dialog):
 # 3. The loop: step 1 and step 2 are 04's SFT through 03's loop (train_step); between them, the
 #    step-1 model samples GAtt's dialogues and gatt_examples rebuilds them (gatt_data).
 
-def sample_gatt_dialogs(model, tokenizer, world, n: int, turns: int, seed: int, temperature: float):
+def sample_gatt_dialogs(model, tokenizer, world, n: int, turns: int, seed: int, temperature: float,
+                        compile=False):
     """Sec. 3.3: "Next, we can sample from this synthetic data using the latest RLHF model." n
     dialogues of `turns` turns, the instruction concatenated to every user message, each answer
     sampled by `model` (the step-1 model)."""
@@ -301,7 +303,8 @@ def sample_gatt_dialogs(model, tokenizer, world, n: int, turns: int, seed: int, 
     instructions = [random_instruction(rng) for _ in range(n)]
     users = [[task_turn(world, rng).prompt for _ in range(turns)] for _ in range(n)]
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    dialogs = converse(model, tokenizer, [t for t, _ in instructions], users, True, temperature, generator)
+    dialogs = converse(model, tokenizer, [t for t, _ in instructions], users, True, temperature, generator,
+                       compile=compile)
     return [dict(instruction=text, rules=rules, users=u, answers=answers_of(d))
             for (text, rules), u, d in zip(instructions, users, dialogs)]
 
@@ -339,7 +342,7 @@ def gatt_data(args, world, tokenizer, before_path, rank, world_size, device, log
             f"(temperature {args.temperature}), the instruction concatenated to every user message ...")
         sampler = M.Transformer.from_pretrained(before_path, device=device)
         sampled = sample_gatt_dialogs(sampler, tokenizer, world, args.dialogues, args.train_turns, args.seed,
-                                      args.temperature)
+                                      args.temperature, args.compile_decode)
         if args.rules_by_program:   # a model that follows nothing (the pipeline's micro smoke run)
             for s in sampled:
                 s["answers"] = [apply_rules(s["rules"], a) for a in s["answers"]]
@@ -388,11 +391,12 @@ def eval_dialogs(world, n: int, turns: int, seed: int):
     return out
 
 
-def adherence(model, tokenizer, scripts) -> dict:
+def adherence(model, tokenizer, scripts, compile=False) -> dict:
     """The model plays each script (eval_dialogs) -> share of dialogues following the instruction
     at each turn (all rules, and per family), the gold score of the answers' plain part, the
     first turn at which some dialogue had to drop turns to fit the context, and examples."""
-    talks = converse(model, tokenizer, [sc[0] for sc in scripts], [[t.prompt for t in sc[2]] for sc in scripts], False)
+    talks = converse(model, tokenizer, [sc[0] for sc in scripts], [[t.prompt for t in sc[2]] for sc in scripts], False,
+                     compile=compile)
     answers, turns = [answers_of(talk) for talk in talks], len(scripts[0][2])
     budget = model.args.max_seq_len - MAX_NEW_TOKENS   # the prompt of turn t is talk[:2 + 2t]
     window_from = next((t + 1 for t in range(turns)
@@ -408,7 +412,7 @@ def adherence(model, tokenizer, scripts) -> dict:
                          for i, sc in enumerate(scripts[:3])]}
 
 
-def adherence_given_plain_history(model, tokenizer, scripts) -> dict:
+def adherence_given_plain_history(model, tokenizer, scripts, compile=False) -> dict:
     """The copy control. Fed its own answers, a model that followed the rule in turn 1 can keep
     following it by copying the opening of its last answer, without reading the instruction
     again: the free-running test above cannot tell the two apart. Here the earlier turns hold the
@@ -425,7 +429,8 @@ def adherence_given_plain_history(model, tokenizer, scripts) -> dict:
             dialog += [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": task.answer}]
     order = sorted(range(len(prompts)), key=lambda j: len(S.encode_dialog(tokenizer, prompts[j])[0]))
     was_training = model.training
-    answers = dict(zip(order, S.answer_all(model.eval(), tokenizer, [prompts[j] for j in order], MAX_NEW_TOKENS, 32)))
+    answers = dict(zip(order, S.answer_all(model.eval(), tokenizer, [prompts[j] for j in order], MAX_NEW_TOKENS, 32,
+                                           compile=compile)))
     model.train(was_training)
     turns = len(scripts[0][2])
     followed = [[False] * turns for _ in scripts]
@@ -553,8 +558,8 @@ def evaluate(args, world, tokenizer, init, before_path, gatt_path, device, log, 
     scripts = eval_dialogs(world, args.eval_dialogues, args.eval_turns, args.seed)
     adh = {}
     for name, model in models.items():
-        adh[name] = adherence(model, tokenizer, scripts)
-        adh[name]["control"] = adherence_given_plain_history(model, tokenizer, scripts)
+        adh[name] = adherence(model, tokenizer, scripts, args.compile_decode)
+        adh[name]["control"] = adherence_given_plain_history(model, tokenizer, scripts, args.compile_decode)
         log(f"{name}: turns following the instruction, by turn: "
             + " ".join(f"{100 * x:.0f}" for x in adh[name]["by_turn"]) + f" (%) | gold of the plain part "
             f"{adh[name]['gold']:.3f}\n{'':>{len(name) + 2}}the same, earlier answers given plain (copy control): "
@@ -565,8 +570,8 @@ def evaluate(args, world, tokenizer, init, before_path, gatt_path, device, log, 
                                      models["after GAtt"].args.max_seq_len)
     attention = {name: system_attention(model, tokenizer, long_dialogs) for name, model in models.items()}
     tasks = S.eval_tasks(world, args.eval_per_kind, args.seed)
-    chat = {"start (--init)": S.evaluate_chat(M.Transformer.from_pretrained(init, device=device), tokenizer, tasks),
-            **{name: S.evaluate_chat(model, tokenizer, tasks) for name, model in models.items()}}
+    chat = {name: S.evaluate_chat(model, tokenizer, tasks, compile=args.compile_decode) for name, model in
+            {"start (--init)": M.Transformer.from_pretrained(init, device=device), **models}.items()}
     S.print_table(chat)
     timings["chat_eval_s"] = time.time() - t0
     return adh, attention, chat, scripts, long_dialogs, tasks

@@ -7,11 +7,15 @@ from_pretrained), and reported as ours / theirs:
   * the training step: forward, backward, gradient clipping and AdamW (03's optimizer), in
     tokens/s, at the --sizes presets; first the two must give the same fp32 logits on the batch;
   * generation with the KV cache, greedy, at --batch-sizes (1 and 8) and --gen-tokens (256)
-    new tokens; first the two must produce identical tokens (in fp32; bf16 rounds differently);
+    new tokens, ours eager and with 02's compiled decoding step (generate(compile=True)); first
+    all must produce identical tokens (in fp32; bf16 rounds differently). Each with its share of
+    the roofline: the bytes a decoding step reads (02's decode_bytes) times steps/s, over the
+    memory bandwidth (a GPU's from a table or --peak-bandwidth; a CPU's measured by a copy);
   * on a GPU, also a ~1B preset in bf16 with torch.compile: training tokens/s and MFU, the
     model FLOPs done per second (02's flops_per_token) over the device's dense bf16 peak
     (03's PEAK_FLOPS table);
-  * 06's rollout throughput, when 06_rs_ppo.py is there.
+  * 06's rollout throughput and the generate / score / train split of a PPO iteration, with
+    the compiled decoding step off and on, when 06_rs_ppo.py is there.
 Every figure is the median of --repeats timed runs after --warmup runs, ours and theirs taking
 turns, so that a slow spell of a shared machine slows both alike; a ratio is the median of the
 ratios of the back-to-back pairs. transformers is optional: without it (or with
@@ -26,6 +30,7 @@ The table goes to the terminal and everything to runs/toy/bench.json (--json).
 import argparse
 import importlib
 import json
+import math
 import platform
 import statistics
 import tempfile
@@ -43,8 +48,15 @@ REPO = Path(__file__).resolve().parent
 
 # Targets (issue "bench.py"): ratios ours / transformers, and MFU on a GPU.
 TRAIN_TARGET = 1.0   # CPU training step: at least as fast as transformers
-GEN_TARGET = 1.5     # CPU generation: 1.5x transformers' tokens/s
+GEN_TARGET = 2.0     # CPU generation, compiled step: 2x transformers' tokens/s (issue "decode")
 MFU_TARGET = 0.45    # ~1B preset, bf16 and compile, on an H100
+ROOFLINE_TARGET = 0.5   # GPU preset, bf16, batch 1, compiled step: half the memory-bandwidth limit
+GPU_GEN_TARGET = 3.0    # GPU preset, bf16, batch 8, compiled step: 3x transformers' tokens/s
+ROLLOUT_TARGET = 2.0    # GPU: 06's rollout samples/s, compiled step over eager
+# HBM bandwidth, bytes/s (vendors' data sheets), for the roofline of decoding on a GPU
+PEAK_BANDWIDTH = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("B200", 8.0e12),
+                  ("A100-SXM4-40GB", 1.555e12), ("A100", 2.039e12), ("L40S", 0.864e12), ("L4", 0.3e12),
+                  ("MI300X", 5.3e12)]
 # The GPU row trains as a real run would: micro-batches of 4 x 2048 tokens, 4 of them
 # accumulated per optimizer step, so AdamW's pass over the weights is amortised (64 would be
 # in a run of 03, whose batch is 0.5M tokens). Both models and their optimizers fit on 80 GB.
@@ -94,13 +106,38 @@ def race(fns: dict, warmup: int, repeats: int, device) -> dict:
 
 
 def speeds(row: dict, times: dict, work: float):
-    """ours_tok_s and hf_tok_s from the median times; the ratio as the median of the ratios of
-    each turn's pair (timed back to back, so they saw the same machine), steadier than the
-    ratio of the two medians on a machine whose speed drifts."""
+    """ours_tok_s and hf_tok_s (and compiled_tok_s) from the median times; the ratio to
+    transformers as the median of the ratios of each turn's pair (timed back to back, so they saw
+    the same machine), steadier than the ratio of the two medians on a machine whose speed drifts."""
     for name, t in times.items():
         row[f"{name}_tok_s"] = work / statistics.median(t)
     if "hf" in times:
         row["ratio"] = statistics.median(h / o for o, h in zip(times["ours"], times["hf"]))
+        if "compiled" in times:
+            row["compiled_ratio"] = statistics.median(h / c for c, h in zip(times["compiled"], times["hf"]))
+
+
+def memory_bandwidth(device, peak=None):
+    """Bytes/s the device's memory moves: --peak-bandwidth, else a GPU's from PEAK_BANDWIDTH, else
+    measured: the best of 5 copies of 512 MB (each reads and writes it), as on a CPU."""
+    if peak:
+        return peak, "--peak-bandwidth"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = next((b for key, b in PEAK_BANDWIDTH if key in name), None)
+        if table:
+            return table, f"{name}'s data sheet"
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    x = torch.ones(2 ** 27, device=device)
+    y = torch.empty_like(x)
+    best = math.inf
+    for _ in range(5):
+        sync()
+        t0 = time.perf_counter()
+        y.copy_(x)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.nbytes / best, "measured: a 512 MB copy"
 
 
 # ------------------------------------------------------------------------------------------
@@ -174,6 +211,13 @@ def progress(row) -> str:
     if "ours_mfu" in row:
         theirs = f", transformers {row['hf_mfu']:.1%}" if "hf_mfu" in row else ""
         line += f" (MFU ours {row['ours_mfu']:.1%}{theirs})"
+    if "compiled_tok_s" in row:
+        line += (f" | compiled step {row['compiled_tok_s']:,.0f} tok/s"
+                 + (f": {row['compiled_ratio']:.2f}x transformers" if "compiled_ratio" in row else ""))
+    if "roofline_tok_s" in row:
+        line += (f" | roofline {row['roofline_tok_s']:,.0f} tok/s ({row['step_bytes'] / 1e6:,.1f} MB a step at "
+                 f"{row['bandwidth'] / 1e9:,.0f} GB/s): eager {row['ours_roofline_share']:.1%}"
+                 + (f", compiled {row['compiled_roofline_share']:.1%}" if "compiled_roofline_share" in row else ""))
     return line
 
 
@@ -192,6 +236,9 @@ def bench_generate(preset: str, batch: int, new_tokens: int, dtype, device, tran
 
     def ours_generate():
         out["ours"] = M.generate(ours, prompts.tolist(), new_tokens, temperature=0, eos_id=None)
+
+    def compiled_generate():   # 02's compiled decoding step; the warm-up call compiles it
+        out["compiled"] = M.generate(ours, prompts.tolist(), new_tokens, temperature=0, eos_id=None, compile=True)
     fns = {"ours": ours_generate}
     if transformers:
         hf = hf_twin(ours, transformers, device).eval()
@@ -202,21 +249,35 @@ def bench_generate(preset: str, batch: int, new_tokens: int, dtype, device, tran
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
             out["hf"] = ids[:, PROMPT_LEN:].tolist()
         fns["hf"] = hf_generate
-    # The agreement check first, on one call of each (the race's warm-up repeats it)
-    for fn in fns.values():
+    if not opts.eager_only:
+        fns["compiled"] = compiled_generate
+    # The agreement checks first, on one call of each (the race's warm-up repeats it): transformers'
+    # before the compile, so that a broken export stops the bench at once
+    for name, fn in fns.items():
+        t0 = time.time()
         fn()
-    if transformers:
-        row["identical"] = out["ours"] == out["hf"]
-        if not row["identical"]:
+        if name == "compiled":
+            row["compile_s"] = time.time() - t0   # this first call compiled the step (less with a warm cache)
+    for name in [n for n in ("hf", "compiled") if n in out]:
+        agree = out["ours"] == out[name]
+        row["identical" if name == "hf" else "compiled_identical"] = agree
+        if not agree:
             first = min(next(i for i, (s, t) in enumerate(zip(a, b)) if s != t)
-                        for a, b in zip(out["ours"], out["hf"]) if a != b)
-            row["first_difference"] = first
+                        for a, b in zip(out["ours"], out[name]) if a != b)
+            row["first_difference" if name == "hf" else "compiled_first_difference"] = first
+            what = "transformers'" if name == "hf" else "the compiled step's"
             if dtype == torch.float32:
-                raise UserError(f"generation {preset} batch {batch}: greedy tokens differ from "
-                                f"transformers' at new token {first}")
-            print(f"  {preset} batch {batch}: tokens agree up to new token {first} "
-                  f"(expected in {row['dtype']}: the two round differently)")
+                raise UserError(f"generation {preset} batch {batch}: greedy tokens differ from {what} at new token "
+                                f"{first}")
+            print(f"  {preset} batch {batch}: tokens agree with {what} up to new token {first} "
+                  f"(expected in {row['dtype']}: they round differently)")
     speeds(row, race(fns, opts.warmup, opts.repeats, device), work=batch * new_tokens)
+    # the roofline: a step reads decode_bytes (the cache half full on average), at most bandwidth/s
+    step_bytes = M.decode_bytes(args, batch, PROMPT_LEN + new_tokens // 2, dtype.itemsize)
+    row.update(step_bytes=step_bytes, bandwidth=opts.bandwidth, bandwidth_source=opts.bandwidth_source,
+               roofline_tok_s=batch * opts.bandwidth / step_bytes)
+    for name in [n for n in fns if n != "hf"]:
+        row[f"{name}_roofline_share"] = row[f"{name}_tok_s"] / row["roofline_tok_s"]
     print(f"  {preset} batch {batch}: {progress(row)}")
     return row
 
@@ -226,8 +287,9 @@ def bench_generate(preset: str, batch: int, new_tokens: int, dtype, device, tran
 
 def bench_rollout(device, opts):
     """06's rollout throughput and the time split of its PPO iterations, measured by running 06
-    itself (PPO only, no figures) from the run folder's SFT model and reward models; None when
-    those are missing. Rollouts are not compared with TRL: that would need its own RMs."""
+    itself (PPO only, no figures) from the run folder's SFT model and reward models, with the
+    compiled decoding step off, then on (--compile-decode); None when those are missing. Rollouts
+    are not compared with TRL: that would need its own RMs."""
     if opts.run_dir is None and opts.quick:
         print("rollout skipped (--quick without --run-dir)")
         return None
@@ -241,20 +303,27 @@ def bench_rollout(device, opts):
     iterations = max(2, opts.repeats)
     small = ["--preset", "micro", "--ppo-prompts", "8", "--ppo-mini-batch", "8", "--ppo-micro-batch", "8",
              "--max-new-tokens", "8", "--calibration-prompts", "8"] if opts.quick else []
-    with tempfile.TemporaryDirectory() as tmp:
-        RL.main(["--run-dir", tmp, "--tokenizer", str(needed[0]), "--init", str(needed[1]),
-                 "--rm-helpful", str(needed[2]), "--rm-safety", str(needed[3]), "--device", str(device),
-                 "--no-rs", "--fig-n", "0", "--eval-per-kind", "1", "--calibration-prompts", "64",
-                 "--value-warmup", "0", "--ppo-iterations", str(iterations), "--ppo-ckpt-every", "1000", *small])
-        history = json.loads((Path(tmp) / "rs_ppo.json").read_text())
-    prompts = history["config"]["ppo_prompts"]
-    timed = history["ppo"][1:]   # the first iteration warms up
-    split = {k: statistics.median(h[k] for h in timed) for k in ("gen_s", "score_s", "train_s")}
-    out = dict(prompts=prompts, iterations=len(timed), samples_per_s=prompts / split["gen_s"],
-               **{f"median_{k}": v for k, v in split.items()})
-    total = sum(split.values())
-    print(f"  PPO batch of {prompts} rollouts: {out['samples_per_s']:,.1f} samples/s generated; one iteration "
-          f"{total:.2f}s = " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}s ({v / total:.0%})" for k, v in split.items()))
+    out = {}
+    for decoding, flags in (("eager", []), ("compiled", ["--compile-decode"]))[:1 if opts.eager_only else 2]:
+        with tempfile.TemporaryDirectory() as tmp:
+            RL.main(["--run-dir", tmp, "--tokenizer", str(needed[0]), "--init", str(needed[1]),
+                     "--rm-helpful", str(needed[2]), "--rm-safety", str(needed[3]), "--device", str(device),
+                     "--no-rs", "--fig-n", "0", "--eval-per-kind", "1", "--calibration-prompts", "64",
+                     "--value-warmup", "0", "--ppo-iterations", str(iterations), "--ppo-ckpt-every", "1000",
+                     *small, *flags])
+            history = json.loads((Path(tmp) / "rs_ppo.json").read_text())
+        prompts = history["config"]["ppo_prompts"]
+        timed = history["ppo"][1:]   # the first iteration warms up (and compiles what the calibration did not)
+        split = {k: statistics.median(h[k] for h in timed) for k in ("gen_s", "score_s", "train_s")}
+        out[decoding] = dict(prompts=prompts, iterations=len(timed), samples_per_s=prompts / split["gen_s"],
+                             **{f"median_{k}": v for k, v in split.items()})
+        total = sum(split.values())
+        print(f"  {decoding:>8}: PPO batch of {prompts} rollouts: {out[decoding]['samples_per_s']:,.1f} samples/s "
+              f"generated; one iteration {total:.2f}s = "
+              + ", ".join(f"{k.removesuffix('_s')} {v:.2f}s ({v / total:.0%})" for k, v in split.items()))
+    if "compiled" in out:
+        out["compiled_over_eager"] = out["compiled"]["samples_per_s"] / out["eager"]["samples_per_s"]
+        print(f"  rollout samples/s, compiled step over eager: {out['compiled_over_eager']:.2f}x")
     return out
 
 
@@ -270,7 +339,8 @@ def fmt(value, percent=False):
 def report_rows(results: dict, device, gpu_preset) -> list:
     """A row per figure: what, ours, theirs, ratio, and where the issue sets one, the target,
     the value it applies to and whether it is met. The ratio targets are for the CPU; on a GPU
-    the target is the MFU of the GPU preset."""
+    the targets are the GPU preset's: MFU, the compiled step's share of the roofline at batch 1
+    and its ratio to transformers at batch 8, and the rollouts' compiled / eager."""
     rows, on_cpu = [], device.type == "cpu"
 
     def add(what, ours, theirs, ratio, value=None, target=None, percent=False):
@@ -287,9 +357,23 @@ def report_rows(results: dict, device, gpu_preset) -> list:
             add(f"  MFU {r['preset']}", fmt(r["ours_mfu"], True), fmt(r.get("hf_mfu"), True), None,
                 r["ours_mfu"], MFU_TARGET if is_target else None, percent=True)
     for r in results["generate"]:
-        ratio = r.get("ratio") if r.get("identical", True) else 0.0   # different tokens: not met
-        add(f"generate {r['preset']} batch {r['batch']} tok/s", fmt(r["ours_tok_s"]), fmt(r.get("hf_tok_s")),
-            r.get("ratio"), ratio, GEN_TARGET if on_cpu else None)
+        on_gpu_preset = r["preset"] == gpu_preset and r["dtype"] == "bfloat16"
+        add(f"generate {r['preset']} {r['dtype']} batch {r['batch']} tok/s", fmt(r["ours_tok_s"]),
+            fmt(r.get("hf_tok_s")), r.get("ratio"))
+        if "compiled_tok_s" not in r:   # --eager-only
+            continue
+        same = r.get("identical", True) and r.get("compiled_identical", True)
+        ratio = r.get("compiled_ratio") if same or r["dtype"] != "float32" else 0.0   # other tokens: not met
+        target = GEN_TARGET if on_cpu else GPU_GEN_TARGET if on_gpu_preset and r["batch"] == 8 else None
+        add("  compiled step tok/s", fmt(r["compiled_tok_s"]), fmt(r.get("hf_tok_s")), r.get("compiled_ratio"),
+            ratio, target)
+        add("  compiled step, share of roofline", fmt(r["compiled_roofline_share"], True), "-", None,
+            r["compiled_roofline_share"], ROOFLINE_TARGET if on_gpu_preset and r["batch"] == 1 else None,
+            percent=True)
+    if results.get("rollout") and "compiled" in results["rollout"]:
+        speedup = results["rollout"]["compiled_over_eager"]
+        add("rollout samples/s, compiled / eager", fmt(results["rollout"]["compiled"]["samples_per_s"]), "-",
+            speedup, speedup, None if on_cpu else ROLLOUT_TARGET)
     return rows
 
 
@@ -335,16 +419,24 @@ def main(argv=None):
     p.add_argument("--gen-tokens", type=int, default=256, help="new tokens per generation")
     p.add_argument("--batch-sizes", default="1,8", help="generation batch sizes")
     p.add_argument("--peak-flops", type=float, help="the device's peak FLOP/s for MFU (default: 03's table)")
+    p.add_argument("--eager-only", action="store_true", help="skip 02's compiled decoding step (each batch "
+                                                             "size compiles it once: ~15-30 s on a CPU)")
+    p.add_argument("--peak-bandwidth", type=float, help="the device's memory bandwidth in bytes/s, for the "
+                                                        "roofline of decoding (default: a GPU table; on a CPU, "
+                                                        "measured by a copy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=str(tok.DEFAULT_RUN_DIR / "bench.json"), help="where the figures go")
     p.add_argument("--no-transformers", action="store_true", help="our figures only, even with transformers")
     p.add_argument("--run-dir", help="where 06's rollout bench finds the SFT model and the reward models "
                                      "(default runs/toy; with --quick, none: no rollout)")
-    p.add_argument("--quick", action="store_true", help="micro sizes and few tokens: a smoke test in seconds")
+    p.add_argument("--quick", action="store_true", help="micro sizes and few tokens (batch sizes 1,2 unless given): "
+                                                     "a smoke test in seconds")
     opts = p.parse_args(argv)
     if opts.quick:
         opts.sizes, opts.gen_preset, opts.gpu_preset = "micro", "micro", "none"
-        opts.batch, opts.seq_len, opts.gen_tokens, opts.batch_sizes = 2, 64, 16, "1,2"
+        opts.batch, opts.seq_len, opts.gen_tokens = 2, 64, 16
+        if opts.batch_sizes == p.get_default("batch_sizes"):
+            opts.batch_sizes = "1,2"
         opts.repeats, opts.warmup = min(opts.repeats, 2), min(opts.warmup, 1)
     sizes = [s for s in opts.sizes.split(",") if s]
     for name in sizes + [opts.gen_preset] + ([opts.gpu_preset] if opts.gpu_preset != "none" else []):
@@ -385,7 +477,10 @@ def main(argv=None):
         torch._dynamo.reset()   # let go of the compiled graphs, and with them the models' memory
         torch.cuda.empty_cache()
 
-    print(f"\ngeneration (greedy, KV cache, {opts.gen_tokens} new tokens):")
+    opts.bandwidth, opts.bandwidth_source = memory_bandwidth(device, opts.peak_bandwidth)
+    results["environment"]["memory_bandwidth"] = dict(bytes_per_s=opts.bandwidth, source=opts.bandwidth_source)
+    print(f"\ngeneration (greedy, KV cache, {opts.gen_tokens} new tokens; memory bandwidth "
+          f"{opts.bandwidth / 1e9:,.0f} GB/s, {opts.bandwidth_source}):")
     gen_rows = [(opts.gen_preset, dtype)] + ([(gpu_preset, torch.bfloat16)] if gpu_preset else [])
     for preset, gen_dtype in gen_rows:
         for batch in batch_sizes:

@@ -11,13 +11,19 @@ UserError = bench.UserError
 
 
 def test_quick_bench_without_transformers(tmp_path):
+    """With the compiled decoding step (batch 1 only: each batch size compiles once, ~15-30 s): it
+    gives eager decoding's tokens, and each speed has its share of the memory-bandwidth roofline."""
     out = tmp_path / "bench.json"
-    bench.main(["--quick", "--no-transformers", "--json", str(out)])
+    bench.main(["--quick", "--no-transformers", "--json", str(out), "--batch-sizes", "1"])
     saved = json.loads(out.read_text())
     env = saved["environment"]
     assert env["transformers"] is None and env["threads"] >= 1 and env["torch"]
+    assert env["memory_bandwidth"]["bytes_per_s"] > 1e8 and env["memory_bandwidth"]["source"].startswith("measured")
     assert [r["preset"] for r in saved["train"]] == ["micro"]
-    assert [r["batch"] for r in saved["generate"]] == [1, 2]
+    (gen,) = saved["generate"]
+    assert gen["batch"] == 1 and gen["compiled_identical"] and gen["compiled_tok_s"] > 0
+    assert gen["step_bytes"] == bench.M.decode_bytes(bench.M.PRESETS["micro"], 1, bench.PROMPT_LEN + 8, 4)
+    assert 0 < gen["ours_roofline_share"] == pytest.approx(gen["ours_tok_s"] / gen["roofline_tok_s"])
     for row in saved["train"] + saved["generate"]:
         assert row["ours_tok_s"] > 0 and "hf_tok_s" not in row and "ratio" not in row
 
@@ -30,7 +36,7 @@ def test_missing_transformers_means_our_figures_only(monkeypatch):
 def test_quick_bench_against_transformers(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "bench.json"
-    bench.main(["--quick", "--json", str(out)])
+    bench.main(["--quick", "--eager-only", "--json", str(out)])
     saved = json.loads(out.read_text())
     (train,) = saved["train"]
     assert train["loss_ours"] == pytest.approx(train["loss_hf"], abs=1e-5)
@@ -45,7 +51,7 @@ def test_a_broken_export_stops_the_bench(tmp_path, monkeypatch, dtype):
     pytest.importorskip("transformers")
     monkeypatch.setattr(bench.M, "permute_for_hf", lambda w, n_heads: w)
     with pytest.raises(UserError, match="disagree"):
-        bench.main(["--quick", "--dtype", dtype, "--json", str(tmp_path / "bench.json")])
+        bench.main(["--quick", "--eager-only", "--dtype", dtype, "--json", str(tmp_path / "bench.json")])
 
 
 def test_rollout_split_comes_from_06_itself(tmp_path):
@@ -63,6 +69,6 @@ def test_rollout_split_comes_from_06_itself(tmp_path):
     for name in ("rm_helpful.pt", "rm_safety.pt"):
         M.save_model(R.RewardModel(args), tmp_path / name)
     out = bench.main(["--quick", "--no-transformers", "--run-dir", str(tmp_path), "--json", str(tmp_path / "b.json"),
-                      "--batch-sizes", "1"])["rollout"]
+                      "--batch-sizes", "1", "--eager-only"])["rollout"]["eager"]
     assert out["prompts"] == 8 and out["iterations"] >= 1 and out["samples_per_s"] > 0
     assert min(out["median_gen_s"], out["median_score_s"], out["median_train_s"]) > 0

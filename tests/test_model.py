@@ -76,6 +76,33 @@ def test_kv_cache_decoding_equals_full_forward(attention):
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
 
 
+def test_decode_step_reads_the_static_cache_as_generation_does():
+    """decode_step (uncompiled): the whole cache, masked to each row's tokens up to pos, gives the
+    logits of a full forward over the real tokens; rows of different padding included."""
+    model = micro_model()
+    tokens = torch.randint(3, MICRO.vocab_size, (2, 9))
+    is_token = torch.ones(2, 16, dtype=torch.bool)
+    is_token[1, :3] = False                       # row 1: 3 padding columns, then 6 tokens
+    model.setup_cache(2, 16)
+    model(tokens[:, :8], 0, mask=M.causal_mask(8, 0, "cpu") & is_token[:, None, None, :8] | torch.eye(8, dtype=torch.bool))
+    logits = M.decode_step(model, tokens[:, 8:], torch.tensor([8]), is_token)
+    model.clear_cache()
+    assert torch.allclose(logits[0], model(tokens[:1])[0, -1], atol=1e-5)
+    assert torch.allclose(logits[1], model(tokens[1:, 3:])[0, -1], atol=1e-5)
+
+
+def test_compiled_decoding_gives_the_same_greedy_tokens():
+    """generate(compile=True): the compiled decode step gives eager decoding's greedy tokens, with
+    prompts of different lengths (padding) and of one length (one compiled shape: a compile on a
+    CPU takes ~15 s)."""
+    model = micro_model()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, MICRO.vocab_size, (2 + i,), generator=g).tolist() for i in range(5)]
+    for batch in (prompts, [p[:2] for p in prompts]):
+        eager = M.generate(model, batch, 40, temperature=0)
+        assert len(eager[0]) == 40 and M.generate(model, batch, 40, temperature=0, compile=True) == eager
+
+
 def test_logits_at_computes_only_the_chosen_positions_logits():
     model = micro_model()
     tokens = torch.randint(0, MICRO.vocab_size, (3, 12))
