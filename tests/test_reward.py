@@ -175,7 +175,7 @@ def test_collect_agrees_with_the_annotator(monkeypatch, tokenizer):
         tasks[task.prompt] = task
         return task
 
-    def fake_answer_all(model, tok_, dialogs, max_new, batch, temperature, top_p, generator):
+    def fake_answer_all(model, tok_, dialogs, max_new, batch, temperature, top_p, generator, compile=False):
         out = []
         for d in dialogs:
             t = tasks[d[-1]["content"]]

@@ -237,7 +237,7 @@ def test_first_ppo_minibatch_has_ratio_one_and_zero_kl(tokenizer):
                        0, tokenizer.eos_id)
     args = argparse_namespace(ppo_micro_batch=4, ppo_mini_batch=4, world_size=1, ppo_epochs=1, max_new_tokens=6,
                               ppo_temperature=0.7, kl_beta=0.1, gamma=1.0, lam=0.95, clip_eps=0.2, value_clip=0.2,
-                              grad_clip=1.0)
+                              grad_clip=1.0, compile_decode=False)
     opts = [P.configure_optimizer(m, 1e-2, 0.1, (0.9, 0.95), 1e-5, torch.device("cpu")) for m in (policy, value)]
     prompts = RL.draw_prompts(world, 8, seed=0)
     from contextlib import nullcontext
