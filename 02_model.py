@@ -161,6 +161,19 @@ def plain_attention(q, k, v, mask):
     return F.softmax(scores.float(), dim=-1).type_as(q) @ v
 
 
+def decode_attention(q, k, v, mask, n_rep: int):
+    """plain_attention for one new position a row (decode_step), with GQA and no copy of the cache:
+    the n_rep query heads that share a kv head are the rows of one matmul against its keys.
+    q: (batch, heads, 1, head_dim); k, v: (batch, kv_heads, cache, head_dim); mask: (batch, 1, 1,
+    cache). Written out, torch.compile fuses it; SDPA's CPU kernel is slow for a single query."""
+    bsz, n_heads, _, head_dim = q.shape
+    q = q.view(bsz, n_heads // n_rep, n_rep, head_dim)           # head kv * n_rep + r, as repeat_kv
+    scores = q @ k.transpose(-2, -1) / math.sqrt(head_dim)        # (batch, kv_heads, n_rep, cache)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out = F.softmax(scores.float(), dim=-1).type_as(q) @ v        # (batch, kv_heads, n_rep, head_dim)
+    return out.view(bsz, n_heads, 1, head_dim)
+
+
 def causal_mask(seqlen: int, start_pos: int, device):
     """(seqlen, start_pos + seqlen) bool: query i (at position start_pos + i) sees keys <= its position."""
     q_pos = torch.arange(start_pos, start_pos + seqlen, device=device)[:, None]
@@ -206,6 +219,8 @@ class Attention(nn.Module):
                 k = self.cache_k[:bsz, :, :start_pos + seqlen]
                 v = self.cache_v[:bsz, :, :start_pos + seqlen]
 
+        if torch.is_tensor(start_pos):   # decode_step
+            return self.wo(decode_attention(q, k, v, mask, self.n_rep).transpose(1, 2).reshape(bsz, seqlen, -1))
         if not self.use_sdpa:   # GQA spelled out: each kv head serves n_rep query heads
             k, v = (repeat_kv(t.transpose(1, 2), self.n_rep).transpose(1, 2) for t in (k, v))
         # SDPA shares the kv heads itself (enable_gqa) and reads the cache in place, where
@@ -524,12 +539,21 @@ def generate(model, prompt_tokens, max_gen_len: int, temperature: float = 0.6,
 
     eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
     model.setup_cache(bsz, cache_len)
+    if compile:   # the cache is written inside the graph: tell torch.compile it stays where it is, as
+        for layer in model.layers:   # transformers' StaticCache does, so CUDA graphs can keep it
+            torch._dynamo.mark_static_address(layer.attention.cache_k)
+            torch._dynamo.mark_static_address(layer.attention.cache_v)
     try:
         prev_pos = 0
         for cur_pos in range(max_len, total_len):
             if compile and prev_pos > 0:   # after the prefill: the compiled step, the position as a tensor
                 pos = torch.tensor([prev_pos], device=device)
-                logits = step(model, tokens[:, prev_pos:cur_pos], pos, is_token)
+                # torch.compile checks its guards (shapes, dtypes, the model's weights...) before each
+                # call, which took ~10% of a small model's step. They held at this call's first step,
+                # and every later step passes the same model and tensors of the same shapes: so skip
+                # all but those that tell its compiled graphs apart.
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=prev_pos > max_len):
+                    logits = step(model, tokens[:, prev_pos:cur_pos], pos, is_token)
             else:
                 # a query sees the tokens at or before it, never padding; a padding query sees
                 # itself only, which keeps its softmax finite (its output is never read). Prompts
