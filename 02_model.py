@@ -10,7 +10,8 @@ reader can diff the two files and Meta's weights load with no key map.
 
 The file reads in the paper's order: the sizes (Table 1), RMSNorm, RoPE, GQA
 attention, SwiGLU, the pre-norm block, the transformer and its cost, then
-generation with a KV cache; each opens with the sentence of the paper it
+generation with a KV cache (eager, or one compiled decoding step read against
+the memory-bandwidth roofline); each opens with the sentence of the paper it
 implements. The plumbing follows: checkpoints in our, Meta's and Hugging Face's
 formats, the device, the command line.
 Why it is over ~600 lines: it reads and writes Meta's and Hugging Face's formats, so real weights load.
@@ -21,13 +22,15 @@ Run it:
         # finds tokenizer.model in llama-2-7b/ or beside it, where Meta's download puts it
     python 02_model.py --ckpt runs/toy/pretrain.pt --export-hf out/hf   # opens with transformers,
         # model and tokenizer (AutoTokenizer, with Meta's chat template)
+    python 02_model.py --compile-decode       # the same, decoding with the compiled step
 
 What to look at: the preset table's params column, where 7B, 13B and 70B should
 equal the released models' counts (README, chapter 02), which says the shapes
 are Meta's; the kv column, 8 for 34B and 70B (GQA); and the FLOPs per token,
 which chapter 03 turns into MFU. The random model's tokens are noise: they show
 that the prefill and the KV-cache steps run, not what a model knows (chapter 03
-trains one).
+trains one). The last line sets the tokens/s beside the bytes a decoding step reads:
+decoding is bound by memory, and the gap to the bandwidth is launch overhead.
 
 Meta's folders (params.json + consolidated.*.pth), Hugging Face folders
 (config.json + *.safetensors or *.bin) and our own .pt checkpoints all load
@@ -459,9 +462,9 @@ def sample_top_p(probs, p: float, generator=None):
 # and values of every earlier position) but does only ~2 FLOPs per weight read per row: at
 # batch 1, a GPU's compute units wait on memory ~100x over. So the speed limit of decoding, its
 # roofline, is the memory bandwidth over the bytes a step reads (decode_bytes below): for the 1B
-# preset in bf16, ~2.2 GB a step, at an H100's 3.35 TB/s ~1,500 steps/s. Run step by step from
-# Python, a small model never gets near it: each of a step's ~20 kernels a layer waits on
-# Python to launch it. torch.compile turns the step into one graph of fused kernels (and on a
+# preset in bf16 at batch 1, 2.1 GB a step, so at an H100's 3.35 TB/s (its data sheet) at most
+# ~1,600 steps/s. Run op by op from Python, a small model never gets near it: each of the dozens
+# of kernels a layer runs waits on Python to launch it. torch.compile turns the step into one graph of fused kernels (and on a
 # GPU, with mode="reduce-overhead", one CUDA graph launched at once). A compiled graph has fixed
 # shapes, so decode_step reads the whole static cache (masked) rather than the part filled so
 # far, and takes the position as a tensor: as a Python int it would be baked into the graph, and
