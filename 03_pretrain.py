@@ -701,8 +701,8 @@ def add_training_args(parser, paper: dict, toy: dict):
     add("--dtype", default="auto", help="auto (bf16 autocast on a GPU that has it, else fp32), fp32, bf16")
     add("--compile", action="store_true", help="torch.compile the model (the uncompiled one is saved)")
     add("--compile-decode", action="store_true",
-        help="sample with 02's compiled decoding step (generate(compile=True)): faster on a GPU, after a compile "
-             "of seconds to a minute per shape")
+        help="sample with 02's compiled decoding step (generate(compile=True)), after a compile of seconds to a "
+             "minute per shape: faster where launching kernels dominates a step (README, chapter 02)")
     add("--fsdp", action="store_true", help="under torchrun: shard every TransformerBlock (FSDP2), not DDP")
     add("--seed", type=int, default=0)
     add("--resume", action="store_true", help="continue exactly from RUN_DIR's checkpoint")

@@ -746,8 +746,8 @@ def chat(argv, input_fn=input):
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile-decode", action="store_true", help="02's compiled decoding step: faster on a GPU, "
-                                                                 "after a compile at each new context length")
+    p.add_argument("--compile-decode", action="store_true", help="02's compiled decoding step (compiled on first use, "
+                                                                 "and as the context grows): faster at batch 1 (README, ch. 02)")
     args = p.parse_args(argv)
     if not args.ckpt.exists():   # say which chapter writes it
         maker = CHAT_MODELS.get(args.ckpt.name)
