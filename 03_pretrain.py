@@ -1062,13 +1062,14 @@ def kv_cache(a, rows: int, length: int, elem: int) -> float:
     return 2 * a.n_layers * rows * length * (a.n_kv_heads or a.n_heads) * (a.dim // a.n_heads) * elem
 
 
-def generation(m: PlanModel, rows: int, prompt: int, new: int, label: str):
-    """02's generate on an fp32 model (sampling runs outside autocast): the KV cache in fp32 for
-    rows x min(context, prompt + new) positions, and the prompt's forward (its fp32 logits)."""
+def generation(m: PlanModel, rows: int, prompt: int, new: int, label: str, elem: int = 4):
+    """02's generate on a model of elem bytes a weight (fp32 unless a copy was cast: sampling runs
+    outside autocast): the KV cache in that dtype for rows x min(context, prompt + new) positions,
+    and the prompt's forward (its logits)."""
     length = min(m.args.max_seq_len, prompt + new)
-    return [(f"{label}: KV cache, fp32, {rows} x {length:,} positions", "kv_cache",
-             kv_cache(m.args, rows, length, 4), False),
-            *forward_transient(m, rows, min(prompt, length - 1), 4, 1, f"{label}: the prompts' forward")]
+    return [(f"{label}: KV cache, {'fp32' if elem == 4 else 'bf16'}, {rows} x {length:,} positions", "kv_cache",
+             kv_cache(m.args, rows, length, elem), False),
+            *forward_transient(m, rows, min(prompt, length - 1), elem, 1, f"{label}: the prompts' forward")]
 
 
 def phase_total(items) -> float:
@@ -1160,8 +1161,8 @@ def plan_rs_ppo(args, s: PlanSetup, models):
                ("PPO: reference and value model load, whole", rms + policy + ref + whole(rm, "value model",
                                                                                          "other_models"))]
     sampler = []
-    if s.fsdp:   # run_ppo: a whole fp32 copy samples, refreshed every iteration
-        sampler = whole(m, "sampler copy of the policy (deepcopy)", "other_models")
+    if s.fsdp:   # run_ppo: a whole copy in the compute dtype samples, refreshed every iteration
+        sampler = whole(m, "sampler copy of the policy (deepcopy)", "other_models", s.elem)
         phases.append(("PPO: the sampler copied before FSDP shards policy and value",
                        rms + policy + ref + whole(rm, "value model", "other_models") + sampler))
     value = lambda grads, running: trained_state(rm, s, "value model", grads, running=running,
@@ -1170,10 +1171,12 @@ def plan_rs_ppo(args, s: PlanSetup, models):
         value(False, running)
     ppo_rows = rows(args.ppo_prompts // W)
     if s.fsdp:
-        gathered = [("policy's full state dict, gathered on every rank, fp32", "other_models", 4 * m.params, False)]
-        phases.append(("PPO iteration: the policy's full state gathered for the sampler", steady(False) + gathered))
-    phases += [("PPO iteration: rollouts (sample_answers)",
-                steady(False) + generation(m, ppo_rows, s.prompt, args.max_new_tokens, "rollouts")),
+        largest = m.args.vocab_size * m.args.dim   # the embedding and the output layer
+        gathered = [("one weight of the policy gathered whole (the largest), fp32", "other_models", 4 * largest, False)]
+        phases.append(("PPO iteration: the sampler refreshed weight by weight", steady(False) + gathered))
+    phases += [("PPO iteration: rollouts (sample_answers)",   # under FSDP the sampler copy's dtype
+                steady(False) + generation(m, ppo_rows, s.prompt, args.max_new_tokens, "rollouts",
+                                           s.elem if s.fsdp else 4)),
                ("PPO iteration: both RMs score the rollouts (score_rows)",
                 steady(False) + forward_transient(rm, ppo_rows, length, e, 0, "scoring")),
                ("PPO iteration: old and reference log-probs, values (no gradients)",
@@ -1397,7 +1400,7 @@ def plan_stage(args, stage: str, budget=None, reward_model=None):
                   + ("" if found is None else
                      f": on {found[0].gpus:,} GPUs with FSDP and checkpointing, '{found[1][0]}' still needs "
                      f"{found[1][2] / GB:.1f} GB, {sum(b for _, _, b, shrinks in found[1][1] if not shrinks) / GB:.1f}"
-                     " GB of it held whole on a rank (models, fp32 KV caches, batches no flag sets)")
+                     " GB of it held whole on a rank (models, KV caches, batches no flag sets)")
                   + ". The code has to change: issue 18's second part (models built and kept sharded, sampling "
                     "in bf16, evaluation spread over the ranks)")
 

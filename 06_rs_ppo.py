@@ -515,7 +515,7 @@ def run_ppo(args, policy, value_model, ref, reward, source, tokenizer, state, ra
     """PPO's loop: 03's optimizer, DDP or FSDP and checkpoints (set up in section 6), with
     rollouts in each iteration. -> the history, an entry per iteration."""
     ckpt_path, world_size = args.run_dir / "ppo.pt", args.world_size
-    rollout_policy = shard_for_fsdp(policy, value_model) if args.fsdp else policy
+    rollout_policy = shard_for_fsdp(policy, value_model, M.pick_dtype(args.dtype, device)) if args.fsdp else policy
     opts = ppo_optimizers(args, policy, value_model, device)
     it, history = 0, []
     if args.resume and ckpt_path.is_file():
@@ -787,12 +787,14 @@ def report(args, run: Run, state, history, t_start):
 # 6. Plumbing: FSDP, DDP and compile for PPO, its optimizers, checkpoint and resume; prompts
 #    files; the command line.
 
-def shard_for_fsdp(policy, value_model):
+def shard_for_fsdp(policy, value_model, dtype):
     """FSDP2: the policy and the value model train sharded, each block's weights 1/world per rank.
     -> a full copy of the policy made first, for sampling: generation calls the model once per
-    token, a different number of times on each rank, which a sharded forward cannot do."""
+    token, a different number of times on each rank, which a sharded forward cannot do. The copy
+    is in the compute dtype (bf16 on a GPU: half an fp32 copy, and its KV cache bf16 too), as
+    autocast would compute; PPO's log-probs come from the trained policy, not from this copy."""
     from torch.distributed.fsdp import fully_shard
-    rollout_policy = copy.deepcopy(policy)
+    rollout_policy = copy.deepcopy(policy).to(dtype)
     for model in (policy, value_model):
         for block in [m for m in model.modules() if isinstance(m, M.TransformerBlock)]:
             fully_shard(block)
@@ -800,10 +802,15 @@ def shard_for_fsdp(policy, value_model):
     return rollout_policy
 
 
+@torch.no_grad()
 def refresh_rollout_policy(rollout_policy, policy):
-    """The full copy gets the sharded policy's trained weights (a collective: every rank calls it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    rollout_policy.load_state_dict(get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)))
+    """The full copy gets the sharded policy's trained weights, one weight at a time (each
+    full_tensor() is a collective: every rank calls them in the same order). A full state dict
+    would gather every fp32 weight at once on every rank (27 GB at 7B); this holds one at a time."""
+    sampled = dict(rollout_policy.named_parameters())
+    for name, param in policy.named_parameters():
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param   # a DTensor shard, or whole
+        sampled[name].copy_(full)   # cast to the copy's dtype
 
 
 def ppo_optimizers(args, policy, value_model, device):

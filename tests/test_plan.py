@@ -111,20 +111,22 @@ def test_more_gpus_shrink_what_fsdp_shards_and_nothing_else():
 
 
 def test_ppo_holds_the_sampler_copy_and_frozen_models_whole():
-    """06 today, at 7B over 8 ranks: the fp32 sampler copy, the bf16 reference and both bf16 RMs
-    are whole on every rank, and the plan says it does not fit."""
+    """06 today, at 7B over 8 ranks: the sampler copy (bf16, the compute dtype), the bf16 reference
+    and both bf16 RMs are whole on every rank, and the plan says it does not fit."""
     result = plan("06_rs_ppo", "--preset", "7B", "--fsdp", "--gpus", "8", "--dtype", "bf16",
                   "--init", "unread", "--prompts", "unread.jsonl")
     items = {i["what"]: i["bytes"] for i in phase(result, "PPO update")["items"]}
     R = chapter("05_reward")
     with torch.device("meta"):
         rm_params = sum(p.numel() for p in R.RewardModel(M.PRESETS["7B"]).parameters())
-    assert items["sampler copy of the policy (deepcopy), fp32, whole on this rank"] == 4 * LLAMA2_7B_PARAMS
+    assert items["sampler copy of the policy (deepcopy), bf16, whole on this rank"] == 2 * LLAMA2_7B_PARAMS
     assert items["reference policy, bf16, whole"] == 2 * LLAMA2_7B_PARAMS
     assert items["Helpfulness and Safety RMs, bf16, whole"] == 2 * 2 * rm_params
     rollouts = {i["what"]: i["bytes"] for i in phase(result, "PPO iteration: rollouts")["items"]}
     length = 128 + 1024   # --plan-prompt-tokens' default + the paper's answers
-    assert rollouts[f"rollouts: KV cache, fp32, 64 x {length:,} positions"] == 2 * 32 * 64 * length * 4096 * 4
+    assert rollouts[f"rollouts: KV cache, bf16, 64 x {length:,} positions"] == 2 * 32 * 64 * length * 4096 * 2
+    refresh = {i["what"]: i["bytes"] for i in phase(result, "PPO iteration: the sampler refreshed")["items"]}
+    assert refresh["one weight of the policy gathered whole (the largest), fp32"] == 4 * 32000 * 4096
     assert not result["fits"] and result["fix"] is None
 
 

@@ -343,3 +343,45 @@ def test_numeric_flags_of_05_and_06_are_checked_where_parsed(tmp_path, main, fla
     with pytest.raises(tok.UserError, match=f"^{flag} {value}: "):
         main(["--run-dir", str(tmp_path / "nowhere"), flag, value])
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_fsdp_sampler_copy_is_refreshed_weight_by_weight(tmp_path):
+    """Under FSDP (2 processes, gloo on the CPU), the rollout copy is made in the compute dtype and
+    refresh_rollout_policy gives it the sharded policy's trained weights, gathered one at a time:
+    equal to the full state dict, cast."""
+    import subprocess
+    import sys
+    import textwrap
+    script = tmp_path / "refresh.py"
+    script.write_text(textwrap.dedent(f"""
+        import importlib, json, sys
+        import torch, torch.distributed as dist
+        sys.path.insert(0, {str(tok.REPO)!r})
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        M, R, RL = (importlib.import_module(m) for m in ("02_model", "05_reward", "06_rs_ppo"))
+        dist.init_process_group("gloo")
+        torch.manual_seed(0)
+        policy, value = M.Transformer(M.PRESETS["micro"]), R.RewardModel(M.PRESETS["micro"])
+        before = {{n: p.detach().clone() for n, p in policy.named_parameters()}}
+        sampler = RL.shard_for_fsdp(policy, value, torch.bfloat16)
+        with torch.no_grad():   # a training step's change to every shard
+            for p in policy.parameters():
+                p.mul_(-2.0).add_(0.5)
+        RL.refresh_rollout_policy(sampler, policy)
+        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
+        params = dict(sampler.named_parameters())
+        result = dict(
+            sharded=all(hasattr(p, "full_tensor") for p in policy.parameters()),
+            bf16=all(p.dtype == torch.bfloat16 for p in params.values()),
+            refreshed=sorted(params) == sorted(full) and all(torch.equal(params[n], full[n].to(torch.bfloat16))
+                                                             for n in full),
+            changed=all(torch.equal(full[n], before[n] * -2.0 + 0.5) for n in full))
+        json.dump(result, open({str(tmp_path)!r} + f"/rank{{dist.get_rank()}}.json", "w"))
+        dist.destroy_process_group()
+        """))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result == dict(sharded=True, bf16=True, refreshed=True, changed=True), (rank, result)
