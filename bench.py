@@ -272,7 +272,8 @@ def bench_generate(preset: str, batch: int, new_tokens: int, dtype, device, tran
             print(f"  {preset} batch {batch}: tokens agree with {what} up to new token {first} "
                   f"(expected in {row['dtype']}: they round differently)")
     speeds(row, race(fns, opts.warmup, opts.repeats, device), work=batch * new_tokens)
-    # the roofline: a step reads decode_bytes (the cache half full on average), at most bandwidth/s
+    # the roofline: what a step must read (decode_bytes, the cache half full on average; the compiled
+    # step reads its whole static cache, so it sits further below), at most bandwidth bytes a second
     step_bytes = M.decode_bytes(args, batch, PROMPT_LEN + new_tokens // 2, dtype.itemsize)
     row.update(step_bytes=step_bytes, bandwidth=opts.bandwidth, bandwidth_source=opts.bandwidth_source,
                roofline_tok_s=batch * opts.bandwidth / step_bytes)
