@@ -75,7 +75,7 @@ TOY = dict(   # ~2 minutes of the toy preset on 2 cores; in that budget batches 
     # beat 1024 and 4096, and sequences of 128 beat 256 (more steps matter more than context).
     # 520 steps keep the whole recipe (pipeline.py) inside its time budget; 670 reached a
     # validation loss 0.09 lower, and chapters 04-07 showed the same effects from either
-    steps=520, batch_tokens=2048, seq_len=128, micro_batch=16,
+    steps=400, batch_tokens=2048, seq_len=128, micro_batch=16,
     # tiny models tolerate, and in a few hundred steps need, a far higher LR than 7B's (toy:
     # 5e-3 measured best of 1e-3 to 5e-3 in this budget)
     lr={"micro": 3e-3, "toy": 5e-3, "small": 1e-3},

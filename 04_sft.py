@@ -64,6 +64,8 @@ PAPER = dict(batch_tokens=64 * 4096, seq_len=4096, micro_batch=1, lr=2e-5, warmu
 TOY = dict(batch_tokens=16 * 256, seq_len=256, micro_batch=16, lr=1e-3, warmup_steps=10,
            log_every=10, eval_every=50, ckpt_every=100)
 SFT_EXAMPLES = 27_540   # the paper's count of vendor-written annotations (Sec. 3.1)
+TOY_EXAMPLES = 23_000   # toy-world dialogues on the CPU presets: fewer, so the whole recipe fits its
+                        # time budget; the SFT model is far above the base model either way
 
 
 # ========================================================================================
@@ -266,7 +268,7 @@ def is_careless(answer: str) -> bool:
 
 
 def sft_dialogs(world, n: int, seed: int, careless_share: float = CARELESS_SHARE):
-    """n training dialogues (the paper's 27,540 by default), a pure function of the seed:
+    """n training dialogues (the paper's 27,540 at full scale), a pure function of the seed:
     one task per turn, a fifth of them two turns long, a tenth with a system prompt, and
     careless_share of the answers by the careless annotator."""
     rng = random.Random(seed)
@@ -622,8 +624,8 @@ def main(argv=None):
                                        "'scratch' (default RUN_DIR/pretrain.pt)")
     parser.add_argument("--tokenizer", type=Path, help="SentencePiece model (default RUN_DIR/tokenizer.model)")
     parser.add_argument("--data", type=Path, help="chat JSONL instead of the toy world's dialogues")
-    parser.add_argument("--examples", type=tok.number_flag("--examples", at_least=1), default=SFT_EXAMPLES,
-                        help="toy-world dialogues (paper: 27,540)")
+    parser.add_argument("--examples", type=tok.number_flag("--examples", at_least=1), default=None,
+                        help=f"toy-world dialogues (default {TOY_EXAMPLES:,} on the CPU presets, else the paper's {SFT_EXAMPLES:,})")
     parser.add_argument("--epochs", type=tok.number_flag("--epochs", float, above=0), default=None,
                         help="passes over the data (paper: 2; toy: 1)")
     parser.add_argument("--steps", type=tok.number_flag("--steps", at_least=1),
@@ -653,6 +655,7 @@ def main(argv=None):
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's context of {context} tokens")
     tokenizer = tok.Tokenizer(tok_path)
     world = P.make_world(args.world_seed)
+    args.examples = args.examples or (TOY_EXAMPLES if args.preset in P.CPU_PRESETS else SFT_EXAMPLES)
     dialogs = read_chat_jsonl(args.data) if args.data else sft_dialogs(world, args.examples, args.seed)
     encoded = [encode_dialog(tokenizer, d) for d in dialogs]
     n_val = max(1, len(encoded) // 50)   # 2% of dialogues measure the held-out loss

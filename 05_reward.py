@@ -644,8 +644,8 @@ def parse_args(argv):
         help="toy helpfulness comparisons to collect for training")
     add("--safety-comparisons", type=tok.number_flag("--safety-comparisons", at_least=1), default=500,
         help="toy safety comparisons for training")
-    add("--test-comparisons", type=tok.number_flag("--test-comparisons", at_least=1), default=1000,
-        help="held-out toy comparisons per set (default 1000: half of them are near ties, coin tosses for "
+    add("--test-comparisons", type=tok.number_flag("--test-comparisons", at_least=1), default=800,
+        help="held-out toy comparisons per set (default 800: half of them are near ties, coin tosses for "
              "any RM, and Table 7's differences are a few points)")
     add("--margin", default="small", choices=MARGINS, help="Table 27's margin of the two RMs (default small)")
     add("--mix", default="paper", choices=("paper", "none"), help="the paper's data mix of each RM, or own set only")

@@ -90,7 +90,7 @@ BUDGET = {
     "rs_k": (10, 4, "samples per prompt, the best kept (K is not given; Figure 7 samples up to 100)"),
     "rs_temperature": (1.2, 0.7, "RS sampling temperature (Figure 8: 1.2-1.3 best for 10-100 samples)"),
     "rs_epochs": (1.0, 1.0, "passes over the pool in each RS round"),
-    "ppo_iterations": (200, 40, "PPO iterations (paper: 200-400, with early stopping)"),
+    "ppo_iterations": (200, 30, "PPO iterations (paper: 200-400, with early stopping)"),
     "ppo_prompts": (512, 64, "rollouts per PPO iteration, all ranks (paper: 512)"),
     "ppo_mini_batch": (64, 16, "rollouts per gradient step, one step per mini-batch (paper: 64)"),
     "ppo_micro_batch": (4, 16, "rollouts per forward per rank, accumulated up to the mini-batch"),
