@@ -655,12 +655,12 @@ def parse_args(argv):
     add("--inst-steps", type=int, default=250,
         help="step 1: optimizer steps (default 250: with fewer, a seed's step-1 model followed its instruction in "
              "too few of its sampled answers, and GAtt, trained on the rest, learned to copy)")
-    add("--dialogues", type=int, default=96,
-        help="GAtt: dialogues to sample; each gives a sample per turn from the second (default 96)")
+    add("--dialogues", type=int, default=128,
+        help="GAtt: dialogues to sample; each gives a sample per turn from the second (default 128)")
     add("--train-turns", type=int, default=20,
         help="GAtt: turns per sampled dialogue (default 20, as many as the evaluation: trained on fewer "
              "turns, the toy model kept the rule as far as it was trained and often lost it beyond)")
-    add("--steps", type=int, default=200, help="GAtt: optimizer steps (default 200)")
+    add("--steps", type=int, default=250, help="GAtt: optimizer steps (default 250)")
     add("--gatt-lr", type=float, help="GAtt: peak learning rate (default --lr / 4: step 1 teaches a new skill, "
                                       "GAtt only adjusts one, and a higher rate erodes what 06 taught)")
     add("--replay", type=float, default=0.5,
