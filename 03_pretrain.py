@@ -412,10 +412,7 @@ def train(cfg, model, get_batch, compute_loss, evaluate=None, ckpt_path=None, ex
     checkpointing = getattr(cfg, "activation_checkpointing", False)
     checkpoint_blocks(model, checkpointing)
     if cfg.fsdp:   # FSDP2: each block's weights, gradients and Adam moments live 1/world_size per rank
-        from torch.distributed.fsdp import fully_shard
-        for block in [m for m in model.modules() if isinstance(m, M.TransformerBlock)]:
-            fully_shard(block)
-        fully_shard(model)
+        shard_model(model)
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
     step, history = load_training_state(ckpt_path, model, optimizer, cfg) if cfg.resume else (0, [])
     resumed_stop = history.pop().copy() if history and "stopped" in history[-1] else None
@@ -867,6 +864,18 @@ def fmt_time(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
+def shard_model(model):
+    """FSDP2 (fully_shard): each TransformerBlock its own group, then the rest (embedding, final
+    norm, head) as the root's. A forward gathers one block's weights at a time and frees them after
+    it, so a rank holds 1/world_size of the model plus a block or two. Every rank must then call the
+    model's forward (and backward) the same number of times: each call is a collective."""
+    from torch.distributed.fsdp import fully_shard
+    for block in [m for m in model.modules() if isinstance(m, M.TransformerBlock)]:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
 def checkpoint_blocks(model, on: bool):
     """--activation-checkpointing: each TransformerBlock keeps only its input for backward, and
     backward runs its forward again to get the rest (torch.utils.checkpoint, non-reentrant; it
@@ -909,7 +918,7 @@ GB = 1e9   # bytes. --gpu-memory is in GB too: an "80 GB" card holds 80 GiB = 85
 KINDS = ("weights", "grads", "optimizer", "activations", "kv_cache", "other_models")
 PLAN_BATCHES = dict(answer_all=64, sample_answers=64, score_rows=64, evaluate_rm=128, converse=32)   # the
 # batch sizes the chapters generate and score with (04's answer_all, 06's sample_answers, 05's score_rows and
-# evaluate_rm, 07's converse): none is a flag, so no flag shrinks them
+# evaluate_rm, 07's converse): only 06's is a flag (--sample-batch; 64 its default), so no flag shrinks the others
 PLAN_NEW_TOKENS = dict(evaluate_chat=32, toy_comparisons=40, gatt=40)   # answer lengths that are no flag either:
 # 04's evaluate_chat, 05's toy sampling (its longer, safety answers), 07's MAX_NEW_TOKENS
 
@@ -1135,40 +1144,67 @@ def plan_reward(args, s: PlanSetup, models):
     return phases
 
 
+def frozen_held(m: PlanModel, s: PlanSetup, label: str, count: int = 1, running: bool = False):
+    """Models that only run forward (06's reference and RMs), in the compute dtype: whole on every
+    rank, or under FSDP 1/world_size a rank, with a block and the root gathered while one runs
+    (count 0: only that gathered part, for a phase that adds it to models already counted)."""
+    dtype = "bf16" if s.elem == 2 else "fp32"
+    if not s.fsdp:
+        return [(f"{label}, {dtype}, whole", "other_models", count * s.elem * m.params, False)]
+    return [(f"{label}, {dtype}, 1/{s.gpus} a rank", "other_models", count * s.elem * m.params / s.gpus, True)] * \
+        (count > 0) + [(f"{label}: FSDP's gathered root and two blocks, {dtype}", "other_models",
+          s.elem * (m.root + 2 * m.block), False)] * running
+
+
 def plan_rs_ppo(args, s: PlanSetup, models):
     m, rm, W, e = models["policy"], models["reward"], s.gpus, s.elem
-    frozen = "bf16" if e == 2 else "fp32"
-    rms = [(f"Helpfulness and Safety RMs, {frozen}, whole", "other_models", 2 * e * rm.params, False)]
+    rms_label = "Helpfulness and Safety RMs"
+    rms = frozen_held(rm, s, rms_label, 2)
+    scoring_rms = frozen_held(rm, s, rms_label, 2, running=True)
     policy = whole(m, "policy", "weights")
     length = min(m.args.max_seq_len, s.prompt + args.max_new_tokens)   # prompt + answer (+ EOS within it)
-    rows = lambda n: max(1, min(PLAN_BATCHES["sample_answers"], n))
+    rows = lambda n: max(1, min(getattr(args, "sample_batch", PLAN_BATCHES["sample_answers"]), n))
     first_rows = rows(max(args.calibration_prompts, args.fig_prompts * args.fig_n,
                           args.rs_prompts // W * args.rs_k if args.rs_iterations else 0))
-    phases = [("load: both RMs and the policy, whole on every rank", rms + policy),
-              ("calibration, Figures 7-8 (rank 0) and RS: sample_answers",
-               rms + policy + generation(m, first_rows, s.prompt, args.max_new_tokens, "sampling")),
-              ("calibration: both RMs score the samples (score_rows)",
-               rms + policy + forward_transient(rm, first_rows, length, e, 0, "scoring"))]
+    if s.fsdp:   # each RM loads whole, then FSDP shards it: the second loads beside the first's shard
+        load = [("load: the RMs, each whole until FSDP shards it",
+                 frozen_held(rm, s, "Helpfulness RM") + whole(rm, "Safety RM (loading)", "other_models", e))]
+    else:
+        load = []
+    # run_rlhf: the start model samples (and is evaluated) in the compute dtype, whole on every rank
+    start = whole(m, "start model (the sampler)", "weights", e)
+    phases = load + [
+        ("load: both RMs and the start model" + (", the model whole on every rank" if s.fsdp else ", whole"),
+         rms + start),
+        ("calibration, Figures 7-8 (" + ("every rank" if s.fsdp else "rank 0") + ") and RS: sample_answers",
+         rms + start + generation(m, first_rows, s.prompt, args.max_new_tokens, "sampling", e)),
+        ("calibration: both RMs score the samples (score_rows)",
+         scoring_rms + start + forward_transient(rm, first_rows, length, e, 0, "scoring"))]
     if args.rs_iterations:
-        phases += [("RS fine-tuning: 03's loop on the pool, the RMs held", rms + sft_training(args, s, m, "policy")),
-                   ("RS: rs.pt loads whole, the trained model still held",
-                    rms + held(m, s, "trained model", "other_models") + policy)]
+        sampler_kept = whole(m, "the round's sampler, kept", "other_models", e) if e < 4 else []
+        if e < 4:   # rs_round: the fp32 weights to train load beside the sampler
+            phases.append(("RS: the model to fine-tune loads whole in fp32" + (", before FSDP shards it" * s.fsdp),
+                           rms + sampler_kept + whole(m, "model to fine-tune", "weights")))
+        phases += [("RS fine-tuning: 03's loop on the pool, the RMs held",
+                    rms + sampler_kept + sft_training(args, s, m, "policy")),
+                   ("RS: rs.pt loads whole (the next sampler), the trained model still held",
+                    rms + held(m, s, "trained model", "other_models") + whole(m, "rs.pt", "weights", e))]
     if not args.ppo_iterations:
         return phases
-    ref = [(f"reference policy, {frozen}, whole", "other_models", e * m.params, False)]
-    phases += [("PPO: the policy loads while the previous model is held",
-                rms + whole(m, "previous model", "other_models") + policy),
-               ("PPO: reference and value model load, whole", rms + policy + ref + whole(rm, "value model",
-                                                                                         "other_models"))]
-    sampler = []
-    if s.fsdp:   # run_ppo: a whole copy in the compute dtype samples, refreshed every iteration
-        sampler = whole(m, "sampler copy of the policy (deepcopy)", "other_models", s.elem)
-        phases.append(("PPO: the sampler copied before FSDP shards policy and value",
-                       rms + policy + ref + whole(rm, "value model", "other_models") + sampler))
+    ref = frozen_held(m, s, "reference policy")
+    # run_ppo under FSDP: a whole copy in the compute dtype samples, refreshed every iteration
+    sampler = whole(m, "sampler copy of the policy", "other_models", e) if s.fsdp else []
     value = lambda grads, running: trained_state(rm, s, "value model", grads, running=running,
                                                  kinds=("other_models",) * 3)
     steady = lambda running: rms + ref + sampler + trained_state(m, s, "policy", False, running=running) + \
         value(False, running)
+    if s.fsdp:   # the three are read into host memory; fully_shard moves each rank's shards here
+        phases.append(("PPO: reference, policy and value model built in host memory, their shards moved here",
+                       steady(False) + [("a block on its way to the device, whole before FSDP shards it, fp32",
+                                         "other_models", 4 * m.block, False)]))
+    else:
+        phases.append(("PPO: reference, policy and value model load, whole",
+                       rms + ref + policy + whole(rm, "value model", "other_models")))
     ppo_rows = rows(args.ppo_prompts // W)
     if s.fsdp:
         largest = m.args.vocab_size * m.args.dim   # the embedding and the output layer
@@ -1178,15 +1214,19 @@ def plan_rs_ppo(args, s: PlanSetup, models):
                 steady(False) + generation(m, ppo_rows, s.prompt, args.max_new_tokens, "rollouts",
                                            s.elem if s.fsdp else 4)),
                ("PPO iteration: both RMs score the rollouts (score_rows)",
-                steady(False) + forward_transient(rm, ppo_rows, length, e, 0, "scoring")),
+                steady(False) + frozen_held(rm, s, rms_label, 0, running=True)
+                + forward_transient(rm, ppo_rows, length, e, 0, "scoring")),
                ("PPO iteration: old and reference log-probs, values (no gradients)",
-                steady(True) + forward_transient(m, args.ppo_micro_batch, length, e, 3, "log-probs")),
+                steady(True) + frozen_held(m, s, "reference policy", 0, running=True)
+                + forward_transient(m, args.ppo_micro_batch, length, e, 3, "log-probs")),
                (f"PPO update: policy and value graphs of {args.ppo_micro_batch} rollouts alive together",
                 rms + ref + sampler + trained_state(m, s, "policy", grads=True) + value(True, True)
-                + training_activations(m, s, args.ppo_micro_batch, length, True, False, "policy")
-                + training_activations(rm, s, args.ppo_micro_batch, length, True, False, "value model")),
-               ("after PPO: ppo.pt loads whole for the evaluation, the PPO models held",
-                steady(False) + whole(m, "ppo.pt", "other_models"))]
+                + training_activations(m, s, args.ppo_micro_batch, length, True, s.ckpt, "policy")
+                + training_activations(rm, s, args.ppo_micro_batch, length, True, s.ckpt, "value model")),
+               ("after PPO: ppo.pt alone evaluated (evaluate)",
+                rms + whole(m, "ppo.pt", "weights", e)
+                + generation(m, PLAN_BATCHES["answer_all"], s.prompt, PLAN_NEW_TOKENS["evaluate_chat"],
+                             "evaluation", e))]
     return phases
 
 
@@ -1280,8 +1320,9 @@ def plan_phases(stage: str, args, s: PlanSetup, models):
 
 
 def micro_flags(stage: str):
-    """The flags that set a training micro-batch in each stage, with their smallest value."""
-    return {"reward": {"micro_batch": 2}, "rs_ppo": {"micro_batch": 1, "ppo_micro_batch": 1}}.get(
+    """The flags that set the rows of a forward in each stage (a training micro-batch; 06's
+    generation batch too), with their smallest value."""
+    return {"reward": {"micro_batch": 2}, "rs_ppo": {"micro_batch": 1, "ppo_micro_batch": 1, "sample_batch": 8}}.get(
         stage, {"micro_batch": 1})
 
 
@@ -1420,7 +1461,11 @@ def plan_stage(args, stage: str, budget=None, reward_model=None):
     else:
         print(f"the stage: {counted}")
     host = 4 * max(mm.params for mm in models.values())
-    print(f"host memory: each rank builds or reads a whole model in CPU memory first: {host / GB:.1f} GB a rank, "
+    what = "each rank builds or reads a whole model in CPU memory first"
+    if stage == "rs_ppo" and s.fsdp:   # run_rlhf reads PPO's policy and value model there together
+        host, what = 4 * (models["policy"].params + models["reward"].params), \
+            "each rank reads PPO's policy and value model into CPU memory, fp32, before FSDP shards them"
+    print(f"host memory: {what}: {host / GB:.1f} GB a rank, "
           f"{min(s.gpus, 8) * host / GB:.0f} GB for {min(s.gpus, 8)} ranks on a node")
     if stage == "pretrain":
         print()

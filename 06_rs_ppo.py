@@ -52,7 +52,8 @@ Run:
   python 06_rs_ppo.py --init runs/1b/sft.pt --tokenizer runs/1b/tokenizer.model --preset 1B \\
       --rm-helpful runs/1b/rm_helpful.pt --rm-safety runs/1b/rm_safety.pt --prompts prompts.jsonl \\
       --device cuda --dtype bf16
-  torchrun --nproc_per_node=8 06_rs_ppo.py --preset 7B --fsdp --dtype bf16 --init ... --prompts prompts.jsonl
+  torchrun --nproc_per_node=8 06_rs_ppo.py --preset 7B --fsdp --dtype bf16 --activation-checkpointing \\
+      --sample-batch 32 --init ... --prompts prompts.jsonl   # fits 8 x 80 GB (add --plan to see)
   (the big presets default to the paper's PPO: constant LR 1e-6, 512 prompts an iteration, mini-batch
   64, beta 0.01; 0.005 with --preset 34B or 70B)
 A prompts line: {"prompt": "..." or [messages ending with the user's], "unsafe": true|false}.
@@ -335,7 +336,8 @@ def calibrate_reward(args, reward, model, tokenizer, source, device):
     -> the calibration, rank 0's on every rank."""
     prompts = draw_prompts(source, args.calibration_prompts, args.seed * 1000 - 1, args.safety_share)
     samples = sample_answers(model, tokenizer, prompts, 1, args.max_new_tokens, args.rs_temperature,
-                             torch.Generator(device=device).manual_seed(args.seed), compile=args.compile_decode)
+                             torch.Generator(device=device).manual_seed(args.seed), args.sample_batch,
+                             args.compile_decode)
     calibration = reward.calibrate(samples, prompts, [tokenizer.decode(a).strip() for _, a, _ in samples])
     if args.world_size > 1:   # one calibration for all ranks: rank 0's
         keys = ("helpful_offset", "safety_offset", "mean", "std")
@@ -396,15 +398,17 @@ def answer_values(value_model, tokens, real, start: int):
     return value_model(tokens, real, per_token=True)[:, start - 1:-1]
 
 
-def rs_round(args, model, tokenizer, reward, source, pool, rnd, rank, device, log):
+def rs_round(args, model, path, tokenizer, reward, source, pool, rnd, rank, device, log):
     """One RS round: K samples for fresh prompts; the best of each joins the pool if it beats
-    what the pool holds for that prompt; then fine-tune on the whole pool. -> the round's stats."""
+    what the pool holds for that prompt; then fine-tune on the whole pool. -> the round's stats.
+    model: the sampler, loaded from `path` in the compute dtype; the fine-tuning trains fp32
+    weights: the sampler itself when it is fp32 (a CPU), else `path` loaded again in fp32."""
     t0 = time.time()
     prompts = draw_prompts(source, args.rs_prompts, rs_seed(args, rnd), args.safety_share)[rank::args.world_size]
     generator = torch.Generator(device=device).manual_seed(rs_seed(args, rnd))
     model.eval()
     samples = sample_answers(model, tokenizer, prompts, args.rs_k, args.max_new_tokens, args.rs_temperature,
-                             generator, compile=args.compile_decode)
+                             generator, args.sample_batch, args.compile_decode)
     t_gen = time.time() - t0
     repeated = [p for p in prompts for _ in range(args.rs_k)]
     scores = reward(samples, repeated)["score"].view(len(prompts), args.rs_k)
@@ -431,8 +435,9 @@ def rs_round(args, model, tokenizer, reward, source, pool, rnd, rank, device, lo
     cfg = copy.copy(args)
     cfg.steps = max(1, round(args.rs_epochs * len(rows[0]) / (args.batch_tokens // args.seq_len)))
     cfg.resume, cfg.stop_at, cfg.ckpt_every = False, None, cfg.steps   # rs.pt is written at the round's end
-    model.train()
-    S.run_sft(cfg, model, rows, val_rows, args.run_dir / "rs.pt", rank, device)
+    trainee = model if model.output.weight.dtype == torch.float32 else M.Transformer.from_pretrained(path, device)
+    trainee.train()
+    S.run_sft(cfg, trainee, rows, val_rows, args.run_dir / "rs.pt", rank, device)
     if args.world_size > 1:   # rank 0 wrote rs.pt: the others read it next
         dist.barrier()
     return dict(round=rnd + 1, mean_score=scores.mean().item(), best_score=best_score.mean().item(),
@@ -454,7 +459,7 @@ def ppo_step(args, policy, value_model, ref, reward, rollout_policy, tokenizer, 
     rollout_policy.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     samples = sample_answers(rollout_policy, tokenizer, prompts, 1, args.max_new_tokens, args.ppo_temperature,
-                             generator, compile=args.compile_decode)
+                             generator, args.sample_batch, args.compile_decode)
     t_gen = time.time() - t0
 
     # Score and evaluate the old policy, the reference and the values, in the micro-batches the
@@ -515,7 +520,13 @@ def run_ppo(args, policy, value_model, ref, reward, source, tokenizer, state, ra
     """PPO's loop: 03's optimizer, DDP or FSDP and checkpoints (set up in section 6), with
     rollouts in each iteration. -> the history, an entry per iteration."""
     ckpt_path, world_size = args.run_dir / "ppo.pt", args.world_size
-    rollout_policy = shard_for_fsdp(policy, value_model, M.pick_dtype(args.dtype, device)) if args.fsdp else policy
+    checkpointing = args.activation_checkpointing   # the PPO update's graphs: block inputs only (03's flag)
+    if args.fsdp:
+        rollout_policy = shard_for_fsdp(policy, value_model, M.pick_dtype(args.dtype, device), checkpointing, device)
+    else:
+        rollout_policy = policy
+        for model in (policy, value_model):
+            P.checkpoint_blocks(model, checkpointing)
     opts = ppo_optimizers(args, policy, value_model, device)
     it, history = 0, []
     if args.resume and ckpt_path.is_file():
@@ -525,7 +536,10 @@ def run_ppo(args, policy, value_model, ref, reward, source, tokenizer, state, ra
         f"iterations), beta {args.kl_beta:g}, clip {args.clip_eps:g}, GAE gamma {args.gamma:g} lambda {args.lam:g} ==")
     wrapped = wrap_for_training(args, (policy, value_model), device)
     amp_dtype = M.pick_dtype(args.dtype, device)
-    amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+    # autocast's cache of bf16 weights off under checkpointing, as in 03's train: it would keep a
+    # whole bf16 copy of each model alive through the update
+    amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32,
+                                 cache_enabled=not checkpointing)
     end, t_start, it_started = min(args.ppo_iterations, args.stop_at or args.ppo_iterations), time.time(), it
     while it < end:
         if args.fsdp:   # the rollout copy gets the trained weights (a collective: every rank calls it)
@@ -574,7 +588,9 @@ def run_rlhf(args, run: Run, state: dict):
     -> PPO's history, or None when --stop-at stopped it."""
     log, device = run.log, run.device
     rs_path, ppo_path = args.run_dir / "rs.pt", args.run_dir / "ppo.pt"
-    model = M.Transformer.from_pretrained(run.paths["init"], device=device)
+    # every sampler computes in the compute dtype, as autocast would (bf16 on a GPU: half the weights
+    # of an fp32 copy, and a bf16 KV cache); training keeps fp32 weights (rs_round, PPO's policy)
+    model = M.Transformer.from_pretrained(run.paths["init"], device=device, dtype=run.frozen_dtype)
     if model.args.vocab_size != run.tokenizer.n_words:
         raise UserError(f"{run.paths['init']} has a vocabulary of {model.args.vocab_size}, "
                         f"the tokenizer {run.tokenizer.n_words}")
@@ -591,19 +607,22 @@ def run_rlhf(args, run: Run, state: dict):
             f"std {calibration['std']:.2f} | SFT held-out gold {held_out_gold(state['results']['SFT'])}")
     run.reward.calibration = state["calibration"]
 
-    # Figures 7 and 8 (best of N samples of the start model), then the rejection sampling rounds
-    if args.fig_n and run.rank == 0 and not state["figures"]:
+    # Figures 7 and 8 (best of N samples of the start model), then the rejection sampling rounds.
+    # Rank 0 draws them; under FSDP every rank draws the same, since each call of the sharded RMs
+    # is a collective that all ranks join
+    if args.fig_n and (run.rank == 0 or args.fsdp) and not state["figures"]:
         t0 = time.time()
         state["figures"] = best_of_n_figures(args, model, run.tokenizer, run.reward, run.source, device)
         log(f"Figures 7 and 8: {args.fig_prompts} prompts x {args.fig_n} samples at each of "
             f"{len(state['figures']['temperature'])} temperatures in {time.time() - t0:.0f}s")
     done = len(state["rs"])
     if done:
-        model = M.Transformer.from_pretrained(rs_path, device=device)
+        model = M.Transformer.from_pretrained(rs_path, device=device, dtype=run.frozen_dtype)
     for rnd in range(done, args.rs_iterations):
-        state["rs"].append(rs_round(args, model, run.tokenizer, run.reward, run.source, state["pool"], rnd,
-                                    run.rank, device, log))
-        model = M.Transformer.from_pretrained(rs_path, device=device)   # the plain, trained model
+        state["rs"].append(rs_round(args, model, rs_path if rnd else run.paths["init"], run.tokenizer, run.reward,
+                                    run.source, state["pool"], rnd, run.rank, device, log))
+        # the plain, trained model, from the file (under FSDP the trained one is sharded)
+        model = M.Transformer.from_pretrained(rs_path, device=device, dtype=run.frozen_dtype)
         if rnd == args.rs_iterations - 1:
             state["results"]["+RS"] = evaluate(args, run, model)
             log(f"after RS: held-out gold {held_out_gold(state['results']['+RS'])}")
@@ -614,19 +633,27 @@ def run_rlhf(args, run: Run, state: dict):
     # from the Helpfulness RM (common practice: it already reads answers for their worth)
     history = []
     if args.ppo_iterations > 0:
+        del model   # the RS (or start) model was evaluated; PPO loads its own copies
         ppo_init = rs_path if args.rs_iterations else run.paths["init"]
-        policy = M.Transformer.from_pretrained(ppo_init, device=device).train()
-        ref = M.Transformer.from_pretrained(ppo_init, device=device, dtype=run.frozen_dtype)
-        value_model = R.RewardModel.from_pretrained(run.paths["rm_helpful"], device).train()
+        # under FSDP the models are read into host memory and fully_shard moves each rank's shards
+        # to the device: no whole model on a GPU (run_ppo shards the policy and the value model)
+        build = torch.device("cpu") if args.fsdp else device
+        ref = M.Transformer.from_pretrained(ppo_init, device=build, dtype=run.frozen_dtype)
+        if args.fsdp:   # frozen, it only runs forward: 1/world_size of it a rank, as the policy
+            P.shard_model(ref)
+        policy = M.Transformer.from_pretrained(ppo_init, device=build).train()
+        value_model = R.RewardModel.from_pretrained(run.paths["rm_helpful"], build).train()
         torch.manual_seed(args.seed)
         history = run_ppo(args, policy, value_model, ref, run.reward, run.source, run.tokenizer, state, run.rank,
                           device, log)
+        del policy, ref, value_model   # the evaluation below holds ppo.pt alone
         if args.world_size > 1:
             dist.barrier()
         if args.stop_at and len(history) < args.ppo_iterations:
             log(f"stopped at PPO iteration {len(history)}; continue with --resume")
             return None
-        state["results"]["+PPO"] = evaluate(args, run, M.Transformer.from_pretrained(ppo_path, device=device))
+        state["results"]["+PPO"] = evaluate(args, run, M.Transformer.from_pretrained(ppo_path, device=device,
+                                                                                     dtype=run.frozen_dtype))
     return history
 
 
@@ -698,7 +725,8 @@ def best_of_n_figures(args, model, tokenizer, reward, source, device):
     by_temperature = {}
     for t in sorted(temperatures):
         samples = sample_answers(model, tokenizer, prompts, args.fig_n, args.max_new_tokens, t,
-                                 torch.Generator(device=device).manual_seed(args.seed), compile=args.compile_decode)
+                                 torch.Generator(device=device).manual_seed(args.seed), args.sample_batch,
+                                 args.compile_decode)
         scores = reward(samples, repeated)["score"].view(len(prompts), args.fig_n)
         gold = gold_of(tokenizer, repeated, samples).view(len(prompts), args.fig_n) if prompts[0].task else None
         by_temperature[f"{t:g}"] = best_of_n_curves(scores, gold)
@@ -787,18 +815,22 @@ def report(args, run: Run, state, history, t_start):
 # 6. Plumbing: FSDP, DDP and compile for PPO, its optimizers, checkpoint and resume; prompts
 #    files; the command line.
 
-def shard_for_fsdp(policy, value_model, dtype):
+def shard_for_fsdp(policy, value_model, dtype, checkpointing: bool = False, device=None):
     """FSDP2: the policy and the value model train sharded, each block's weights 1/world per rank.
-    -> a full copy of the policy made first, for sampling: generation calls the model once per
-    token, a different number of times on each rank, which a sharded forward cannot do. The copy
-    is in the compute dtype (bf16 on a GPU: half an fp32 copy, and its KV cache bf16 too), as
-    autocast would compute; PPO's log-probs come from the trained policy, not from this copy."""
-    from torch.distributed.fsdp import fully_shard
-    rollout_policy = copy.deepcopy(policy).to(dtype)
+    -> a full copy of the policy for sampling, on `device` (default: the policy's): generation
+    calls the model once per token, a different number of times on each rank, which a sharded
+    forward cannot do. The copy is in the compute dtype (bf16 on a GPU: half an fp32 copy, and its
+    KV cache bf16 too), as autocast would compute; PPO's log-probs come from the trained policy,
+    not from this copy. It is allocated empty: refresh_rollout_policy fills it before each
+    iteration's rollouts. The two models may come in host memory: fully_shard moves each rank's
+    shards to the device, a block at a time, so no whole model ever sits there.
+    checkpointing: --activation-checkpointing on the two trained models (before they are sharded,
+    as in 03's train), not on the copy, which never computes gradients."""
+    device = device or next(policy.parameters()).device
+    rollout_policy = M.meta_model(policy.args).to(dtype).to_empty(device=device).eval()
     for model in (policy, value_model):
-        for block in [m for m in model.modules() if isinstance(m, M.TransformerBlock)]:
-            fully_shard(block)
-        fully_shard(model)
+        P.checkpoint_blocks(model, checkpointing)
+        P.shard_model(model)
     return rollout_policy
 
 
@@ -924,6 +956,9 @@ def parse_args(argv):
         help="clip range of the value loss")
     add("--gamma", type=tok.number_flag("--gamma", float, at_least=0, at_most=1), default=1.0, help="GAE discount")
     add("--lam", type=tok.number_flag("--lam", float, at_least=0, at_most=1), default=0.95, help="GAE lambda")
+    add("--sample-batch", type=tok.number_flag("--sample-batch", at_least=1), default=64,
+        help="answers generated together (default 64): the KV cache grows with it; a smaller one lets a "
+             "large model sample beside the PPO models (--plan shows the cache)")
     add("--calibration-prompts", type=tok.number_flag("--calibration-prompts", at_least=2), default=256,
         help="samples of the start model that calibrate the reward")
     add("--fig-n", type=tok.number_flag("--fig-n", at_least=0), default=16,
@@ -986,7 +1021,12 @@ def main(argv=None):
     world = P.make_world(args.world_seed)
     source = read_prompts(args.prompts) if args.prompts else world
     frozen_dtype = M.pick_dtype(args.dtype, device)   # frozen models compute as the autocast does
-    rms = [R.RewardModel.from_pretrained(paths[k], device, frozen_dtype) for k in ("rm_helpful", "rm_safety")]
+    if args.fsdp:   # sharded, not whole on every rank: read into host memory, each rank's shards moved to
+        # the device by fully_shard; every rank then scores the same number of batches, together
+        rms = [P.shard_model(R.RewardModel.from_pretrained(paths[k], "cpu", frozen_dtype))
+               for k in ("rm_helpful", "rm_safety")]
+    else:
+        rms = [R.RewardModel.from_pretrained(paths[k], device, frozen_dtype) for k in ("rm_helpful", "rm_safety")]
     reward = Reward(*rms, pad_id, tokenizer.eos_id, combine=args.reward == "combined")
     tasks = S.eval_tasks(world, args.eval_per_kind, args.seed) if not args.prompts else []
     red_tasks = red_team_tasks(world, args.eval_per_kind, args.seed) if tasks else []

@@ -96,7 +96,7 @@ def bug_kl_against_the_sampler(args, policy, value_model, ref, reward, rollout_p
     rollout_policy.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     samples = RL.sample_answers(rollout_policy, tokenizer, prompts, 1, args.max_new_tokens, args.ppo_temperature,
-                                generator)
+                                generator, args.sample_batch, args.compile_decode)
     t_gen = time.time() - t0
 
     # Score and evaluate the old policy, the reference and the values, in the micro-batches the

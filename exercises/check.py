@@ -180,7 +180,7 @@ def model_matches(patch, what):
 
 PPO_ARGS = dict(ppo_micro_batch=4, ppo_mini_batch=4, world_size=1, ppo_epochs=1, max_new_tokens=6,
                 ppo_temperature=0.7, kl_beta=0.1, gamma=1.0, lam=0.95, clip_eps=0.2, value_clip=0.2, grad_clip=1.0,
-                compile_decode=False)
+                compile_decode=False, sample_batch=64)
 
 
 def ppo_entry(patch, reference_seed=None):

@@ -219,3 +219,31 @@ def test_the_reward_switch_effects_read_refusals_the_right_way(smoke_run, tmp_pa
     with_refusals(run_dir / pipeline.HELPFUL_ONLY / "rs_ppo.json", tmp_path / pipeline.HELPFUL_ONLY / "rs_ppo.json",
                   0.7, 0.95)   # the Helpfulness RM alone raising refusals would be the other way
     assert pipeline.effects_helpful_only(tmp_path)[1]["side"] == "other way"
+
+
+def test_chapter_06_runs_whole_under_fsdp_on_two_processes(smoke_run, tmp_path):
+    """06 end to end under torchrun --fsdp (2 processes, gloo, the smoke run's micro models, with
+    --activation-checkpointing): the RMs and the reference sharded (every rank joins each of their
+    forwards, Figures 7-8 included), the policy and the value model sharded from host memory, the
+    empty sampler copy refreshed before each rollout. It finishes, writes its outputs, and its
+    calibration (both sharded RMs scoring the start model's samples) is the one-process run's."""
+    import subprocess
+    import sys
+    run_dir, _ = smoke_run
+    flags = dict(zip(pipeline.SMOKE["06"][::2], pipeline.SMOKE["06"][1::2]))
+    flags.update({"--micro-batch": "2", "--ppo-micro-batch": "2"})   # the batches tile 2 ranks
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(pipeline.tok.REPO / "06_rs_ppo.py"), "--fsdp", "--activation-checkpointing", "--preset", "micro",
+           "--device", "cpu", "--run-dir", str(tmp_path), "--init", str(run_dir / "sft.pt"),
+           "--tokenizer", str(run_dir / "tokenizer.model"), "--rm-helpful", str(run_dir / "rm_helpful.pt"),
+           "--rm-safety", str(run_dir / "rm_safety.pt"), *[x for kv in flags.items() for x in kv]]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for f in ("rs.pt", "ppo.pt", "rs_ppo.json", "rs_best_of_n.png", "ppo_curves.png"):
+        assert (tmp_path / f).is_file(), f
+    sharded = json.loads((tmp_path / "rs_ppo.json").read_text())
+    whole = json.loads((run_dir / "rs_ppo.json").read_text())
+    assert len(sharded["ppo"]) == int(flags["--ppo-iterations"])
+    assert set(sharded["results"]) == {"SFT", "+RS", "+PPO"}
+    for key in ("helpful_offset", "safety_offset", "mean", "std"):
+        assert sharded["calibration"][key] == pytest.approx(whole["calibration"][key], abs=1e-4), key

@@ -110,24 +110,35 @@ def test_more_gpus_shrink_what_fsdp_shards_and_nothing_else():
         assert b["bytes"] == (a["bytes"] / 2 if "a rank" in a["what"] else a["bytes"]), a["what"]
 
 
-def test_ppo_holds_the_sampler_copy_and_frozen_models_whole():
-    """06 today, at 7B over 8 ranks: the sampler copy (bf16, the compute dtype), the bf16 reference
-    and both bf16 RMs are whole on every rank, and the plan says it does not fit."""
-    result = plan("06_rs_ppo", "--preset", "7B", "--fsdp", "--gpus", "8", "--dtype", "bf16",
-                  "--init", "unread", "--prompts", "unread.jsonl")
+def test_ppo_shards_its_frozen_models_and_samples_in_bf16():
+    """06 at 7B over 8 ranks: the sampler copy (bf16, the compute dtype) whole on every rank, the
+    bf16 reference and both bf16 RMs 1/8 a rank, every KV cache bf16; as written it does not fit,
+    with --activation-checkpointing it does, and --sample-batch shrinks the rollouts' cache."""
+    flags = ("--preset", "7B", "--fsdp", "--gpus", "8", "--dtype", "bf16", "--init", "unread", "--prompts",
+             "unread.jsonl")
+    result = plan("06_rs_ppo", *flags)
     items = {i["what"]: i["bytes"] for i in phase(result, "PPO update")["items"]}
     R = chapter("05_reward")
     with torch.device("meta"):
         rm_params = sum(p.numel() for p in R.RewardModel(M.PRESETS["7B"]).parameters())
-    assert items["sampler copy of the policy (deepcopy), bf16, whole on this rank"] == 2 * LLAMA2_7B_PARAMS
-    assert items["reference policy, bf16, whole"] == 2 * LLAMA2_7B_PARAMS
-    assert items["Helpfulness and Safety RMs, bf16, whole"] == 2 * 2 * rm_params
-    rollouts = {i["what"]: i["bytes"] for i in phase(result, "PPO iteration: rollouts")["items"]}
+    assert items["sampler copy of the policy, bf16, whole on this rank"] == 2 * LLAMA2_7B_PARAMS
+    assert items["reference policy, bf16, 1/8 a rank"] == 2 * LLAMA2_7B_PARAMS / 8
+    assert items["Helpfulness and Safety RMs, bf16, 1/8 a rank"] == 2 * 2 * rm_params / 8
     length = 128 + 1024   # --plan-prompt-tokens' default + the paper's answers
-    assert rollouts[f"rollouts: KV cache, bf16, 64 x {length:,} positions"] == 2 * 32 * 64 * length * 4096 * 2
+    kv = lambda rows: 2 * 32 * rows * length * 4096 * 2
+    rollouts = {i["what"]: i["bytes"] for i in phase(result, "PPO iteration: rollouts")["items"]}
+    assert rollouts[f"rollouts: KV cache, bf16, 64 x {length:,} positions"] == kv(64)
+    sampling = {i["what"]: i["bytes"] for i in phase(result, "calibration, Figures 7-8")["items"]}
+    assert sampling[f"sampling: KV cache, bf16, 64 x {length:,} positions"] == kv(64)
     refresh = {i["what"]: i["bytes"] for i in phase(result, "PPO iteration: the sampler refreshed")["items"]}
     assert refresh["one weight of the policy gathered whole (the largest), fp32"] == 4 * 32000 * 4096
-    assert not result["fits"] and result["fix"] is None
+    assert not result["fits"] and result["fix"] == "--activation-checkpointing"
+    checkpointed = plan("06_rs_ppo", *flags, "--activation-checkpointing", "--sample-batch", "32")
+    rollouts = {i["what"]: i["bytes"] for i in phase(checkpointed, "PPO iteration: rollouts")["items"]}
+    assert rollouts[f"rollouts: KV cache, bf16, 32 x {length:,} positions"] == kv(32)
+    assert checkpointed["fits"]
+    update = phase(checkpointed, "PPO update")
+    assert update["bytes"] < phase(result, "PPO update")["bytes"] / 2   # the two graphs, checkpointed
 
 
 def test_batches_the_planner_assumes_are_the_chapters():
@@ -140,6 +151,7 @@ def test_batches_the_planner_assumes_are_the_chapters():
                                   score_rows=default(R.score_rows, "batch_size"),
                                   evaluate_rm=default(R.evaluate_rm, "batch_size"),
                                   converse=default(G.converse, "batch_size"))
+    assert PPO.parse_args([]).sample_batch == P.PLAN_BATCHES["sample_answers"]   # 06's flag's default
     assert P.PLAN_NEW_TOKENS["evaluate_chat"] == default(S.evaluate_chat, "max_new_tokens")
     assert P.PLAN_NEW_TOKENS["gatt"] == G.MAX_NEW_TOKENS == default(G.converse, "max_new_tokens")
 

@@ -190,13 +190,13 @@ def test_reward_calibration_and_whitening(tokenizer):
 # --- rejection sampling ------------------------------------------------------------------------
 
 def test_no_held_out_prompt_occurs_in_the_rs_and_ppo_prompts():
-    """rs_ppo.json's overlap on the default toy settings: the prompts of 2 RS rounds of 128 and 40
+    """rs_ppo.json's overlap on the default toy settings: the prompts of 2 RS rounds of 128 and 30
     PPO iterations of 64 against the 100-a-kind held-out and red-team prompts."""
     budget = ("rs_iterations", "rs_prompts", "ppo_iterations", "ppo_prompts")
     args = argparse.Namespace(seed=0, safety_share=0.2, **{k: RL.BUDGET[k][1] for k in budget})   # the CPU defaults
     world = P.make_world(0)
     prompts = RL.training_prompts(args, world)
-    assert len(prompts) == 2 * 128 + 40 * 64 and any(p.is_safety for p in prompts)
+    assert len(prompts) == 2 * 128 + 30 * 64 and any(p.is_safety for p in prompts)
     assert [p.dialog for p in prompts[:128]] == [p.dialog for p in RL.draw_prompts(world, 128, RL.rs_seed(args, 0))]
     held_out = S.eval_tasks(world, 100, 0) + RL.red_team_tasks(world, 100, 0)
     assert S.overlap([t.prompt for t in held_out], S.user_messages(p.dialog for p in prompts)) == 0
@@ -237,7 +237,7 @@ def test_first_ppo_minibatch_has_ratio_one_and_zero_kl(tokenizer):
                        0, tokenizer.eos_id)
     args = argparse_namespace(ppo_micro_batch=4, ppo_mini_batch=4, world_size=1, ppo_epochs=1, max_new_tokens=6,
                               ppo_temperature=0.7, kl_beta=0.1, gamma=1.0, lam=0.95, clip_eps=0.2, value_clip=0.2,
-                              grad_clip=1.0, compile_decode=False)
+                              grad_clip=1.0, compile_decode=False, sample_batch=64)
     opts = [P.configure_optimizer(m, 1e-2, 0.1, (0.9, 0.95), 1e-5, torch.device("cpu")) for m in (policy, value)]
     prompts = RL.draw_prompts(world, 8, seed=0)
     from contextlib import nullcontext
