@@ -73,8 +73,8 @@ PAPER = dict(
     warmup_steps=2000, log_every=10, eval_every=1000, ckpt_every=1000, eval_batches=20)
 TOY = dict(   # ~2 minutes of the toy preset on 2 cores; in that budget batches of 2048 tokens
     # beat 1024 and 4096, and sequences of 128 beat 256 (more steps matter more than context).
-    # 520 steps keep the whole recipe (pipeline.py) inside its time budget; 670 reached a
-    # validation loss 0.09 lower, and chapters 04-07 showed the same effects from either
+    # 400 steps keep the whole recipe (pipeline.py) inside its time budget; 520 and 670 reached
+    # a validation loss 0.05 and 0.14 lower, and chapters 04-07 showed the same effects from each
     steps=400, batch_tokens=2048, seq_len=128, micro_batch=16,
     # tiny models tolerate, and in a few hundred steps need, a far higher LR than 7B's (toy:
     # 5e-3 measured best of 1e-3 to 5e-3 in this budget)
@@ -918,7 +918,7 @@ GB = 1e9   # bytes. --gpu-memory is in GB too: an "80 GB" card holds 80 GiB = 85
 KINDS = ("weights", "grads", "optimizer", "activations", "kv_cache", "other_models")
 PLAN_BATCHES = dict(answer_all=64, sample_answers=64, score_rows=64, evaluate_rm=128, converse=32)   # the
 # batch sizes the chapters generate and score with (04's answer_all, 06's sample_answers, 05's score_rows and
-# evaluate_rm, 07's converse): only 06's is a flag (--sample-batch; 64 its default), so no flag shrinks the others
+# evaluate_rm, 07's converse): 06's and 07's are flags (--sample-batch; these their defaults), no flag shrinks the others
 PLAN_NEW_TOKENS = dict(evaluate_chat=32, toy_comparisons=40, gatt=40)   # answer lengths that are no flag either:
 # 04's evaluate_chat, 05's toy sampling (its longer, safety answers), 07's MAX_NEW_TOKENS
 
@@ -1234,25 +1234,26 @@ def plan_gatt(args, s: PlanSetup, models):
     m = models["policy"]
     a, ctx = m.args, m.args.max_seq_len
     new = PLAN_NEW_TOKENS["gatt"]
+    e, batch = s.elem, getattr(args, "sample_batch", PLAN_BATCHES["converse"])
     build = [("build: the model loads whole before FSDP shards it", whole(m, "model", "weights"))] if s.fsdp else []
-    two = whole(m, "models before and after GAtt", "other_models") * 2
-    maps = a.n_layers * a.n_heads * ctx * ctx * 4   # every layer's (1, heads, seq, seq) fp32 probabilities
+    two = whole(m, "models before and after GAtt", "other_models", e) * 2   # in the compute dtype
     # dialogues of up to 20 turns: fit() cuts them to the context less an answer's room, so the
     # context bounds their length (attention_dialogs builds them that long on purpose)
-    sampling = generation(m, min(PLAN_BATCHES["converse"], args.dialogues), ctx - new, new, "sampling")
+    sampling = generation(m, min(batch, args.dialogues), ctx - new, new, "sampling", e)
     return build + [
         ("step 1: instructions in the current message (03's loop)", sft_training(args, s, m, "model")),
         ("GAtt sampling (rank 0): the step-1 model, whole; converse, dialogues up to the context",
-         whole(m, "step-1 model", "weights") + sampling)] + build + [
+         whole(m, "step-1 model", "weights", e) + sampling)] + build + [
         ("step 2: Ghost Attention (03's loop)", sft_training(args, s, m, "model")),
         ("evaluation (rank 0): adherence, before and after GAtt whole, dialogues up to the context",
-         two + generation(m, min(PLAN_BATCHES["converse"], args.eval_dialogues), ctx - new, new, "adherence")),
-        ("evaluation (rank 0): attention maps of a dialogue the length of the context (Figure 10)",
-         two + [(f"attention probabilities of all {a.n_layers} layers, fp32, kept", "activations", maps, False),
-                ("one layer's scores while computed, fp32", "activations", 2 * a.n_heads * ctx * ctx * 4, False)]),
+         two + generation(m, min(batch, args.eval_dialogues), ctx - new, new, "adherence", e)),
+        ("evaluation (rank 0): attention maps of a dialogue the length of the context (Figure 10)",   # a layer at a time
+         two + [("one layer's attention probabilities, fp32, until reduced", "activations", a.n_heads * ctx * ctx * 4,
+                 False),
+                ("that layer's scores while computed, fp32", "activations", 2 * a.n_heads * ctx * ctx * 4, False)]),
         ("evaluation (rank 0): 04's table, the start model loads beside the two",
-         two + whole(m, "start model (--init)", "other_models")
-         + generation(m, PLAN_BATCHES["answer_all"], s.prompt, PLAN_NEW_TOKENS["evaluate_chat"], "evaluation"))]
+         two + whole(m, "start model (--init)", "other_models", e)
+         + generation(m, PLAN_BATCHES["answer_all"], s.prompt, PLAN_NEW_TOKENS["evaluate_chat"], "evaluation", e))]
 
 
 PLAN_STAGES = {"pretrain": plan_pretrain, "sft": plan_sft, "reward": plan_reward, "rs_ppo": plan_rs_ppo,
@@ -1322,7 +1323,8 @@ def plan_phases(stage: str, args, s: PlanSetup, models):
 def micro_flags(stage: str):
     """The flags that set the rows of a forward in each stage (a training micro-batch; 06's
     generation batch too), with their smallest value."""
-    return {"reward": {"micro_batch": 2}, "rs_ppo": {"micro_batch": 1, "ppo_micro_batch": 1, "sample_batch": 8}}.get(
+    return {"reward": {"micro_batch": 2}, "rs_ppo": {"micro_batch": 1, "ppo_micro_batch": 1, "sample_batch": 8},
+            "gatt": {"micro_batch": 1, "sample_batch": 1}}.get(
         stage, {"micro_batch": 1})
 
 

@@ -46,7 +46,8 @@ Run:
   python 07_gatt.py --init runs/1b/ppo.pt --tokenizer runs/1b/tokenizer.model --preset 1B \\
       --device cuda --dtype bf16 --compile --seq-len 1024 --batch-tokens 65536 --micro-batch 16 \\
       --inst-examples 40000 --inst-steps 60 --dialogues 1024 --steps 40
-  torchrun --nproc_per_node=8 07_gatt.py --init runs/7b/ppo.pt --preset 7B --fsdp --dtype bf16 ...
+  torchrun --nproc_per_node=8 07_gatt.py --init runs/7b/ppo.pt --preset 7B --fsdp --dtype bf16 \\
+      --activation-checkpointing --sample-batch 8 ...   # fits 8 x 80 GB (add --plan to see)
   python 04_sft.py chat --ckpt runs/toy/gatt.pt --system "Figure: King"   # talk to it
 (the big presets take the paper's SFT settings, 64 x 4096 tokens a step and LR 2e-5; the toy
 world's dialogues fit in 1024 tokens. Not yet run at those sizes.)
@@ -295,7 +296,7 @@ def answers_of(dialog):
 #    step-1 model samples GAtt's dialogues and gatt_examples rebuilds them (gatt_data).
 
 def sample_gatt_dialogs(model, tokenizer, world, n: int, turns: int, seed: int, temperature: float,
-                        compile=False):
+                        compile=False, batch_size: int = 32):
     """Sec. 3.3: "Next, we can sample from this synthetic data using the latest RLHF model." n
     dialogues of `turns` turns, the instruction concatenated to every user message, each answer
     sampled by `model` (the step-1 model)."""
@@ -304,7 +305,7 @@ def sample_gatt_dialogs(model, tokenizer, world, n: int, turns: int, seed: int, 
     users = [[task_turn(world, rng).prompt for _ in range(turns)] for _ in range(n)]
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     dialogs = converse(model, tokenizer, [t for t, _ in instructions], users, True, temperature, generator,
-                       compile=compile)
+                       batch_size=batch_size, compile=compile)
     return [dict(instruction=text, rules=rules, users=u, answers=answers_of(d))
             for (text, rules), u, d in zip(instructions, users, dialogs)]
 
@@ -340,9 +341,10 @@ def gatt_data(args, world, tokenizer, before_path, rank, world_size, device, log
     if rank == 0 and not (args.resume and samples_path.is_file()):
         log(f"\nsampling {args.dialogues} dialogues of {args.train_turns} turns from {before_path} "
             f"(temperature {args.temperature}), the instruction concatenated to every user message ...")
-        sampler = M.Transformer.from_pretrained(before_path, device=device)
+        # the sampler computes in the compute dtype (bf16 on a GPU: half the weights, a bf16 KV cache)
+        sampler = M.Transformer.from_pretrained(before_path, device=device, dtype=M.pick_dtype(args.dtype, device))
         sampled = sample_gatt_dialogs(sampler, tokenizer, world, args.dialogues, args.train_turns, args.seed,
-                                      args.temperature, args.compile_decode)
+                                      args.temperature, args.compile_decode, args.sample_batch)
         if args.rules_by_program:   # a model that follows nothing (the pipeline's micro smoke run)
             for s in sampled:
                 s["answers"] = [apply_rules(s["rules"], a) for a in s["answers"]]
@@ -391,12 +393,12 @@ def eval_dialogs(world, n: int, turns: int, seed: int):
     return out
 
 
-def adherence(model, tokenizer, scripts, compile=False) -> dict:
+def adherence(model, tokenizer, scripts, compile=False, batch_size: int = 32) -> dict:
     """The model plays each script (eval_dialogs) -> share of dialogues following the instruction
     at each turn (all rules, and per family), the gold score of the answers' plain part, the
     first turn at which some dialogue had to drop turns to fit the context, and examples."""
     talks = converse(model, tokenizer, [sc[0] for sc in scripts], [[t.prompt for t in sc[2]] for sc in scripts], False,
-                     compile=compile)
+                     batch_size=batch_size, compile=compile)
     answers, turns = [answers_of(talk) for talk in talks], len(scripts[0][2])
     budget = model.args.max_seq_len - MAX_NEW_TOKENS   # the prompt of turn t is talk[:2 + 2t]
     window_from = next((t + 1 for t in range(turns)
@@ -412,7 +414,7 @@ def adherence(model, tokenizer, scripts, compile=False) -> dict:
                          for i, sc in enumerate(scripts[:3])]}
 
 
-def adherence_given_plain_history(model, tokenizer, scripts, compile=False) -> dict:
+def adherence_given_plain_history(model, tokenizer, scripts, compile=False, batch_size: int = 32) -> dict:
     """The copy control. Fed its own answers, a model that followed the rule in turn 1 can keep
     following it by copying the opening of its last answer, without reading the instruction
     again: the free-running test above cannot tell the two apart. Here the earlier turns hold the
@@ -429,8 +431,8 @@ def adherence_given_plain_history(model, tokenizer, scripts, compile=False) -> d
             dialog += [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": task.answer}]
     order = sorted(range(len(prompts)), key=lambda j: len(S.encode_dialog(tokenizer, prompts[j])[0]))
     was_training = model.training
-    answers = dict(zip(order, S.answer_all(model.eval(), tokenizer, [prompts[j] for j in order], MAX_NEW_TOKENS, 32,
-                                           compile=compile)))
+    answers = dict(zip(order, S.answer_all(model.eval(), tokenizer, [prompts[j] for j in order], MAX_NEW_TOKENS,
+                                           batch_size, compile=compile)))
     model.train(was_training)
     turns = len(scripts[0][2])
     followed = [[False] * turns for _ in scripts]
@@ -460,13 +462,16 @@ def layer_attention(layer, h, freqs_cis):
 
 
 @torch.no_grad()
-def attention_maps(model, tokens):
-    """tokens (batch, seq) -> [per layer: attention probabilities (batch, heads, seq, seq)]."""
+def attention_maps(model, tokens, reduce=None):
+    """tokens (batch, seq) -> [per layer: attention probabilities (batch, heads, seq, seq)], or
+    reduce(probabilities) per layer: then one layer's map at a time is alive (at 7B and 4,096
+    tokens a layer's is 2.1 GB, all 32 of them 69 GB)."""
     h = model.tok_embeddings(tokens)
     freqs_cis = model.freqs_cis[:, :tokens.shape[1]].to(tokens.device)
     maps = []
     for layer in model.layers:
-        maps.append(layer_attention(layer, h, freqs_cis))
+        probs = layer_attention(layer, h, freqs_cis)
+        maps.append(probs if reduce is None else reduce(probs))
         h = layer(h, 0, freqs_cis, None)   # 02's own forward carries the residual stream on
     return maps
 
@@ -490,8 +495,9 @@ def system_attention(model, tokenizer, dialogs):
         ids, is_answer = S.encode_dialog(tokenizer, dialog)
         sys_start, sys_end = system_span(tokenizer, dialog[0]["content"])
         opens = [i - 1 for i in range(1, len(ids)) if is_answer[i] and not is_answer[i - 1]]   # one a turn
-        maps = attention_maps(model.eval(), torch.tensor([ids], device=device))
-        per_dialog.append(torch.stack([p[0, :, opens, sys_start:sys_end].sum(-1).amax(0).cpu() for p in maps]))
+        per_layer = attention_maps(model.eval(), torch.tensor([ids], device=device),
+                                   reduce=lambda p: p[0, :, opens, sys_start:sys_end].sum(-1).amax(0).float().cpu())
+        per_dialog.append(torch.stack(per_layer))
     turns = max(m.shape[1] for m in per_dialog)   # dialogues differ in length: average what each has
     total = sum(F.pad(m, (0, turns - m.shape[1])) for m in per_dialog)
     count = sum(F.pad(torch.ones(m.shape[1]), (0, turns - m.shape[1])) for m in per_dialog)
@@ -553,13 +559,15 @@ def evaluate(args, world, tokenizer, init, before_path, gatt_path, device, log, 
     (Table 30); the attention on the system message (Figure 10); 04's table for the start model,
     before and after GAtt. -> (adherence, attention, chat, scripts, long_dialogs, tasks)"""
     t0 = time.time()
-    models = {"before GAtt": M.Transformer.from_pretrained(before_path, device=device),
-              "after GAtt": M.Transformer.from_pretrained(gatt_path, device=device)}
+    dtype = M.pick_dtype(args.dtype, device)   # evaluated in the compute dtype, as they were sampled
+    models = {"before GAtt": M.Transformer.from_pretrained(before_path, device=device, dtype=dtype),
+              "after GAtt": M.Transformer.from_pretrained(gatt_path, device=device, dtype=dtype)}
     scripts = eval_dialogs(world, args.eval_dialogues, args.eval_turns, args.seed)
     adh = {}
     for name, model in models.items():
-        adh[name] = adherence(model, tokenizer, scripts, args.compile_decode)
-        adh[name]["control"] = adherence_given_plain_history(model, tokenizer, scripts, args.compile_decode)
+        adh[name] = adherence(model, tokenizer, scripts, args.compile_decode, args.sample_batch)
+        adh[name]["control"] = adherence_given_plain_history(model, tokenizer, scripts, args.compile_decode,
+                                                             args.sample_batch)
         log(f"{name}: turns following the instruction, by turn: "
             + " ".join(f"{100 * x:.0f}" for x in adh[name]["by_turn"]) + f" (%) | gold of the plain part "
             f"{adh[name]['gold']:.3f}\n{'':>{len(name) + 2}}the same, earlier answers given plain (copy control): "
@@ -571,7 +579,7 @@ def evaluate(args, world, tokenizer, init, before_path, gatt_path, device, log, 
     attention = {name: system_attention(model, tokenizer, long_dialogs) for name, model in models.items()}
     tasks = S.eval_tasks(world, args.eval_per_kind, args.seed)
     chat = {name: S.evaluate_chat(model, tokenizer, tasks, compile=args.compile_decode) for name, model in
-            {"start (--init)": M.Transformer.from_pretrained(init, device=device), **models}.items()}
+            {"start (--init)": M.Transformer.from_pretrained(init, device=device, dtype=dtype), **models}.items()}
     S.print_table(chat)
     timings["chat_eval_s"] = time.time() - t0
     return adh, attention, chat, scripts, long_dialogs, tasks
@@ -660,7 +668,7 @@ def parse_args(argv):
     add("--train-turns", type=int, default=20,
         help="GAtt: turns per sampled dialogue (default 20, as many as the evaluation: trained on fewer "
              "turns, the toy model kept the rule as far as it was trained and often lost it beyond)")
-    add("--steps", type=int, default=250, help="GAtt: optimizer steps (default 250)")
+    add("--steps", type=int, default=300, help="GAtt: optimizer steps (default 300)")
     add("--gatt-lr", type=float, help="GAtt: peak learning rate (default --lr / 4: step 1 teaches a new skill, "
                                       "GAtt only adjusts one, and a higher rate erodes what 06 taught)")
     add("--replay", type=float, default=0.5,
@@ -672,6 +680,9 @@ def parse_args(argv):
              "in the paper: without it the toy model learns to copy its last answer rather than read the "
              "instruction, see the copy control)")
     add("--eval-dialogues", type=int, default=32, help="adherence: dialogues per model (default 32)")
+    add("--sample-batch", type=tok.number_flag("--sample-batch", at_least=1), default=32,
+        help="dialogues (or prompts) generated together when sampling GAtt's data and measuring adherence "
+             "(default 32): the KV cache grows with it (--plan shows it)")
     add("--eval-turns", type=int, default=20, help="adherence: turns per dialogue (default and paper: 20)")
     add("--attention-dialogues", type=int, default=16,
         help="attention maps: long dialogues to average over (default 16)")

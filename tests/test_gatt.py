@@ -256,6 +256,9 @@ def test_attention_rows_sum_to_one_and_reproduce_each_layers_output():
     tokens = torch.randint(0, 300, (2, 37))
     maps = G.attention_maps(model, tokens)
     assert len(maps) == model.args.n_layers
+    # reduce: each layer's map reduced as computed (what system_attention keeps), the same numbers
+    reduced = G.attention_maps(model, tokens, reduce=lambda p: p[:, :, -1])
+    assert len(reduced) == len(maps) and all(torch.equal(r, m[:, :, -1]) for r, m in zip(reduced, maps))
     h = model.tok_embeddings(tokens)
     freqs = model.freqs_cis[:, :37]
     for layer, probs in zip(model.layers, maps):

@@ -142,8 +142,8 @@ def test_ppo_shards_its_frozen_models_and_samples_in_bf16():
 
 
 def test_batches_the_planner_assumes_are_the_chapters():
-    """The planner's generation and scoring batches are defaults in 04-07's code, not flags: if
-    one changes there, this fails."""
+    """The planner's generation and scoring batches are defaults in 04-07's code (06's and 07's
+    also the defaults of their --sample-batch): if one changes there, this fails."""
     S, R, PPO, G = (chapter(n) for n in ("04_sft", "05_reward", "06_rs_ppo", "07_gatt"))
     default = lambda fn, name: inspect.signature(fn).parameters[name].default
     assert P.PLAN_BATCHES == dict(answer_all=default(S.answer_all, "batch_size"),
@@ -152,6 +152,7 @@ def test_batches_the_planner_assumes_are_the_chapters():
                                   evaluate_rm=default(R.evaluate_rm, "batch_size"),
                                   converse=default(G.converse, "batch_size"))
     assert PPO.parse_args([]).sample_batch == P.PLAN_BATCHES["sample_answers"]   # 06's flag's default
+    assert G.parse_args([]).sample_batch == P.PLAN_BATCHES["converse"]   # and 07's
     assert P.PLAN_NEW_TOKENS["evaluate_chat"] == default(S.evaluate_chat, "max_new_tokens")
     assert P.PLAN_NEW_TOKENS["gatt"] == G.MAX_NEW_TOKENS == default(G.converse, "max_new_tokens")
 
