@@ -17,7 +17,7 @@ tokenizer and pretrained model: 01-03 are shared) and writes seeds.json and seed
 effect in each seed, its mean and range, and whether it was clear of its interval in every seed.
 
 Run:
-  python pipeline.py                                  # toy: 12-17 minutes on 2 CPU cores
+  python pipeline.py                                  # toy: 9-14 minutes on 2 CPU cores
   python pipeline.py --rerun 06 07                    # redo RS/PPO and GAtt, keep the rest
   python pipeline.py --preset small --device cuda --run-dir runs/small   # bigger, on a GPU
   python pipeline.py --report-only                    # rewrite report.md from the JSON files
