@@ -399,7 +399,8 @@ def world_documents(world: World, n: int, rng: random.Random) -> list:
 
 def train(cfg, model, get_batch, compute_loss, evaluate=None, ckpt_path=None, extra=None):
     """The loop of every chapter. cfg: flags from add_training_args, after resolve_args.
-    model: the plain module on its device, with .args (a ModelArgs). get_batch(step,
+    model: the plain module on its device, with .args (a ModelArgs); under --fsdp it may come in
+    host memory (build_device) or sharded already (place), and leaves sharded. get_batch(step,
     micro_step) -> this rank's micro-batch, a pure function of its arguments (that makes
     resume exact). compute_loss(model, batch) -> the micro-batch's mean loss.
     evaluate(model) -> {name: number}, run on every rank (an FSDP forward needs them all).
@@ -408,12 +409,14 @@ def train(cfg, model, get_batch, compute_loss, evaluate=None, ckpt_path=None, ex
     mean since the previous log line. A run stopped off a log step still logs and evaluates where it
     stops, in an entry marked "stopped" that keeps the open window's sum; a resumed run takes that
     window back and drops what only the stop added, so its history is the uninterrupted run's."""
-    device, world_size = next(model.parameters()).device, cfg.world_size
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size, rank = cfg.world_size, dist.get_rank() if dist.is_initialized() else 0
     checkpointing = getattr(cfg, "activation_checkpointing", False)
     checkpoint_blocks(model, checkpointing)
-    if cfg.fsdp:   # FSDP2: each block's weights, gradients and Adam moments live 1/world_size per rank
-        shard_model(model)
+    if cfg.fsdp and not is_sharded(model):   # FSDP2: each block's weights, gradients and Adam moments
+        shard_model(model)                   # live 1/world_size per rank
+    elif cfg.fsdp:   # sharded before (place) and run since: FSDP2 keeps the root's weights gathered
+        model.reshard()   # after a forward, and the optimizer must hold the shards
+    device = next(model.parameters()).device   # (after sharding: a model built in host memory is on the GPU now)
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
     step, history = load_training_state(ckpt_path, model, optimizer, cfg) if cfg.resume else (0, [])
     resumed_stop = history.pop().copy() if history and "stopped" in history[-1] else None
@@ -865,6 +868,35 @@ def fmt_time(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
+def build_device(cfg, device):
+    """Where a stage builds or loads a model it will train: under --fsdp in host memory, since
+    fully_shard (train, place) then moves each rank's shards to the GPU a block at a time and no
+    whole copy of the model ever sits there; else the device itself."""
+    return torch.device("cpu") if getattr(cfg, "fsdp", False) else device
+
+
+def place(model, cfg, device):
+    """A model from build_device onto the devices before any training: under --fsdp sharded now
+    (with --activation-checkpointing set first, as train sets it), so a stage can run it (04
+    evaluates its start model) before train, which keeps it sharded; else moved whole."""
+    if not getattr(cfg, "fsdp", False):
+        return model.to(device)
+    checkpoint_blocks(model, getattr(cfg, "activation_checkpointing", False))
+    shard_model(model)
+    # One forward outside inference mode first: FSDP2 allocates its gather buffers on the first
+    # one, and buffers made under generate's inference_mode could not be written by training
+    # later ("Inplace update to inference tensor outside InferenceMode")
+    with torch.no_grad():
+        model(torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device))
+    model.reshard()   # FSDP2 keeps the root's weights gathered after a forward
+    return model
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
 def shard_model(model):
     """FSDP2 (fully_shard): each TransformerBlock its own group, then the rest (embedding, final
     norm, head) as the root's. A forward gathers one block's weights at a time and frees them after
@@ -901,15 +933,18 @@ def checkpoint_blocks(model, on: bool):
 #   * a trained model is fp32 (weights, gradients and AdamW's two moments: 16 bytes a
 #     parameter), sharded 1/N by FSDP, whole under DDP (which adds its gradient buckets, a
 #     second copy of the gradients) or on one GPU,
-#   * every model is built or loaded whole on every rank before FSDP shards it,
+#   * under FSDP a model is built or read whole in host memory and reaches the GPU as shards
+#     (build_device, place: fully_shard moves them a block at a time); 06's and 07's samplers
+#     and the models they evaluate are whole on the GPU, in the compute dtype,
 #   * under bf16 autocast the residual stream and the norms stay fp32, and each matmul saves a
 #     bf16 copy of its weight for backward: a whole bf16 copy of the model, even under FSDP
 #     (there is no MixedPrecisionPolicy; a test checks this on CPU),
 #   * FSDP2 accumulating over micro-steps with set_requires_gradient_sync(False) keeps the
 #     unsharded fp32 gradients between them (FSDPParam holds them whole until the last one),
 #   * generation runs outside autocast, so the KV cache has the weights' dtype: fp32 for a
-#     trained model,
-#   * frozen models (reference, reward models) sit whole in bf16 on every rank.
+#     trained model (04, 05), the compute dtype for 06's and 07's samplers,
+#   * frozen models (reference, reward models) sit whole in bf16 on every rank, 1/N of them
+#     under FSDP.
 # Prompt lengths come from no data: --plan-prompt-tokens stands for the longest prompt in a
 # generation batch. The activation figures follow autograd's saved tensors, layer by layer;
 # tests/test_plan.py checks them against the tensors autograd really saves for backward, on CPU.
@@ -1092,9 +1127,9 @@ def plan_pretrain(args, s: PlanSetup, models):
     m = models["policy"]
     training = trained_state(m, s, "model", grads=True, accumulate=args.grad_accum > 1) + training_activations(
         m, s, args.micro_batch, args.seq_len, mask=False, ckpt=s.ckpt, label="model")
-    return ([("build: the model, whole, before FSDP shards it", whole(m, "model", "weights"))] if s.fsdp else []) + \
-        [(f"train: {args.micro_batch} x {args.seq_len:,} tokens a micro-step, {args.grad_accum} micro-steps",
-          training)]
+    # under FSDP the model is built in host memory and reaches the GPU as shards (build_device)
+    return [(f"train: {args.micro_batch} x {args.seq_len:,} tokens a micro-step, {args.grad_accum} micro-steps",
+             training)]
 
 
 def sft_training(args, s, m, label):
@@ -1108,10 +1143,8 @@ def plan_sft(args, s: PlanSetup, models):
     toy_eval = not getattr(args, "data", None)   # 04 evaluates on the toy world's tasks only
     answers = lambda: generation(m, PLAN_BATCHES["answer_all"], s.prompt, PLAN_NEW_TOKENS["evaluate_chat"],
                                  "evaluation")
-    if toy_eval and getattr(args, "init", None) != "scratch":
-        phases.append(("evaluate the start model (answer_all)", whole(m, "model", "weights") + answers()))
-    if s.fsdp:
-        phases.append(("build: the model loads whole before FSDP shards it", whole(m, "model", "weights")))
+    if toy_eval and getattr(args, "init", None) != "scratch":   # under FSDP sharded already (place)
+        phases.append(("evaluate the start model (answer_all)", held(m, s, "model", "weights", True) + answers()))
     phases.append(("SFT: 03's loop, 04's packing mask", sft_training(args, s, m, "model")))
     if toy_eval:
         phases.append(("evaluate the SFT model (answer_all)", held(m, s, "model", "weights", True) + answers()))
@@ -1133,8 +1166,6 @@ def plan_reward(args, s: PlanSetup, models):
     names = [n for n, f in (("Helpfulness", args.helpful_data), ("Safety", args.safety_data)) if f or toy]
     for i, name in enumerate(names):
         kept = held(rm, s, f"the {names[0]} RM, trained", "other_models") if i else []   # main's `rms` dict
-        if s.fsdp:
-            phases.append((f"{name} RM: loads whole before FSDP shards it", kept + whole(rm, "RM", "weights")))
         phases.append((f"{name} RM: train ({args.micro_batch} rows of up to {args.seq_len:,} tokens)",
                        kept + trained_state(rm, s, "RM", grads=True, accumulate=args.grad_accum > 1)
                        + training_activations(rm, s, args.micro_batch, args.seq_len, False, s.ckpt, "RM")))
@@ -1183,8 +1214,8 @@ def plan_rs_ppo(args, s: PlanSetup, models):
          scoring_rms + start + forward_transient(rm, first_rows, length, e, 0, "scoring"))]
     if args.rs_iterations:
         sampler_kept = whole(m, "the round's sampler, kept", "other_models", e) if e < 4 else []
-        if e < 4:   # rs_round: the fp32 weights to train load beside the sampler
-            phases.append(("RS: the model to fine-tune loads whole in fp32" + (", before FSDP shards it" * s.fsdp),
+        if e < 4 and not s.fsdp:   # rs_round: the fp32 weights to train load beside the sampler (under
+            phases.append(("RS: the model to fine-tune loads whole in fp32",   # FSDP in host memory)
                            rms + sampler_kept + whole(m, "model to fine-tune", "weights")))
         phases += [("RS fine-tuning: 03's loop on the pool, the RMs held",
                     rms + sampler_kept + sft_training(args, s, m, "policy")),
@@ -1236,7 +1267,7 @@ def plan_gatt(args, s: PlanSetup, models):
     a, ctx = m.args, m.args.max_seq_len
     new = PLAN_NEW_TOKENS["gatt"]
     e, batch = s.elem, getattr(args, "sample_batch", PLAN_BATCHES["converse"])
-    build = [("build: the model loads whole before FSDP shards it", whole(m, "model", "weights"))] if s.fsdp else []
+    build = []   # under FSDP each step's model is read into host memory and reaches the GPU as shards
     two = whole(m, "models before and after GAtt", "other_models", e) * 2   # in the compute dtype
     # dialogues of up to 20 turns: fit() cuts them to the context less an answer's room, so the
     # context bounds their length (attention_dialogs builds them that long on purpose)
@@ -1551,7 +1582,7 @@ def main(argv=None):
     if args.seq_len > model_args.max_seq_len:
         raise UserError(f"--seq-len {args.seq_len} exceeds preset {args.preset}'s context {model_args.max_seq_len}")
     torch.manual_seed(args.seed)
-    model = M.Transformer(model_args).to(device)
+    model = M.Transformer(model_args).to(build_device(args, device))   # under --fsdp, train() shards it
     n_params = M.count_params(model_args)
     log(f"model {args.preset}: {n_params:,} parameters | {world_size} process(es) on {device} | batch "
         f"{args.batch_tokens:,} tokens = {world_size} ranks x {args.micro_batch} x {args.seq_len} tokens x "

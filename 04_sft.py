@@ -385,15 +385,16 @@ def read_chat_jsonl(path):
 # ----------------------------------------------------------------------------------------
 # Training: 03's loop, with packed dialogues and the masked loss.
 
-def load_start(init, preset: str, vocab_size: int, device, seed: int):
-    """The model SFT starts from: a checkpoint (ours, Meta's, HF's), or random weights."""
+def load_start(init, preset: str, vocab_size: int, device, seed: int, cfg=None):
+    """The model SFT starts from: a checkpoint (ours, Meta's, HF's), or random weights. Read in
+    host memory, then on the device: whole, or under cfg's --fsdp sharded (03's place)."""
     if init == "scratch":
         torch.manual_seed(seed)
-        return M.Transformer(replace(M.PRESETS[preset], vocab_size=vocab_size)).to(device)
-    model = M.Transformer.from_pretrained(init, device=device).train()
+        return P.place(M.Transformer(replace(M.PRESETS[preset], vocab_size=vocab_size)), cfg, device)
+    model = M.Transformer.from_pretrained(init).train()
     if model.args.vocab_size != vocab_size:
         raise UserError(f"{init} has a vocabulary of {model.args.vocab_size}, the tokenizer {vocab_size}")
-    return model
+    return P.place(model, cfg, device)
 
 
 def run_sft(args, model, rows, val_rows, ckpt_path, rank, device):
@@ -678,7 +679,7 @@ def main(argv=None):
         f"{args.steps} steps = {args.steps * per_step / len(rows[0]):.2f} epochs")
 
     tasks = eval_tasks(world, args.eval_per_kind, args.seed)
-    model = load_start(init, args.preset, tokenizer.n_words, device, args.seed)
+    model = load_start(init, args.preset, tokenizer.n_words, device, args.seed, args)
     results = {}
     if init != "scratch" and not args.data:
         results["pretrained"] = evaluate_chat(model, tokenizer, tasks, compile=args.compile_decode)
@@ -695,7 +696,7 @@ def main(argv=None):
             f"{sampled['careless']:.1%} (the careless annotator wrote {CARELESS_SHARE:.0%} of the answers: "
             f"the tail RLHF removes, chapter 06)")
     if args.compare_scratch:
-        scratch = load_start("scratch", args.preset, tokenizer.n_words, device, args.seed)
+        scratch = load_start("scratch", args.preset, tokenizer.n_words, device, args.seed, args)
         scratch_args = argparse.Namespace(**{**vars(args), "resume": False})
         run_sft(scratch_args, scratch, rows, val_rows, args.run_dir / "sft_scratch.pt", rank, device)
         results["SFT from scratch"] = evaluate_chat(scratch, tokenizer, tasks, compile=args.compile_decode)

@@ -451,7 +451,7 @@ def train_rm(run: Run, title: str, pairs, scheme: str, tests, own: str, ckpt_pat
     run.log(f"\n== {title}: {len(pairs):,} comparisons, margin {scheme} | {cfg.steps} steps of {per_step} pairs | "
             f"peak LR {cfg.lr:g}, warm-up {cfg.warmup_steps} steps ==")
     torch.manual_seed(args.seed)
-    model = RewardModel.from_lm(run.init, device, args.seed)
+    model = RewardModel.from_lm(run.init, P.build_device(args, device), args.seed)   # under --fsdp, train() shards it
     orders = {}   # a fresh shuffle per epoch, a pure function of (seed, epoch)
     order = lambda epoch: torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
 

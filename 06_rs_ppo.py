@@ -435,7 +435,8 @@ def rs_round(args, model, path, tokenizer, reward, source, pool, rnd, rank, devi
     cfg = copy.copy(args)
     cfg.steps = max(1, round(args.rs_epochs * len(rows[0]) / (args.batch_tokens // args.seq_len)))
     cfg.resume, cfg.stop_at, cfg.ckpt_every = False, None, cfg.steps   # rs.pt is written at the round's end
-    trainee = model if model.output.weight.dtype == torch.float32 else M.Transformer.from_pretrained(path, device)
+    trainee = model if model.output.weight.dtype == torch.float32 else \
+        M.Transformer.from_pretrained(path, P.build_device(args, device))   # under --fsdp, train() shards it
     trainee.train()
     S.run_sft(cfg, trainee, rows, val_rows, args.run_dir / "rs.pt", rank, device)
     if args.world_size > 1:   # rank 0 wrote rs.pt: the others read it next

@@ -325,7 +325,8 @@ def train_step(args, name: str, examples, init, steps: int, lr: float, ckpt_path
     n_learn = int((rows[1] != S.IGNORE).sum())
     log(f"\n== {name}: {len(examples):,} examples -> {len(rows[0]):,} rows of {args.seq_len} tokens, "
         f"{n_learn / rows[1].numel():.1%} of positions carry loss | {steps} steps | peak LR {cfg.lr:g} ==")
-    model = M.Transformer.from_pretrained(init, device=device).train()
+    # in host memory under --fsdp: train() shards it onto the devices
+    model = M.Transformer.from_pretrained(init, device=P.build_device(args, device)).train()
     if model.args.vocab_size != tokenizer.n_words:
         raise UserError(f"{init} has a vocabulary of {model.args.vocab_size}, the tokenizer {tokenizer.n_words}")
     return S.run_sft(cfg, model, rows, val_rows, ckpt_path, rank, device)

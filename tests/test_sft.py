@@ -520,3 +520,31 @@ def test_template_with_a_tokenizer_that_merges_across_the_turn_is_one_line_even_
             f"{dialog!r})\nexcept test_sft.UserError as e:\n    print('UserError')")
     out = subprocess.run([sys.executable, "-O", "-c", code, str(tok.REPO)], capture_output=True, text=True)
     assert out.stdout.strip() == "UserError", out.stderr[-1000:]
+
+
+def test_fsdp_shards_the_start_model_from_host_memory_and_matches_one_process(tokenizer, tmp_path):
+    """04 under torchrun --fsdp (2 processes, gloo): the start model is read into host memory and
+    sharded before its evaluation (03's place: no whole copy on a GPU), then trained sharded. Its
+    evaluation, losses and weights are one process's."""
+    import subprocess
+    import sys
+    torch.manual_seed(0)
+    M.save_model(M.Transformer(replace(M.PRESETS["micro"], vocab_size=tokenizer.n_words)), tmp_path / "init.pt")
+    tok_file = tmp_path / "tok.model"
+    tok_file.write_bytes(tokenizer.sp_model.serialized_model_proto())
+    flags = ["--preset", "micro", "--init", str(tmp_path / "init.pt"), "--tokenizer", str(tok_file), "--device", "cpu",
+             "--examples", "300", "--seq-len", "64", "--micro-batch", "2", "--batch-tokens", "256", "--steps", "4",
+             "--warmup-steps", "1", "--eval-per-kind", "2", "--log-every", "1", "--eval-every", "2"]
+    S.main(flags + ["--run-dir", str(tmp_path / "one")])                  # 1 rank x 2 rows x 2 micro-steps
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(tok.REPO / "04_sft.py"), *flags, "--run-dir", str(tmp_path / "two"), "--fsdp"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    one, two = (json.loads((tmp_path / run / "sft.json").read_text()) for run in ("one", "two"))
+    assert two["results"]["pretrained"]["gold"] == one["results"]["pretrained"]["gold"]
+    losses = lambda m: {h["step"]: h["loss"] for h in m["history"] if "loss" in h}
+    assert sorted(losses(two)) == sorted(losses(one)) == [1, 2, 3, 4]
+    for step, loss in losses(one).items():
+        assert losses(two)[step] == pytest.approx(loss, rel=1e-5)
+    ref, state = (torch.load(tmp_path / run / "sft.pt", weights_only=True)["model"] for run in ("one", "two"))
+    assert all(torch.allclose(state[k], v, atol=1e-5) for k, v in ref.items())
