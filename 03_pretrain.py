@@ -29,7 +29,7 @@ Run:
   python 01_tokenizer.py && python 03_pretrain.py      # toy model on a 2-core CPU: ~2 minutes
   python 03_pretrain.py --preset 1B --device cuda --dtype bf16 --compile \\
       --batch-tokens 524288 --seq-len 2048 --micro-batch 8 --data my_corpus/*.txt
-  torchrun --nproc_per_node=8 03_pretrain.py --preset 7B --fsdp --dtype bf16 \\
+  torchrun --nproc_per_node=8 03_pretrain.py --preset 7B --fsdp --dtype bf16 --activation-checkpointing \\
       --tokenizer tokenizer.model --data my_tokens.bin   # the paper's other numbers are the defaults
   python 03_pretrain.py --preset micro --run-dir runs/micro && \\
       python 03_pretrain.py --compare runs/micro         # two sizes on one figure

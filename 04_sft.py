@@ -31,9 +31,10 @@ Run:
   python 04_sft.py                             # toy: starts from runs/toy/pretrain.pt, ~2 min on CPU
   python 04_sft.py --compare-scratch           # also the same SFT budget from random weights
   python 04_sft.py --data my_chats.jsonl       # {"messages": [{"role": ..., "content": ...}]} per line
-  python 04_sft.py --init llama-2-7b --tokenizer tokenizer.model --preset 7B \\
-      --device cuda --dtype bf16 --data my_chats.jsonl        # the paper's hyper-parameters
-  torchrun --nproc_per_node=8 04_sft.py --init llama-2-70b --preset 70B --fsdp ...
+  torchrun --nproc_per_node=4 04_sft.py --init llama-2-7b --tokenizer tokenizer.model --preset 7B \\
+      --fsdp --activation-checkpointing --dtype bf16 --data my_chats.jsonl   # the paper's hyper-parameters
+  torchrun --nnodes=8 --nproc_per_node=8 04_sft.py --init llama-2-70b --preset 70B --fsdp \\
+      --activation-checkpointing ...   # 64 GPUs, with torchrun's --rdzv-endpoint on each node
   python 04_sft.py chat --ckpt runs/toy/sft.pt --system "Answer briefly."   # talk to it
 """
 import argparse

@@ -38,7 +38,8 @@ Run:
   python 05_reward.py --init runs/1b/sft.pt --tokenizer runs/1b/tokenizer.model --preset 1B \\
       --device cuda --dtype bf16 --helpful-data helpful.jsonl --safety-data harmless.jsonl --no-ablations
   torchrun --nproc_per_node=8 05_reward.py --init llama-2-7b-chat --tokenizer tokenizer.model \\
-      --preset 7B --fsdp --dtype bf16 --helpful-data helpful.jsonl --safety-data harmless.jsonl --no-ablations
+      --preset 7B --fsdp --activation-checkpointing --dtype bf16 --helpful-data helpful.jsonl \\
+      --safety-data harmless.jsonl --no-ablations
   (the paper's hyper-parameters are the defaults of the big presets: 512 pairs a step, LR 1e-5,
   5e-6 with --preset 70B)
 A data line: {"prompt": "..." or [messages ending with the user's], "chosen": "...",

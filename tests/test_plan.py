@@ -233,20 +233,61 @@ def test_a_plan_of_an_unusable_setup_is_one_line():
         plan("03_pretrain", "--preset", "7B", "--dtype", "fp16")
 
 
-def test_readme_verdicts_are_the_planners():
-    """Each row of the README's table of advertised full-scale commands is what the planner says
-    for that command today: its peak per rank and its verdict."""
+PLAN_ROW = re.compile(r"^\| `(?:torchrun (?:--nnodes=(\d+) )?--nproc_per_node=(\d+)|python) (0\d_\w+)\.py ([^`]*)` \| "
+                      r"(\d+) \| ([\d.]+) \| (fits|does not fit) \| ([^|]*) \|$", re.M)
+
+
+def planner_rows():
     readme = (tok.REPO / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Will it fit? The planner", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| `(?:torchrun --nproc_per_node=(\d+)|python) (0\d_\w+)\.py ([^`]*)` \| (\d+) \| "
-                      r"([\d.]+) \| (fits|does not fit) \| ([^|]*) \|$", section, re.M)
-    assert len(rows) >= 6
-    for nproc, script, flags, gpus, peak, verdict, fix in rows:
-        assert gpus == (nproc or "1")
+    return PLAN_ROW.findall(readme.split("## Will it fit? The planner", 1)[1].split("\n## ", 1)[0])
+
+
+def test_readme_verdicts_are_the_planners():
+    """Each row of the README's tables of full-scale commands is what the planner says for that
+    command today: its peak per rank and its verdict, on its GPUs (nodes x processes a node)."""
+    rows = planner_rows()
+    assert len(rows) >= 12
+    for nnodes, nproc, script, flags, gpus, peak, verdict, fix in rows:
+        assert int(gpus) == int(nnodes or 1) * int(nproc or 1)
         result = plan(script, *flags.split(), "--gpus", gpus)
         assert f"{result['per_rank_bytes']['peak'] / 1e9:.1f}" == peak, (script, flags)
         assert result["fits"] == (verdict == "fits"), (script, flags)
         assert (result["fix"] or "-") == fix.strip(), (script, flags)
+
+
+def advertised_commands():
+    """The training commands of the README's code blocks and of 03-07's docstrings that name a
+    full-scale preset (not --plan, not chat): lines joined at their continuations, comments off."""
+    texts = [(tok.REPO / "README.md").read_text(encoding="utf-8")]
+    texts += [inspect.getmodule(chapter(m)).__doc__ for m in ("03_pretrain", "04_sft", "05_reward", "06_rs_ppo",
+                                                                "07_gatt")]
+    found = []
+    for text in texts:
+        joined = re.sub(r"\\+\n\s*", " ", text)
+        for line in joined.splitlines():
+            line = line.split("#")[0].strip()
+            if re.match(r"(torchrun .*|python )0[3-7]_\w+\.py", line) and re.search(r"--preset (7B|13B|34B|70B)\b", line) \
+                    and "--plan" not in line and " chat " not in line:
+                found.append(line)
+    return found
+
+
+def test_every_advertised_full_scale_command_is_planned_and_fits():
+    """Issue 18: each full-scale training command we advertise is a row of the README's first
+    table (the same flags, in any order) and fits on the GPUs it names."""
+    words = lambda command: sorted(w for w in command.split() if w != "...")
+    fitting = {tuple(words(f"{script}.py {flags}")): (nnodes, nproc) for nnodes, nproc, script, flags, _, _, verdict, _
+               in planner_rows() if verdict == "fits"}
+    commands = advertised_commands()
+    assert len(commands) >= 9   # README: 03, 04, 06; the docstrings: 03, 04 (7B, 70B), 05, 06, 07
+    for command in commands:
+        nodes = re.search(r"--nnodes=(\d+)", command)
+        procs = re.search(r"--nproc_per_node=(\d+)", command)
+        script_on = command[command.index("0"):] if command.startswith("python") else \
+            re.sub(r"^torchrun (--nnodes=\d+ )?--nproc_per_node=\d+ ", "", command)
+        key = tuple(words(script_on))
+        assert key in fitting, command
+        assert fitting[key] == (nodes.group(1) if nodes else "", procs.group(1) if procs else ""), command
 
 
 # --- activation checkpointing ------------------------------------------------------------------
