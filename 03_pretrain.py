@@ -36,6 +36,7 @@ Run:
   python 03_pretrain.py --preset 7B --fsdp --plan --gpus 8 --gpu-memory 80   # will it fit? (any of 03-07)
 """
 import argparse
+import datetime
 import hashlib
 import importlib
 import json
@@ -768,6 +769,9 @@ def resolve_args(args, world_size: int = 1):
     return args
 
 
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)
+
+
 def setup_distributed(device_name: str = "auto"):
     """-> (rank, world_size, device). Under torchrun (RANK is set) joins the process group:
     NCCL on GPUs, gloo on CPUs, one GPU per process (LOCAL_RANK). Else one process."""
@@ -779,7 +783,9 @@ def setup_distributed(device_name: str = "auto"):
         torch.cuda.set_device(device)
     else:   # processes on one CPU share its cores: more threads than cores slows everyone
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # rank 0 alone evaluates in 05-07 and writes the checkpoints while the others wait in a
+    # collective: at 7B and more that can outlast NCCL's default timeout of 10 minutes
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -1271,10 +1277,10 @@ def plan_gatt(args, s: PlanSetup, models):
     two = whole(m, "models before and after GAtt", "other_models", e) * 2   # in the compute dtype
     # dialogues of up to 20 turns: fit() cuts them to the context less an answer's room, so the
     # context bounds their length (attention_dialogs builds them that long on purpose)
-    sampling = generation(m, min(batch, args.dialogues), ctx - new, new, "sampling", e)
+    sampling = generation(m, min(batch, -(-args.dialogues // s.gpus)), ctx - new, new, "sampling", e)   # a share a rank
     return build + [
         ("step 1: instructions in the current message (03's loop)", sft_training(args, s, m, "model")),
-        ("GAtt sampling (rank 0): the step-1 model, whole; converse, dialogues up to the context",
+        ("GAtt sampling (every rank, a share): the step-1 model, whole; converse, dialogues up to the context",
          whole(m, "step-1 model", "weights", e) + sampling)] + build + [
         ("step 2: Ghost Attention (03's loop)", sft_training(args, s, m, "model")),
         ("evaluation (rank 0): adherence, before and after GAtt whole, dialogues up to the context",

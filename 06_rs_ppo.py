@@ -638,7 +638,7 @@ def run_rlhf(args, run: Run, state: dict):
         ppo_init = rs_path if args.rs_iterations else run.paths["init"]
         # under FSDP the models are read into host memory and fully_shard moves each rank's shards
         # to the device: no whole model on a GPU (run_ppo shards the policy and the value model)
-        build = torch.device("cpu") if args.fsdp else device
+        build = P.build_device(args, device)
         ref = M.Transformer.from_pretrained(ppo_init, device=build, dtype=run.frozen_dtype)
         if args.fsdp:   # frozen, it only runs forward: 1/world_size of it a rank, as the policy
             P.shard_model(ref)
@@ -1022,12 +1022,11 @@ def main(argv=None):
     world = P.make_world(args.world_seed)
     source = read_prompts(args.prompts) if args.prompts else world
     frozen_dtype = M.pick_dtype(args.dtype, device)   # frozen models compute as the autocast does
-    if args.fsdp:   # sharded, not whole on every rank: read into host memory, each rank's shards moved to
-        # the device by fully_shard; every rank then scores the same number of batches, together
-        rms = [P.shard_model(R.RewardModel.from_pretrained(paths[k], "cpu", frozen_dtype))
-               for k in ("rm_helpful", "rm_safety")]
-    else:
-        rms = [R.RewardModel.from_pretrained(paths[k], device, frozen_dtype) for k in ("rm_helpful", "rm_safety")]
+    rms = [R.RewardModel.from_pretrained(paths[k], P.build_device(args, device), frozen_dtype)
+           for k in ("rm_helpful", "rm_safety")]
+    if args.fsdp:   # sharded, not whole on every rank (fully_shard moves each rank's shards to the
+        # device); every rank then scores the same number of batches, together
+        rms = [P.shard_model(rm) for rm in rms]
     reward = Reward(*rms, pad_id, tokenizer.eos_id, combine=args.reward == "combined")
     tasks = S.eval_tasks(world, args.eval_per_kind, args.seed) if not args.prompts else []
     red_tasks = red_team_tasks(world, args.eval_per_kind, args.seed) if tasks else []

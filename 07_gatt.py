@@ -296,18 +296,21 @@ def answers_of(dialog):
 #    step-1 model samples GAtt's dialogues and gatt_examples rebuilds them (gatt_data).
 
 def sample_gatt_dialogs(model, tokenizer, world, n: int, turns: int, seed: int, temperature: float,
-                        compile=False, batch_size: int = 32):
+                        compile=False, batch_size: int = 32, part=(0, 1)):
     """Sec. 3.3: "Next, we can sample from this synthetic data using the latest RLHF model." n
     dialogues of `turns` turns, the instruction concatenated to every user message, each answer
-    sampled by `model` (the step-1 model)."""
+    sampled by `model` (the step-1 model). part=(rank, ranks): every rank draws the same n
+    dialogues and samples its share, rank, rank + ranks, ..., with its own random numbers."""
     rng = random.Random(seed)
     instructions = [random_instruction(rng) for _ in range(n)]
     users = [[task_turn(world, rng).prompt for _ in range(turns)] for _ in range(n)]
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    dialogs = converse(model, tokenizer, [t for t, _ in instructions], users, True, temperature, generator,
-                       batch_size=batch_size, compile=compile)
-    return [dict(instruction=text, rules=rules, users=u, answers=answers_of(d))
-            for (text, rules), u, d in zip(instructions, users, dialogs)]
+    rank, ranks = part
+    mine = range(rank, n, ranks)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed + rank)
+    dialogs = converse(model, tokenizer, [instructions[i][0] for i in mine], [users[i] for i in mine], True,
+                       temperature, generator, batch_size=batch_size, compile=compile)
+    return [dict(instruction=instructions[i][0], rules=instructions[i][1], users=users[i], answers=answers_of(d))
+            for i, d in zip(mine, dialogs)]
 
 
 def train_step(args, name: str, examples, init, steps: int, lr: float, ckpt_path, rank, device, tokenizer, log):
@@ -334,22 +337,31 @@ def train_step(args, name: str, examples, init, steps: int, lr: float, ckpt_path
 
 def gatt_data(args, world, tokenizer, before_path, rank, world_size, device, log):
     """Step 2's data: the step-1 model samples --dialogues dialogues with the instruction in
-    every user message (rank 0 writes gatt_samples.jsonl; a resumed run reads it back);
+    every user message (each rank its share; rank 0 writes gatt_samples.jsonl, in the dialogues'
+    order; a resumed run reads it back);
     gatt_examples turns them into samples, and step-1 dialogues are replayed beside them
     (--replay). -> (sampled, examples shuffled, n_replay, the data's counts for gatt.json)"""
     t0 = time.time()
     samples_path = args.run_dir / "gatt_samples.jsonl"
-    if rank == 0 and not (args.resume and samples_path.is_file()):
+    if world_size > 1:   # rank 0 wrote the step-1 model: every rank reads it next
+        dist.barrier()
+    if not (args.resume and samples_path.is_file()):
         log(f"\nsampling {args.dialogues} dialogues of {args.train_turns} turns from {before_path} "
-            f"(temperature {args.temperature}), the instruction concatenated to every user message ...")
+            f"(temperature {args.temperature}), the instruction concatenated to every user message"
+            + (f", {world_size} ranks a share each" if world_size > 1 else "") + " ...")
         # the sampler computes in the compute dtype (bf16 on a GPU: half the weights, a bf16 KV cache)
         sampler = M.Transformer.from_pretrained(before_path, device=device, dtype=M.pick_dtype(args.dtype, device))
         sampled = sample_gatt_dialogs(sampler, tokenizer, world, args.dialogues, args.train_turns, args.seed,
-                                      args.temperature, args.compile_decode, args.sample_batch)
+                                      args.temperature, args.compile_decode, args.sample_batch, (rank, world_size))
         if args.rules_by_program:   # a model that follows nothing (the pipeline's micro smoke run)
             for s in sampled:
                 s["answers"] = [apply_rules(s["rules"], a) for a in s["answers"]]
-        tok.atomic_write_text(samples_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in sampled))
+        if world_size > 1:   # the shares back in the dialogues' order: dialogue i came from rank i % ranks
+            shares = [None] * world_size
+            dist.all_gather_object(shares, sampled)
+            sampled = [shares[i % world_size][i // world_size] for i in range(args.dialogues)]
+        if rank == 0:
+            tok.atomic_write_text(samples_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in sampled))
         del sampler
     if world_size > 1:
         dist.barrier()

@@ -364,3 +364,28 @@ def test_missing_start_model_and_bad_flags_are_one_line_errors(tokenizer, tok_fi
     M.save_model(micro_model(tokenizer.n_words), tmp_path / "start.pt")
     with pytest.raises(UserError, match="step 1 did not teach the rules"):   # a random model follows nothing
         micro_gatt(tok_file, tmp_path / "start.pt", tmp_path / "run")
+
+
+def test_every_rank_samples_its_share_of_the_gatt_dialogues(tokenizer, tok_file, tmp_path):
+    """07 under torchrun --fsdp (2 processes, gloo): each rank samples its share of GAtt's
+    dialogues and rank 0 writes them back in the dialogues' order, the same instructions and users
+    as one process draws; the chapter then runs to its end."""
+    import subprocess
+    import sys
+    torch.manual_seed(0)
+    M.save_model(micro_model(tokenizer.n_words), tmp_path / "start.pt")
+    flags = ["--preset", "micro", "--init", str(tmp_path / "start.pt"), "--tokenizer", str(tok_file),
+             "--device", "cpu", "--inst-examples", "60", "--inst-steps", "2", "--steps", "2", "--dialogues", "6",
+             "--train-turns", "3", "--eval-dialogues", "3", "--eval-turns", "3", "--eval-per-kind", "1",
+             "--seq-len", "256", "--micro-batch", "1", "--batch-tokens", "512", "--warmup-steps", "1",
+             "--rules-by-program"]
+    G.main(flags + ["--run-dir", str(tmp_path / "one")])
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(tok.REPO / "07_gatt.py"), *flags, "--run-dir", str(tmp_path / "two"), "--fsdp"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 ranks a share each" in out.stdout
+    drawn = lambda run: [(s["instruction"], s["users"]) for s in map(
+        json.loads, (tmp_path / run / "gatt_samples.jsonl").read_text().splitlines())]
+    assert len(drawn("two")) == 6 and drawn("two") == drawn("one")
+    assert json.loads((tmp_path / "two" / "gatt.json").read_text())["gatt_data"]["dialogues"] == 6
