@@ -457,8 +457,9 @@ def train(cfg, model, get_batch, compute_loss, evaluate=None, ckpt_path=None, ex
                 group["lr"] = lr
             for micro in range(cfg.grad_accum):
                 last = micro == cfg.grad_accum - 1
-                if cfg.fsdp:
-                    model.set_requires_gradient_sync(last)
+                if cfg.fsdp:   # FSDP2 skips the reduce-scatter until the last micro-step, keeping the
+                    # gradients whole meanwhile, unless told to reduce every time (less memory)
+                    model.set_requires_gradient_sync(last or getattr(cfg, "reduce_every_micro_step", False))
                 # DDP all-reduces gradients during backward: only the last micro-step needs that
                 with runner.no_sync() if ddp and not last else nullcontext():
                     with autocast():
@@ -706,6 +707,9 @@ def add_training_args(parser, paper: dict, toy: dict):
         help="sample with 02's compiled decoding step (generate(compile=True)), after a compile of seconds to a "
              "minute per shape: faster where launching kernels dominates a step (README, chapter 02)")
     add("--fsdp", action="store_true", help="under torchrun: shard every TransformerBlock (FSDP2), not DDP")
+    add("--reduce-every-micro-step", action="store_true",
+        help="with --fsdp: reduce-scatter the gradients after every micro-step, so they stay 1/N a rank "
+             "(FSDP2 otherwise keeps them whole until the last one): less memory, more communication")
     add("--seed", type=int, default=0)
     add("--resume", action="store_true", help="continue exactly from RUN_DIR's checkpoint")
     add("--stop-at", type=tok.number_flag("--stop-at", at_least=1),
@@ -947,6 +951,7 @@ def checkpoint_blocks(model, on: bool):
 #     (there is no MixedPrecisionPolicy; a test checks this on CPU),
 #   * FSDP2 accumulating over micro-steps with set_requires_gradient_sync(False) keeps the
 #     unsharded fp32 gradients between them (FSDPParam holds them whole until the last one),
+#     unless --reduce-every-micro-step syncs at every micro-step,
 #   * generation runs outside autocast, so the KV cache has the weights' dtype: fp32 for a
 #     trained model (04, 05), the compute dtype for 06's and 07's samplers,
 #   * frozen models (reference, reward models) sit whole in bf16 on every rank, 1/N of them
@@ -995,6 +1000,7 @@ class PlanSetup:
     elem: int         # bytes of an element in the compute dtype: 2 (bf16 autocast) or 4 (fp32)
     ckpt: bool        # --activation-checkpointing (03's loop only)
     prompt: int       # longest prompt of a generation batch, in tokens
+    reduce_every: bool = False   # --reduce-every-micro-step: FSDP's gradients stay sharded between micro-steps
 
     @property
     def shards(self):   # FSDP's share of a trained model on each rank
@@ -1075,7 +1081,7 @@ def trained_state(m: PlanModel, s: PlanSetup, label: str, grads: bool, accumulat
                       False))
     if grads:
         items.append((f"{label} gradients, fp32{part}", kinds[1], 4 * n / share, s.fsdp))
-        if s.fsdp and accumulate:
+        if s.fsdp and accumulate and not s.reduce_every:
             items.append((f"{label} gradients kept unsharded between micro-steps (FSDP2 without sync), fp32",
                           kinds[1], 4 * n, False))
         elif s.fsdp:
@@ -1349,7 +1355,7 @@ def plan_setup(args) -> PlanSetup:
         raise UserError(f"--plan with --dtype {args.dtype}: the chapters train in bf16 (auto on a GPU) or fp32")
     return PlanSetup(gpus=args.gpus, memory=args.gpu_memory * GB, fsdp=args.fsdp,
                      elem=4 if args.dtype == "fp32" else 2, ckpt=args.activation_checkpointing,
-                     prompt=args.plan_prompt_tokens)
+                     prompt=args.plan_prompt_tokens, reduce_every=args.reduce_every_micro_step)
 
 
 def plan_phases(stage: str, args, s: PlanSetup, models):
@@ -1380,8 +1386,9 @@ def plan_valid(stage: str, args, gpus: int) -> bool:
 
 def cheapest_fix(stage: str, args, s: PlanSetup, models):
     """The first change that fits, cheapest first: a smaller micro-batch (costs nothing but some
-    speed), activation checkpointing (a third more compute), FSDP on the same GPUs, then more GPUs
-    (with checkpointing where that alone is not enough). -> (the change in words, its peak bytes),
+    speed), activation checkpointing (a third more compute), under FSDP a reduce-scatter at every
+    micro-step (more communication), FSDP on the same GPUs, then more GPUs (with checkpointing,
+    then with both, where that alone is not enough). -> (the change in words, its peak bytes),
     or (None, the last plan tried: the most GPUs, with checkpointing) when nothing fits."""
     tries = []
     for flag, smallest in micro_flags(stage).items():
@@ -1392,12 +1399,15 @@ def cheapest_fix(stage: str, args, s: PlanSetup, models):
     if not s.ckpt:
         tries.append(({}, {"ckpt": True}))
         tries += [(flags, {"ckpt": True}) for flags, _ in tries[:-1]]
+    if s.fsdp and not s.reduce_every:
+        tries += [({}, {"reduce_every": True, "ckpt": True})]
     if not s.fsdp and s.gpus > 1:
         tries += [({}, {"fsdp": True}), ({}, {"fsdp": True, "ckpt": True})]
     gpus = s.gpus
     while gpus < 4096:
         gpus *= 2
-        tries += [({}, {"gpus": gpus, "fsdp": True}), ({}, {"gpus": gpus, "fsdp": True, "ckpt": True})]
+        tries += [({}, {"gpus": gpus, "fsdp": True}), ({}, {"gpus": gpus, "fsdp": True, "ckpt": True}),
+                  ({}, {"gpus": gpus, "fsdp": True, "ckpt": True, "reduce_every": True})]
     last = None
     for flags, setup in tries:
         trial, s2 = argparse.Namespace(**{**vars(args), **flags}), replace(s, **setup)
@@ -1408,6 +1418,7 @@ def cheapest_fix(stage: str, args, s: PlanSetup, models):
         if phases[peak][2] <= s2.memory:
             words = [f"--{k.replace('_', '-')} {v}" for k, v in flags.items()]
             words += ["--fsdp"] * (s2.fsdp and not s.fsdp) + ["--activation-checkpointing"] * (s2.ckpt and not s.ckpt)
+            words += ["--reduce-every-micro-step"] * (s2.reduce_every and not s.reduce_every)
             if s2.gpus != s.gpus:
                 words.append(f"on {s2.gpus} GPUs" + (f" (torchrun --nproc_per_node={s2.gpus})" if s2.gpus <= 8 else
                                                       f" (torchrun on {s2.gpus // 8} nodes of 8)"))

@@ -33,8 +33,8 @@ Run:
   python 04_sft.py --data my_chats.jsonl       # {"messages": [{"role": ..., "content": ...}]} per line
   torchrun --nproc_per_node=4 04_sft.py --init llama-2-7b --tokenizer tokenizer.model --preset 7B \\
       --fsdp --activation-checkpointing --dtype bf16 --data my_chats.jsonl   # the paper's hyper-parameters
-  torchrun --nnodes=8 --nproc_per_node=8 04_sft.py --init llama-2-70b --preset 70B --fsdp \\
-      --activation-checkpointing ...   # 64 GPUs, with torchrun's --rdzv-endpoint on each node
+  torchrun --nnodes=4 --nproc_per_node=8 04_sft.py --init llama-2-70b --preset 70B --fsdp \\
+      --activation-checkpointing --reduce-every-micro-step ...   # 32 GPUs (torchrun's --rdzv-endpoint on each node)
   python 04_sft.py chat --ckpt runs/toy/sft.pt --system "Answer briefly."   # talk to it
 """
 import argparse

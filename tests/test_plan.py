@@ -110,6 +110,20 @@ def test_more_gpus_shrink_what_fsdp_shards_and_nothing_else():
         assert b["bytes"] == (a["bytes"] / 2 if "a rank" in a["what"] else a["bytes"]), a["what"]
 
 
+def test_reducing_every_micro_step_keeps_fsdp_gradients_sharded():
+    """FSDP2 accumulating over micro-steps keeps whole fp32 gradients between them (4 bytes a
+    parameter on every rank); --reduce-every-micro-step reduce-scatters each time, and that item
+    is gone from the plan, the rest unchanged."""
+    flags = ("--preset", "7B", "--fsdp", "--gpus", "8", "--dtype", "bf16", "--data", "unread.jsonl")
+    kept, reduced = (phase(plan("04_sft", *flags, *extra), "SFT") for extra in ((), ("--reduce-every-micro-step",)))
+    whole = [i for i in kept["items"] if "kept unsharded between micro-steps" in i["what"]]
+    assert len(whole) == 1 and whole[0]["bytes"] == 4 * LLAMA2_7B_PARAMS
+    assert not any("kept unsharded" in i["what"] for i in reduced["items"])
+    blocks = [i for i in reduced["items"] if "two blocks' unsharded gradients" in i["what"]]
+    assert len(blocks) == 1   # what stays whole: the blocks whose gradients are being reduced
+    assert reduced["bytes"] == pytest.approx(kept["bytes"] - whole[0]["bytes"] + blocks[0]["bytes"])
+
+
 def test_ppo_shards_its_frozen_models_and_samples_in_bf16():
     """06 at 7B over 8 ranks: the sampler copy (bf16, the compute dtype) whole on every rank, the
     bf16 reference and both bf16 RMs 1/8 a rank, every KV cache bf16; as written it does not fit,

@@ -248,13 +248,16 @@ def test_ddp_and_fsdp_match_one_process(corpus, tmp_path):
     single = P.main(micro_args(corpus, tmp_path / "one", "--steps", "4"))   # 1 rank x 4 seqs x 2 micro-steps
     assert single["config"]["grad_accum"] == 2
     ref = torch.load(tmp_path / "one" / "pretrain.pt", weights_only=True)["model"]
-    for mode in ([], ["--fsdp"]):                                           # 2 ranks x 4 seqs x 1 micro-step
+    # 2 ranks x 4 seqs x 1 micro-step; then FSDP accumulating 2 ranks x 2 seqs x 2 micro-steps, the
+    # gradients kept whole between them (FSDP2's way) or reduce-scattered after each one
+    for mode, accum in (([], 1), (["--fsdp"], 1), (["--fsdp", "--micro-batch", "2"], 2),
+                        (["--fsdp", "--micro-batch", "2", "--reduce-every-micro-step"], 2)):
         run_dir = tmp_path / f"two{''.join(mode)}"
         out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                               str(tok.REPO / "03_pretrain.py"), *micro_args(corpus, run_dir, "--steps", "4"), *mode],
                              capture_output=True, text=True, timeout=240)
         assert out.returncode == 0, out.stderr[-3000:]
-        assert "2 process(es)" in out.stdout and "x 1 micro-steps" in out.stdout
+        assert "2 process(es)" in out.stdout and f"x {accum} micro-steps" in out.stdout
         two = P.json.loads((run_dir / "pretrain.json").read_text())
         assert two["history"][-1]["step"] == 4
         for step, loss in losses(single["history"]).items():
