@@ -464,8 +464,8 @@ def sample_top_p(probs, p: float, generator=None):
 # roofline, is the memory bandwidth over the bytes a step reads (decode_bytes below): for the 1B
 # preset in bf16 at batch 1, 2.1 GB a step, so at an H100's 3.35 TB/s (its data sheet) at most
 # ~1,600 steps/s. Run op by op from Python, a small model never gets near it: each of the dozens
-# of kernels a layer runs waits on Python to launch it. torch.compile turns the step into one graph of fused kernels (and on a
-# GPU, with mode="reduce-overhead", one CUDA graph launched at once). A compiled graph has fixed
+# of kernels a layer runs waits on Python to launch it. torch.compile turns the step into one
+# graph of fused kernels (and on a GPU, with mode="reduce-overhead", one CUDA graph launched at once). A compiled graph has fixed
 # shapes, so decode_step reads the whole static cache (masked) rather than the part filled so
 # far, and takes the position as a tensor: as a Python int it would be baked into the graph, and
 # every step would compile anew. (gpt-fast, PyTorch's own fast-decoding example, does the same.)

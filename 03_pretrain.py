@@ -965,7 +965,8 @@ GB = 1e9   # bytes. --gpu-memory is in GB too: an "80 GB" card holds 80 GiB = 85
 KINDS = ("weights", "grads", "optimizer", "activations", "kv_cache", "other_models")
 PLAN_BATCHES = dict(answer_all=64, sample_answers=64, score_rows=64, evaluate_rm=128, converse=32)   # the
 # batch sizes the chapters generate and score with (04's answer_all, 06's sample_answers, 05's score_rows and
-# evaluate_rm, 07's converse): 06's and 07's are flags (--sample-batch; these their defaults), no flag shrinks the others
+# evaluate_rm, 07's converse): 06's and 07's are flags (--sample-batch; these their defaults);
+# no flag shrinks the others
 PLAN_NEW_TOKENS = dict(evaluate_chat=32, toy_comparisons=40, gatt=40)   # answer lengths that are no flag either:
 # 04's evaluate_chat, 05's toy sampling (its longer, safety answers), 07's MAX_NEW_TOKENS
 
@@ -1195,9 +1196,13 @@ def frozen_held(m: PlanModel, s: PlanSetup, label: str, count: int = 1, running:
     dtype = "bf16" if s.elem == 2 else "fp32"
     if not s.fsdp:
         return [(f"{label}, {dtype}, whole", "other_models", count * s.elem * m.params, False)]
-    return [(f"{label}, {dtype}, 1/{s.gpus} a rank", "other_models", count * s.elem * m.params / s.gpus, True)] * \
-        (count > 0) + [(f"{label}: FSDP's gathered root and two blocks, {dtype}", "other_models",
-          s.elem * (m.root + 2 * m.block), False)] * running
+    items = []
+    if count:
+        items.append((f"{label}, {dtype}, 1/{s.gpus} a rank", "other_models", count * s.elem * m.params / s.gpus, True))
+    if running:
+        items.append((f"{label}: FSDP's gathered root and two blocks, {dtype}", "other_models",
+                      s.elem * (m.root + 2 * m.block), False))
+    return items
 
 
 def plan_rs_ppo(args, s: PlanSetup, models):
@@ -1210,14 +1215,10 @@ def plan_rs_ppo(args, s: PlanSetup, models):
     rows = lambda n: max(1, min(getattr(args, "sample_batch", PLAN_BATCHES["sample_answers"]), n))
     first_rows = rows(max(args.calibration_prompts, args.fig_prompts * args.fig_n,
                           args.rs_prompts // W * args.rs_k if args.rs_iterations else 0))
-    if s.fsdp:   # each RM loads whole, then FSDP shards it: the second loads beside the first's shard
-        load = [("load: the RMs, each whole until FSDP shards it",
-                 frozen_held(rm, s, "Helpfulness RM") + whole(rm, "Safety RM (loading)", "other_models", e))]
-    else:
-        load = []
-    # run_rlhf: the start model samples (and is evaluated) in the compute dtype, whole on every rank
+    # run_rlhf: the start model samples (and is evaluated) in the compute dtype, whole on every rank;
+    # under FSDP the RMs are read into host memory and reach the GPU as shards (build_device)
     start = whole(m, "start model (the sampler)", "weights", e)
-    phases = load + [
+    phases = [
         ("load: both RMs and the start model" + (", the model whole on every rank" if s.fsdp else ", whole"),
          rms + start),
         ("calibration, Figures 7-8 (" + ("every rank" if s.fsdp else "rank 0") + ") and RS: sample_answers",
@@ -1279,19 +1280,20 @@ def plan_gatt(args, s: PlanSetup, models):
     a, ctx = m.args, m.args.max_seq_len
     new = PLAN_NEW_TOKENS["gatt"]
     e, batch = s.elem, getattr(args, "sample_batch", PLAN_BATCHES["converse"])
-    build = []   # under FSDP each step's model is read into host memory and reaches the GPU as shards
+    # under FSDP each step's model is read into host memory and reaches the GPU as shards (no build phase)
     two = whole(m, "models before and after GAtt", "other_models", e) * 2   # in the compute dtype
     # dialogues of up to 20 turns: fit() cuts them to the context less an answer's room, so the
     # context bounds their length (attention_dialogs builds them that long on purpose)
-    sampling = generation(m, min(batch, -(-args.dialogues // s.gpus)), ctx - new, new, "sampling", e)   # a share a rank
-    return build + [
+    share = -(-args.dialogues // s.gpus)   # every rank samples its share of the dialogues
+    sampling = generation(m, min(batch, share), ctx - new, new, "sampling", e)
+    return [
         ("step 1: instructions in the current message (03's loop)", sft_training(args, s, m, "model")),
         ("GAtt sampling (every rank, a share): the step-1 model, whole; converse, dialogues up to the context",
-         whole(m, "step-1 model", "weights", e) + sampling)] + build + [
+         whole(m, "step-1 model", "weights", e) + sampling),
         ("step 2: Ghost Attention (03's loop)", sft_training(args, s, m, "model")),
         ("evaluation (rank 0): adherence, before and after GAtt whole, dialogues up to the context",
          two + generation(m, min(batch, args.eval_dialogues), ctx - new, new, "adherence", e)),
-        ("evaluation (rank 0): attention maps of a dialogue the length of the context (Figure 10)",   # a layer at a time
+        ("evaluation (rank 0): attention maps of a dialogue the length of the context (Figure 10)",
          two + [("one layer's attention probabilities, fp32, until reduced", "activations", a.n_heads * ctx * ctx * 4,
                  False),
                 ("that layer's scores while computed, fp32", "activations", 2 * a.n_heads * ctx * ctx * 4, False)]),

@@ -627,7 +627,8 @@ def main(argv=None):
     parser.add_argument("--tokenizer", type=Path, help="SentencePiece model (default RUN_DIR/tokenizer.model)")
     parser.add_argument("--data", type=Path, help="chat JSONL instead of the toy world's dialogues")
     parser.add_argument("--examples", type=tok.number_flag("--examples", at_least=1), default=None,
-                        help=f"toy-world dialogues (default {TOY_EXAMPLES:,} on the CPU presets, else the paper's {SFT_EXAMPLES:,})")
+                        help=f"toy-world dialogues (default {TOY_EXAMPLES:,} on the CPU presets, else the "
+                             f"paper's {SFT_EXAMPLES:,})")
     parser.add_argument("--epochs", type=tok.number_flag("--epochs", float, above=0), default=None,
                         help="passes over the data (paper: 2; toy: 1)")
     parser.add_argument("--steps", type=tok.number_flag("--steps", at_least=1),

@@ -280,7 +280,8 @@ def advertised_commands():
         joined = re.sub(r"\\+\n\s*", " ", text)
         for line in joined.splitlines():
             line = line.split("#")[0].strip()
-            if re.match(r"(torchrun .*|python )0[3-7]_\w+\.py", line) and re.search(r"--preset (7B|13B|34B|70B)\b", line) \
+            full_scale = re.search(r"--preset (7B|13B|34B|70B)\b", line)
+            if re.match(r"(torchrun .*|python )0[3-7]_\w+\.py", line) and full_scale \
                     and "--plan" not in line and " chat " not in line:
                 found.append(line)
     return found
