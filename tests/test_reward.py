@@ -206,13 +206,15 @@ def test_collect_agrees_with_the_annotator(monkeypatch, tokenizer):
 def test_no_test_prompt_occurs_in_the_training_pairs():
     """reward.json's overlap on the default settings: the training pairs' prompts (1,200 helpful,
     500 safety; drawn here three times over, as collect draws more where answers tie) from 03's
-    training part, the 1,000 + 1,000 test prompts from its evaluation part, as main collects them."""
+    training part, the --test-comparisons (default) test prompts of each set from its evaluation part,
+    as main collects them."""
     world, train, test = P.make_world(0), [], []
+    n_test = R.parse_args([]).test_comparisons
     for make, n, seed in ((R.helpful_task, 1200, 0), (R.safety_task, 500, 1)):
         rng = random.Random(seed)
         train += [make(world, rng).prompt for _ in range(3 * n)]
         rng = random.Random(seed + 1_000_003)
-        test += [make(world, rng, evaluation=True).prompt for _ in range(1000)]
+        test += [make(world, rng, evaluation=True).prompt for _ in range(n_test)]
     assert S.overlap(test, train) == 0
     rng = random.Random(1_000_003)   # test prompts from the training part, as before the split: many repeat
     assert S.overlap([R.helpful_task(world, rng).prompt for _ in range(400)], train) > 100
