@@ -381,6 +381,7 @@ FSDP_PROBE = textwrap.dedent("""
         print("bf16 weights saved:", {tuple(sorted(s)) for d, s in saved if d == torch.bfloat16} >= full)
         print("unsharded gradient kept:", fsdp_param._unsharded_param.grad.shape == fsdp_param._orig_size
               and fsdp_param.sharded_param.grad is None)
+    dist.barrier()   # a gloo rank leaving while its peer is connected can abort at exit
     dist.destroy_process_group()
 """)
 
