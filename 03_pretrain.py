@@ -1329,10 +1329,10 @@ def plan_flops(stage: str, args, s: PlanSetup, models):
     if stage == "reward":
         return None, args.batch_tokens * rm_flops_per_token(a, args.seq_len), \
             "a step of an RM; the steps follow from the data"
-    if stage == "gatt":
-        steps = args.inst_steps + args.steps
-        return steps * per_step, per_step, \
-            f"{steps:,} training steps (step 1 and GAtt); sampling and evaluation not counted"
+    if stage == "gatt":   # step 1 may take a batch of its own (07's --inst-batch-tokens)
+        inst_step = (getattr(args, "inst_batch_tokens", None) or args.batch_tokens) * per_token
+        return args.inst_steps * inst_step + args.steps * per_step, per_step, \
+            f"{args.inst_steps + args.steps:,} training steps (step 1 and GAtt); sampling and evaluation not counted"
     # 06, with every answer as long as --max-new-tokens allows (an upper bound)
     length = min(a.max_seq_len, s.prompt + args.max_new_tokens)
     fwd, rm_fwd = M.flops_per_token(a, length) / 3, rm_flops_per_token(a, length) / 3

@@ -76,12 +76,16 @@ UserError = tok.UserError
 # its SFT settings (Sec. 3.1). Toy: rows of 512 tokens, ~10 turns (a longer GAtt sample loses
 # middle turns, as the evaluation's dialogues do).
 # Step 1 teaches a skill the model lacks, and the skill arrives suddenly (measured from sft.pt):
-# at LR 1e-3 it came later than our step budget allows, at 2e-3 within it, and the default 250
-# steps leave a margin. Four rows a step beat eight rows at half the steps. GAtt runs at a
-# quarter of the LR (--gatt-lr says why).
+# at LR 1e-3 it came later than our step budget allows, at 2e-3 within it. What brings it is the
+# number of steps more than the tokens: four rows a step beat eight rows at half the steps, and
+# two rows at 400 steps beat four at 250 (at 250 x 4, one machine's step-1 model copied the wrong
+# figure in two answers of three; at 400 x 2 the three seeds we tried copied the right one in
+# 91-100%). So step 1 takes 500 steps of two rows (TOY_INST_BATCH_TOKENS), the tokens of 250 x 4.
+# GAtt runs at a quarter of the LR (--gatt-lr says why).
 PAPER = S.PAPER
 TOY = dict(batch_tokens=4 * 512, seq_len=512, micro_batch=4, lr=2e-3, warmup_steps=10,
            log_every=25, eval_every=1000, ckpt_every=50)
+TOY_INST_BATCH_TOKENS = 2 * 512   # step 1's batch on the CPU presets (the comment above says why)
 TASK_KINDS = ("arithmetic", "fact", "list")   # short helpful tasks: many turns fit the context
 MAX_NEW_TOKENS = 40                            # an answer: up to ~20 tokens, the rules up to ~10 more
 PAPER_TABLE30 = {"baseline": {2: 100, 4: 10, 6: 0, 20: 0}, "GAtt": {2: 100, 4: 100, 6: 100, 20: 100}}
@@ -313,11 +317,17 @@ def sample_gatt_dialogs(model, tokenizer, world, n: int, turns: int, seed: int, 
             for i, d in zip(mine, dialogs)]
 
 
-def train_step(args, name: str, examples, init, steps: int, lr: float, ckpt_path, rank, device, tokenizer, log):
+def train_step(args, name: str, examples, init, steps: int, lr: float, ckpt_path, rank, device, tokenizer, log,
+               batch_tokens: int = None):
     """03's loop, through 04's run_sft: examples [(ids, learn)] packed into rows, the loss only
-    where learn is True. 2% of the examples measure the held-out loss."""
+    where learn is True. 2% of the examples measure the held-out loss. batch_tokens: a batch of
+    its own (default --batch-tokens), in micro-batches of at most --micro-batch rows."""
     cfg = copy.copy(args)
     cfg.steps, cfg.lr = steps, lr
+    if batch_tokens and batch_tokens != args.batch_tokens:
+        cfg.batch_tokens = batch_tokens
+        cfg.micro_batch = max(1, min(args.micro_batch, batch_tokens // (args.seq_len * args.world_size)))
+        cfg.grad_accum = P.grad_accum_steps(batch_tokens, args.seq_len, cfg.micro_batch, args.world_size)
     cfg.resume = cfg.resume and Path(ckpt_path).is_file()   # cut off before this step began: start it
     n_val = max(1, len(examples) // 50)
     # 04's padding: pack gives it no target and a dialogue of its own (-1), so no loss and no real
@@ -327,7 +337,8 @@ def train_step(args, name: str, examples, init, steps: int, lr: float, ckpt_path
     rows, val_rows = S.pack(examples[n_val:], args.seq_len, pad_id), S.pack(examples[:n_val], args.seq_len, pad_id)
     n_learn = int((rows[1] != S.IGNORE).sum())
     log(f"\n== {name}: {len(examples):,} examples -> {len(rows[0]):,} rows of {args.seq_len} tokens, "
-        f"{n_learn / rows[1].numel():.1%} of positions carry loss | {steps} steps | peak LR {cfg.lr:g} ==")
+        f"{n_learn / rows[1].numel():.1%} of positions carry loss | {steps} steps of {cfg.batch_tokens:,} tokens | "
+        f"peak LR {cfg.lr:g} ==")
     # in host memory under --fsdp: train() shards it onto the devices
     model = M.Transformer.from_pretrained(init, device=P.build_device(args, device)).train()
     if model.args.vocab_size != tokenizer.n_words:
@@ -673,11 +684,15 @@ def parse_args(argv):
     add("--tokenizer", type=Path, help="SentencePiece model (default RUN_DIR/tokenizer.model)")
     add("--inst-examples", type=int, default=4000,
         help="step 1: dialogues, 70%% with an instruction in the current message, 30%% 04's (default 4000)")
-    add("--inst-steps", type=int, default=250,
-        help="step 1: optimizer steps (default 250: with fewer, a seed's step-1 model followed its instruction in "
+    add("--inst-steps", type=int, default=500,
+        help="step 1: optimizer steps (default 500: with fewer, a seed's step-1 model followed its instruction in "
              "too few of its sampled answers, and GAtt, trained on the rest, learned to copy)")
-    add("--dialogues", type=int, default=128,
-        help="GAtt: dialogues to sample; each gives a sample per turn from the second (default 128)")
+    add("--inst-batch-tokens", type=tok.number_flag("--inst-batch-tokens", at_least=1),
+        help=f"step 1: tokens a step (default {TOY_INST_BATCH_TOKENS} on the CPU presets: more, smaller steps "
+             "taught the toy model the rules more reliably; --batch-tokens at full scale)")
+    add("--dialogues", type=int, default=96,
+        help="GAtt: dialogues to sample; each gives a sample per turn from the second (default 96: once step 1 "
+             "teaches the rules, nearly every sampled answer follows them and none is dropped)")
     add("--train-turns", type=int, default=20,
         help="GAtt: turns per sampled dialogue (default 20, as many as the evaluation: trained on fewer "
              "turns, the toy model kept the rule as far as it was trained and often lost it beyond)")
@@ -713,6 +728,9 @@ def input_paths(args, log):
                  "eval_turns", "attention_dialogues", "eval_per_kind"):
         if getattr(args, flag) < (2 if flag == "train_turns" else 1):
             raise UserError(f"--{flag.replace('_', '-')} must be at least {2 if flag == 'train_turns' else 1}")
+    if args.inst_batch_tokens % (args.seq_len * args.world_size):
+        raise UserError(f"--inst-batch-tokens {args.inst_batch_tokens} is not a multiple of ranks x seq-len = "
+                        f"{args.world_size} x {args.seq_len}")
     if not 0 <= args.plain_history <= 1:
         raise UserError(f"--plain-history {args.plain_history} must be in [0, 1]: a share of the GAtt samples")
     if not 0 <= args.replay < 1:
@@ -727,6 +745,8 @@ def main(argv=None):
         return P.plan_stage(args, "gatt")
     rank, world_size, device = P.setup_distributed(args.device)
     P.resolve_args(args, world_size)
+    if args.inst_batch_tokens is None:
+        args.inst_batch_tokens = TOY_INST_BATCH_TOKENS if args.preset in P.CPU_PRESETS else args.batch_tokens
     log = print if rank == 0 else (lambda *a, **k: None)
     tok_path, init = input_paths(args, log)
     args.gatt_lr = args.gatt_lr or args.lr / 4
@@ -738,7 +758,7 @@ def main(argv=None):
     before_path, gatt_path = args.run_dir / "gatt_before.pt", args.run_dir / "gatt.pt"
     examples = [S.encode_dialog(tokenizer, d) for d in instruction_dialogs(world, args.inst_examples, args.seed)]
     out_before = train_step(args, "step 1: instructions in the current message", examples, init,
-                            args.inst_steps, args.lr, before_path, rank, device, tokenizer, log)
+                            args.inst_steps, args.lr, before_path, rank, device, tokenizer, log, args.inst_batch_tokens)
     timings["step1_s"] = time.time() - t0
     if args.stop_at and args.stop_at < args.inst_steps:
         return stop(f"stopped at step {args.stop_at} of step 1 (--stop-at): continue with --resume", log)

@@ -331,6 +331,9 @@ def test_gatt_end_to_end_then_chat(tokenizer, tok_file, tmp_path, following):
     report = json.loads((tmp_path / "run" / "gatt.json").read_text())
     assert report["gatt_data"]["samples"] == 2 * 6 * 2            # 6 dialogues x turns 2-3, plus as many replayed
     assert report["overlap"] == 0
+    # step 1 takes its own batch (07's TOY_INST_BATCH_TOKENS on the CPU presets), GAtt --batch-tokens
+    assert report["histories"]["step1"][-1]["tokens"] == 2 * G.TOY_INST_BATCH_TOKENS
+    assert report["histories"]["gatt"][-1]["tokens"] == 2 * 512
     for name in ("before GAtt", "after GAtt"):
         assert len(report["adherence"][name]["by_turn"]) == 3
         assert len(report["attention"]["by_layer_and_turn"][name]) == 2      # micro: 2 layers
@@ -360,6 +363,8 @@ def test_missing_start_model_and_bad_flags_are_one_line_errors(tokenizer, tok_fi
         G.main(["--run-dir", str(tmp_path), "--tokenizer", str(tok_file)])
     with pytest.raises(UserError, match="--train-turns must be at least 2"):
         micro_gatt(tok_file, tok_file, tmp_path, "--train-turns", "1")
+    with pytest.raises(UserError, match="--inst-batch-tokens 300 is not a multiple"):
+        micro_gatt(tok_file, tok_file, tmp_path, "--inst-batch-tokens", "300")
     torch.manual_seed(0)
     M.save_model(micro_model(tokenizer.n_words), tmp_path / "start.pt")
     with pytest.raises(UserError, match="step 1 did not teach the rules"):   # a random model follows nothing
