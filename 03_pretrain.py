@@ -513,11 +513,12 @@ def train(cfg, model, get_batch, compute_loss, evaluate=None, ckpt_path=None, ex
             if entry:
                 history.append(entry)
             if ckpt_path and (step % cfg.ckpt_every == 0 or step == end):
-                save_checkpoint(ckpt_path, model, optimizer, cfg, step, history, extra)
+                save_checkpoint(ckpt_path, model, optimizer, cfg, step, history, extra, finished=step == cfg.steps)
                 saved = step
             t_mark += time.time() - t_other
     except KeyboardInterrupt:   # Ctrl-C: say where, and what the run folder holds
-        where = (f"{ckpt_path} holds step {saved}: continue with --resume" if ckpt_path and saved else
+        held = sharded_path(ckpt_path) if getattr(cfg, "sharded_checkpoint", False) and ckpt_path else ckpt_path
+        where = (f"{held} holds step {saved}: continue with --resume" if ckpt_path and saved else
                  "no checkpoint of this run was written yet: run it again")
         raise KeyboardInterrupt(f"stopped during step {step + 1} of {cfg.steps}; {where}") from None
     if checkpointing:   # the model leaves as it came: later chapters sample from it, copy it, save it
@@ -710,6 +711,11 @@ def add_training_args(parser, paper: dict, toy: dict):
     add("--reduce-every-micro-step", action="store_true",
         help="with --fsdp: reduce-scatter the gradients after every micro-step, so they stay 1/N a rank "
              "(FSDP2 otherwise keeps them whole until the last one): less memory, more communication")
+    add("--sharded-checkpoint", action="store_true",
+        help="with --fsdp: every rank writes its own shards of the training state (weights and Adam's moments) "
+             "into CKPT.dcp/ (torch.distributed.checkpoint), where rank 0 would gather it whole into CKPT "
+             "(about 1.1 TB at 70B); --resume reads them back; the finished model is still written whole, "
+             "weights only, for the next chapter")
     add("--seed", type=int, default=0)
     add("--resume", action="store_true", help="continue exactly from RUN_DIR's checkpoint")
     add("--stop-at", type=tok.number_flag("--stop-at", at_least=1),
@@ -770,6 +776,8 @@ def resolve_args(args, world_size: int = 1):
             setattr(args, key, value[args.preset] if isinstance(value, dict) else value)
     args.world_size = world_size
     args.grad_accum = grad_accum_steps(args.batch_tokens, args.seq_len, args.micro_batch, world_size)
+    if getattr(args, "sharded_checkpoint", False) and not args.fsdp:
+        raise UserError("--sharded-checkpoint needs --fsdp: without it every rank holds the whole model anyway")
     return args
 
 
@@ -828,19 +836,67 @@ def start_outputs(folder: Path, json_name: str):
         (folder / json_name).unlink(missing_ok=True)
 
 
-def save_checkpoint(path, model, optimizer, cfg, step, history, extra=None):
+def save_checkpoint(path, model, optimizer, cfg, step, history, extra=None, finished=True):
     """Weights, optimizer moments, config, RNG states and the step, which is also the data
     position (every batch is a function of seed, step, micro-step and rank): all an exact
-    resume needs. Collective under FSDP (shards are gathered); rank 0 writes."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    model_state, optim_state = get_state_dict(model, optimizer,
-                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    resume needs. Collective under FSDP (shards are gathered); rank 0 writes. With
+    --sharded-checkpoint each rank writes its shards instead (save_sharded), and a finished run
+    also writes its weights whole, for the next chapter."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    meta = lambda: {"model_args": asdict(model.args), "config": json.loads(json.dumps(vars(cfg), default=str)),
+                    "step": step, "history": history, **(extra or {})}
+    if getattr(cfg, "sharded_checkpoint", False):
+        save_sharded(sharded_path(path), model, optimizer, meta())
+        if finished:   # weights only: the optimizer's moments stay in the shards
+            model_state = get_model_state_dict(model, options=full)
+            if dist.get_rank() == 0:
+                M.save_atomic({**meta(), "model": model_state}, path)
+        return
+    model_state, optim_state = get_state_dict(model, optimizer, options=full)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()}
-                                                  if torch.cuda.is_available() else {})}
-        M.save_atomic({"model_args": asdict(model.args), "model": model_state, "optimizer": optim_state,
-                       "config": json.loads(json.dumps(vars(cfg), default=str)), "step": step,
-                       "history": history, "rng": rng, **(extra or {})}, path)
+        M.save_atomic({**meta(), "model": model_state, "optimizer": optim_state, "rng": rng_states()}, path)
+
+
+def rng_states():
+    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()}
+                                               if torch.cuda.is_available() else {})}
+
+
+def sharded_path(path) -> Path:
+    """Where --sharded-checkpoint keeps the training state of CKPT: the folder CKPT.dcp."""
+    return Path(path).with_suffix(".dcp")
+
+
+def save_sharded(folder: Path, model, optimizer, meta: dict):
+    """torch.distributed.checkpoint: every rank writes the shards it holds (FSDP2's DTensors, the
+    weights and Adam's moments), rank 0 the rest (meta.pt: step, history, RNG). Written into
+    FOLDER.partial and renamed when every rank is done, so a cut-off save leaves the last one."""
+    import shutil
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_state, optim_state = get_state_dict(model, optimizer)   # sharded: nothing is gathered
+    partial, old = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".old")
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    dist.barrier()
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=partial)
+    if rank == 0:
+        torch.save({**meta, "rng": rng_states()}, partial / "meta.pt")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        partial.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def checkpoint_exists(path, cfg) -> bool:
+    """Is there a training state to resume from: CKPT, or with --sharded-checkpoint CKPT.dcp?"""
+    if getattr(cfg, "sharded_checkpoint", False):
+        return (sharded_path(path) / "meta.pt").is_file()
+    return Path(path).is_file()
 
 
 # The flags a resumed run must share with the run it continues to be exact (the data order, the
@@ -852,22 +908,35 @@ EXACT_RESUME = ("seq_len", "micro_batch", "batch_tokens", "world_size", "seed", 
 def load_training_state(path, model, optimizer, cfg=None):
     """Restore save_checkpoint's file into model and optimizer; -> (step, history). With cfg,
     warn of every flag in EXACT_RESUME that differs from the checkpoint's run."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    ckpt = M.load_checkpoint(path)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    sharded = getattr(cfg, "sharded_checkpoint", False)
+    if sharded and not checkpoint_exists(path, cfg):
+        raise UserError(f"no sharded checkpoint to resume: {sharded_path(path)} (--sharded-checkpoint reads "
+                        "the folder a run with that flag wrote)")
+    ckpt = M.load_checkpoint(sharded_path(path) / "meta.pt" if sharded else path)
     if ckpt.get("model_args") != asdict(model.args):
         theirs, ours = ckpt.get("model_args", {}), model.args
         raise UserError(f"{path} holds another model (preset {ckpt.get('config', {}).get('preset')}: dim "
                         f"{theirs.get('dim')}, {theirs.get('n_layers')} layers, vocab {theirs.get('vocab_size')}) "
                         f"than this one (dim {ours.dim}, {ours.n_layers} layers, vocab {ours.vocab_size}): "
                         "use its --preset and tokenizer, or drop --resume")
+    if not sharded and "optimizer" not in ckpt:
+        raise UserError(f"{path} holds the weights only (a --sharded-checkpoint run keeps its training state in "
+                        f"{sharded_path(path)}): resume with --sharded-checkpoint")
     before = ckpt.get("config", {})
     changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (it had {before[k]})" for k in EXACT_RESUME
                if cfg is not None and k in before and getattr(cfg, k, None) != before[k]]
     if changed and not (dist.is_initialized() and dist.get_rank()):
         print(f"warning: resuming {path} with {', '.join(changed)}: training goes on, but no longer exactly "
               "as the interrupted run would have")
-    set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
-                   options=StateDictOptions(full_state_dict=True))
+    if sharded:   # every rank reads its shards (the ranks may be another number than the saving run's)
+        import torch.distributed.checkpoint as dcp
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=sharded_path(path))
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
     torch.set_rng_state(ckpt["rng"]["torch"])
     if "cuda" in ckpt["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -1520,6 +1589,17 @@ def plan_stage(args, stage: str, budget=None, reward_model=None):
             "each rank reads PPO's policy and value model into CPU memory, fp32, before FSDP shards them"
     print(f"host memory: {what}: {host / GB:.1f} GB a rank, "
           f"{min(s.gpus, 8) * host / GB:.0f} GB for {min(s.gpus, 8)} ranks on a node")
+    # a checkpoint: the trained model (05: an RM; 06: PPO's policy and value model), fp32 weights
+    # and Adam's two moments, 12 bytes a parameter, gathered whole on rank 0 unless sharded
+    trained = models["reward"].params if stage == "reward" else \
+        models["policy"].params + (models["reward"].params if stage == "rs_ppo" else 0)
+    sharded = s.fsdp and getattr(args, "sharded_checkpoint", False)
+    ckpt_host = 4 * trained if sharded else 12 * trained
+    print(f"checkpoints: " + (f"each rank writes its shards (--sharded-checkpoint); rank 0 gathers the finished "
+                              f"weights alone in CPU memory: {ckpt_host / GB:.1f} GB" if sharded else
+                              f"rank 0 gathers the training state (fp32 weights and Adam's two moments) in CPU "
+                              f"memory: {ckpt_host / GB:.1f} GB" + (" (--sharded-checkpoint: 1/N a rank)"
+                                                                  if s.fsdp and stage != "rs_ppo" else "")))
     if stage == "pretrain":
         print()
         print_table2()
@@ -1534,7 +1614,8 @@ def plan_stage(args, stage: str, budget=None, reward_model=None):
                   phases=[dict(name=n, bytes=t, items=[dict(what=w, kind=k, bytes=b) for w, k, b, _ in its])
                           for n, its, t in phases],
                   flops_per_token=fpt, flops_per_step=per_step, flops=total, mfu=args.mfu, peak_flops=device_peak,
-                  seconds=total / rate if total is not None else None, host_bytes_per_rank=host)
+                  seconds=total / rate if total is not None else None, host_bytes_per_rank=host,
+                  checkpoint_host_bytes_rank0=ckpt_host)
     if stage == "pretrain":
         result["table2"] = table2_rows()
     if args.plan_json:

@@ -34,7 +34,8 @@ Run:
   torchrun --nproc_per_node=4 04_sft.py --init llama-2-7b --tokenizer tokenizer.model --preset 7B \\
       --fsdp --activation-checkpointing --dtype bf16 --data my_chats.jsonl   # the paper's hyper-parameters
   torchrun --nnodes=4 --nproc_per_node=8 04_sft.py --init llama-2-70b --preset 70B --fsdp \\
-      --activation-checkpointing --reduce-every-micro-step ...   # 32 GPUs (torchrun's --rdzv-endpoint on each node)
+      --activation-checkpointing --reduce-every-micro-step --sharded-checkpoint ...   # 32 GPUs (torchrun's
+      # --rdzv-endpoint on each node); each rank saves its own shards of the training state
   python 04_sft.py chat --ckpt runs/toy/sft.pt --system "Answer briefly."   # talk to it
 """
 import argparse

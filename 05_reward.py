@@ -447,7 +447,7 @@ def train_rm(run: Run, title: str, pairs, scheme: str, tests, own: str, ckpt_pat
     cfg.warmup_steps = warmup_steps(args.warmup_steps, cfg.steps)
     if ckpt_path is None:   # an ablation run: no checkpoint, so no resume or stop either
         cfg.resume, cfg.stop_at = False, None
-    cfg.resume = cfg.resume and Path(ckpt_path).is_file()   # cut off before this RM began: start it
+    cfg.resume = cfg.resume and P.checkpoint_exists(ckpt_path, cfg)   # cut off before this RM began: start it
     margins = torch.tensor([margin_of(p[2], scheme) for p in pairs])
     run.log(f"\n== {title}: {len(pairs):,} comparisons, margin {scheme} | {cfg.steps} steps of {per_step} pairs | "
             f"peak LR {cfg.lr:g}, warm-up {cfg.warmup_steps} steps ==")

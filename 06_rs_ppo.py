@@ -984,6 +984,9 @@ def resolve_budget(args, world_size: int):
             setattr(args, key, value.get(args.preset, 0.01) if isinstance(value, dict) else value)
     if args.no_rs:
         args.rs_iterations = 0
+    if args.sharded_checkpoint:   # save_ppo gathers the value model whole beside the policy's shards
+        raise UserError("06 does not write sharded checkpoints yet (its PPO checkpoint holds the value model "
+                        "whole): drop --sharded-checkpoint")
     if args.ppo_prompts % args.ppo_mini_batch or args.ppo_mini_batch % (world_size * args.ppo_micro_batch):
         raise UserError(f"--ppo-prompts {args.ppo_prompts} must be a multiple of --ppo-mini-batch "
                         f"{args.ppo_mini_batch}, itself a multiple of ranks x --ppo-micro-batch = "

@@ -328,7 +328,7 @@ def train_step(args, name: str, examples, init, steps: int, lr: float, ckpt_path
         cfg.batch_tokens = batch_tokens
         cfg.micro_batch = max(1, min(args.micro_batch, batch_tokens // (args.seq_len * args.world_size)))
         cfg.grad_accum = P.grad_accum_steps(batch_tokens, args.seq_len, cfg.micro_batch, args.world_size)
-    cfg.resume = cfg.resume and Path(ckpt_path).is_file()   # cut off before this step began: start it
+    cfg.resume = cfg.resume and P.checkpoint_exists(ckpt_path, cfg)   # cut off before this step began: start it
     n_val = max(1, len(examples) // 50)
     # 04's padding: pack gives it no target and a dialogue of its own (-1), so no loss and no real
     # token reads its id. 06's rollouts pad with an id other than EOS: there `tokens != pad_id` marks

@@ -267,6 +267,32 @@ def test_ddp_and_fsdp_match_one_process(corpus, tmp_path):
             assert torch.allclose(state[k], v, atol=1e-5), k
 
 
+def test_sharded_checkpoints_resume_exactly(corpus, tmp_path):
+    """--fsdp --sharded-checkpoint (2 processes, gloo): each rank writes its own shards into
+    pretrain.dcp/ and nothing gathers the training state; a run stopped there and resumed from them
+    ends with the uninterrupted run's weights, written whole (weights only) for the next chapter."""
+    def torchrun(run_dir, *extra):
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              str(tok.REPO / "03_pretrain.py"), *micro_args(corpus, run_dir, "--steps", "4"),
+                              "--fsdp", "--sharded-checkpoint", *extra], capture_output=True, text=True, timeout=240)
+        assert out.returncode == 0, out.stderr[-3000:]
+    torchrun(tmp_path / "whole")
+    torchrun(tmp_path / "cut", "--stop-at", "2")
+    assert not (tmp_path / "cut" / "pretrain.pt").exists()      # stopped: the shards alone
+    files = [f.name for f in (tmp_path / "cut" / "pretrain.dcp").iterdir()]
+    assert "meta.pt" in files and sum(f.endswith(".distcp") for f in files) == 2, files   # one a rank
+    torchrun(tmp_path / "cut", "--resume")
+    whole, cut = (torch.load(tmp_path / run / "pretrain.pt", weights_only=True) for run in ("whole", "cut"))
+    assert "optimizer" not in cut and cut["step"] == 4
+    for k, v in whole["model"].items():
+        assert torch.allclose(cut["model"][k], v, atol=1e-6), k
+    # the weights-only file is no training state: a plain --resume says where that is
+    with pytest.raises(UserError, match="holds the weights only .*pretrain.dcp"):
+        P.main(micro_args(corpus, tmp_path / "cut", "--steps", "4", "--resume"))
+    with pytest.raises(UserError, match="--sharded-checkpoint needs --fsdp"):
+        P.main(micro_args(corpus, tmp_path / "one", "--sharded-checkpoint"))
+
+
 # --- bad flags, unwritable folders, stops and interruptions ---------------------------------------
 
 @pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--steps", "-3"), ("--micro-batch", "0"),
