@@ -892,6 +892,11 @@ def save_sharded(folder: Path, model, optimizer, meta: dict):
     dist.barrier()
 
 
+def saved_checkpoint(path, cfg, finished: bool = True) -> Path:
+    """What save_checkpoint left to name in a message: CKPT, or CKPT.dcp for a sharded run cut off."""
+    return sharded_path(path) if getattr(cfg, "sharded_checkpoint", False) and not finished else Path(path)
+
+
 def checkpoint_exists(path, cfg) -> bool:
     """Is there a training state to resume from: CKPT, or with --sharded-checkpoint CKPT.dcp?"""
     if getattr(cfg, "sharded_checkpoint", False):
@@ -1747,7 +1752,8 @@ def main(argv=None):
             runs.append((f"{o['config']['preset']} ({o['n_params'] / 1e6:.1f}M)", o["history"]))
         plot_losses(args.run_dir / "pretrain_loss.png", runs, entropy)
         speed = f"{result['tokens_per_s']:,.0f}" if result["tokens_per_s"] else "n/a"
-        log(f"\n{speed} tokens/s | wall {fmt_time(time.time() - t_start)} | wrote {ckpt_path}, "
+        log(f"\n{speed} tokens/s | wall {fmt_time(time.time() - t_start)} | "
+            f"wrote {saved_checkpoint(ckpt_path, args, result['finished'])}, "
             f"pretrain.json and pretrain_loss.png")
         if not result["finished"]:
             log(f"stopped at step {args.stop_at} of {args.steps} (--stop-at): pretrain.json says finished: "

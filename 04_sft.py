@@ -715,7 +715,8 @@ def main(argv=None):
             tokens_per_s=out["tokens_per_s"],
             n_dialogues=len(dialogs), n_rows=len(rows[0]), wall_s=time.time() - t_start,
             overlap=overlap([t.prompt for t in tasks], user_messages(dialogs))))
-        log(f"\nwall {P.fmt_time(time.time() - t_start)} | wrote {ckpt_path}, {args.run_dir / 'sft.json'}, "
+        saved = P.saved_checkpoint(ckpt_path, args, out["finished"])
+        log(f"\nwall {P.fmt_time(time.time() - t_start)} | wrote {saved}, {args.run_dir / 'sft.json'}, "
             f"{args.run_dir / 'sft.png'}")
         if not out["finished"]:
             log(f"stopped at step {args.stop_at} of {args.steps} (--stop-at): sft.json says finished: false; "
