@@ -987,6 +987,9 @@ def shard_model(model):
     it, so a rank holds 1/world_size of the model plus a block or two. Every rank must then call the
     model's forward (and backward) the same number of times: each call is a collective."""
     from torch.distributed.fsdp import fully_shard
+    if not dist.is_initialized():   # fully_shard would look for torchrun's RANK itself, in a traceback
+        raise UserError("--fsdp shards over the processes torchrun starts: run under torchrun "
+                        "(torchrun --nproc_per_node=N ...)")
     for block in [m for m in model.modules() if isinstance(m, M.TransformerBlock)]:
         fully_shard(block)
     fully_shard(model)

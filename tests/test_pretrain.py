@@ -291,6 +291,8 @@ def test_sharded_checkpoints_resume_exactly(corpus, tmp_path):
         P.main(micro_args(corpus, tmp_path / "cut", "--steps", "4", "--resume"))
     with pytest.raises(UserError, match="--sharded-checkpoint needs --fsdp"):
         P.main(micro_args(corpus, tmp_path / "one", "--sharded-checkpoint"))
+    with pytest.raises(UserError, match="run under torchrun"):   # not a traceback from torch.distributed
+        P.main(micro_args(corpus, tmp_path / "one", "--fsdp", "--sharded-checkpoint"))
 
 
 # --- bad flags, unwritable folders, stops and interruptions ---------------------------------------
