@@ -714,8 +714,8 @@ def add_training_args(parser, paper: dict, toy: dict):
     add("--sharded-checkpoint", action="store_true",
         help="with --fsdp: every rank writes its own shards of the training state (weights and Adam's moments) "
              "into CKPT.dcp/ (torch.distributed.checkpoint), where rank 0 would gather it whole into CKPT "
-             "(about 1.1 TB at 70B); --resume reads them back; the finished model is still written whole, "
-             "weights only, for the next chapter")
+             "(about 1.1 TB at 70B; 06: the policy's and the value model's); --resume reads them back; the finished "
+             "model is still written whole, weights only, for the next chapter")
     add("--seed", type=int, default=0)
     add("--resume", action="store_true", help="continue exactly from RUN_DIR's checkpoint")
     add("--stop-at", type=tok.number_flag("--stop-at", at_least=1),
@@ -892,6 +892,16 @@ def save_sharded(folder: Path, model, optimizer, meta: dict):
     dist.barrier()
 
 
+def load_sharded(folder: Path, model, optimizer):
+    """save_sharded's shards back into model and optimizer: every rank reads its own (the ranks
+    may be another number than the saving run's: the folder says where each piece lies)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=folder)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+
+
 def saved_checkpoint(path, cfg, finished: bool = True) -> Path:
     """What save_checkpoint left to name in a message: CKPT, or CKPT.dcp for a sharded run cut off."""
     return sharded_path(path) if getattr(cfg, "sharded_checkpoint", False) and not finished else Path(path)
@@ -913,7 +923,7 @@ EXACT_RESUME = ("seq_len", "micro_batch", "batch_tokens", "world_size", "seed", 
 def load_training_state(path, model, optimizer, cfg=None):
     """Restore save_checkpoint's file into model and optimizer; -> (step, history). With cfg,
     warn of every flag in EXACT_RESUME that differs from the checkpoint's run."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     sharded = getattr(cfg, "sharded_checkpoint", False)
     if sharded and not checkpoint_exists(path, cfg):
         raise UserError(f"no sharded checkpoint to resume: {sharded_path(path)} (--sharded-checkpoint reads "
@@ -934,11 +944,8 @@ def load_training_state(path, model, optimizer, cfg=None):
     if changed and not (dist.is_initialized() and dist.get_rank()):
         print(f"warning: resuming {path} with {', '.join(changed)}: training goes on, but no longer exactly "
               "as the interrupted run would have")
-    if sharded:   # every rank reads its shards (the ranks may be another number than the saving run's)
-        import torch.distributed.checkpoint as dcp
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=sharded_path(path))
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    if sharded:
+        load_sharded(sharded_path(path), model, optimizer)
     else:
         set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
                        options=StateDictOptions(full_state_dict=True))
@@ -1599,15 +1606,16 @@ def plan_stage(args, stage: str, budget=None, reward_model=None):
           f"{min(s.gpus, 8) * host / GB:.0f} GB for {min(s.gpus, 8)} ranks on a node")
     # a checkpoint: the trained model (05: an RM; 06: PPO's policy and value model), fp32 weights
     # and Adam's two moments, 12 bytes a parameter, gathered whole on rank 0 unless sharded
-    trained = models["reward"].params if stage == "reward" else \
-        models["policy"].params + (models["reward"].params if stage == "rs_ppo" else 0)
+    # (with --sharded-checkpoint only the finished model's weights are gathered: 06's policy alone)
+    kept = models["reward"].params if stage == "reward" else models["policy"].params
+    trained = kept + (models["reward"].params if stage == "rs_ppo" else 0)
     sharded = s.fsdp and getattr(args, "sharded_checkpoint", False)
-    ckpt_host = 4 * trained if sharded else 12 * trained
+    ckpt_host = 4 * kept if sharded else 12 * trained
     print(f"checkpoints: " + (f"each rank writes its shards (--sharded-checkpoint); rank 0 gathers the finished "
                               f"weights alone in CPU memory: {ckpt_host / GB:.1f} GB" if sharded else
                               f"rank 0 gathers the training state (fp32 weights and Adam's two moments) in CPU "
                               f"memory: {ckpt_host / GB:.1f} GB" + (" (--sharded-checkpoint: 1/N a rank)"
-                                                                  if s.fsdp and stage != "rs_ppo" else "")))
+                                                                  if s.fsdp else "")))
     if stage == "pretrain":
         print()
         print_table2()

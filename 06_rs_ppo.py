@@ -530,8 +530,8 @@ def run_ppo(args, policy, value_model, ref, reward, source, tokenizer, state, ra
             P.checkpoint_blocks(model, checkpointing)
     opts = ppo_optimizers(args, policy, value_model, device)
     it, history = 0, []
-    if args.resume and ckpt_path.is_file():
-        it, history = resume_ppo(ckpt_path, policy, value_model, opts, log)
+    if args.resume and P.checkpoint_exists(ckpt_path, args):
+        it, history = resume_ppo(ckpt_path, policy, value_model, opts, args, log)
     log(f"\n== PPO: {args.ppo_iterations} iterations of {args.ppo_prompts} rollouts, mini-batch "
         f"{args.ppo_mini_batch}, LR {args.ppo_lr:g} (value {args.value_lr:g}, alone for {args.value_warmup} "
         f"iterations), beta {args.kl_beta:g}, clip {args.clip_eps:g}, GAE gamma {args.gamma:g} lambda {args.lam:g} ==")
@@ -883,30 +883,50 @@ def wrap_for_training(args, models, device):
 
 
 def save_ppo(path, policy, value_model, opts, args, it, history, state):
-    """03's checkpoint of the policy (ppo.pt loads as a plain model), with the value model."""
+    """03's checkpoint of the policy (ppo.pt loads as a plain model), with the value model. With
+    --sharded-checkpoint each rank writes its shards of both (ppo.dcp/, ppo_value.dcp/), and ppo.pt
+    holds the finished policy's weights alone."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    extra = {"kind": "ppo", "rs_ppo": state}
+    if args.sharded_checkpoint:
+        P.save_checkpoint(path, policy, opts[0], args, it, history, extra, finished=it == args.ppo_iterations)
+        P.save_sharded(value_checkpoint(path), value_model, opts[1], {"step": it})
+        return
     value_state, value_opt = get_state_dict(value_model, opts[1],
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     P.save_checkpoint(path, policy, opts[0], args, it, history,
-                      extra={"kind": "ppo", "rs_ppo": state, "value_model": value_state, "value_optimizer": value_opt})
+                      extra={**extra, "value_model": value_state, "value_optimizer": value_opt})
 
 
-def resume_ppo(path, policy, value_model, opts, log):
-    """save_ppo's file back: the policy and its optimizer by 03, then the value model.
+def value_checkpoint(path) -> Path:
+    """Where --sharded-checkpoint keeps the value model's shards beside the policy's: ppo_value.dcp."""
+    return Path(path).with_name(Path(path).stem + "_value.dcp")
+
+
+def resume_ppo(path, policy, value_model, opts, args, log):
+    """save_ppo's checkpoint back: the policy and its optimizer by 03, then the value model.
     -> (iterations done, history)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    it, history = P.load_training_state(path, policy, opts[0])
-    ckpt = M.load_checkpoint(path)
-    set_state_dict(value_model, opts[1], model_state_dict=ckpt["value_model"],
-                   optim_state_dict=ckpt["value_optimizer"], options=StateDictOptions(full_state_dict=True))
-    log(f"resumed at iteration {it} from {path}")
+    it, history = P.load_training_state(path, policy, opts[0], args)
+    if args.sharded_checkpoint:
+        saved = M.load_checkpoint(value_checkpoint(path) / "meta.pt").get("step")
+        if saved != it:   # the save was cut off between the two models
+            raise UserError(f"{value_checkpoint(path)} holds the value model of iteration {saved}, the policy's "
+                            f"shards are of iteration {it}: run again without --resume")
+        P.load_sharded(value_checkpoint(path), value_model, opts[1])
+    else:
+        ckpt = M.load_checkpoint(path)
+        set_state_dict(value_model, opts[1], model_state_dict=ckpt["value_model"],
+                       optim_state_dict=ckpt["value_optimizer"], options=StateDictOptions(full_state_dict=True))
+    log(f"resumed at iteration {it} from {P.sharded_path(path) if args.sharded_checkpoint else path}")
     return it, history
 
 
 def resumed_state(args):
     """What a resumed run has done: the state saved in ppo.pt, else in the last finished RS
     round's rs.pt, else nothing. Keys: calibration, results, rs (rounds), pool, figures."""
-    paths = (args.run_dir / "ppo.pt", args.run_dir / "rs.pt")
+    ppo = args.run_dir / "ppo.pt"
+    paths = (P.sharded_path(ppo) / "meta.pt" if args.sharded_checkpoint else ppo, args.run_dir / "rs.pt")
     resumed = next((M.load_checkpoint(p) for p in paths if args.resume and p.is_file()), {})
     return resumed.get("rs_ppo") or dict(results={}, rs=[], pool={}, figures={})
 
@@ -984,9 +1004,6 @@ def resolve_budget(args, world_size: int):
             setattr(args, key, value.get(args.preset, 0.01) if isinstance(value, dict) else value)
     if args.no_rs:
         args.rs_iterations = 0
-    if args.sharded_checkpoint:   # save_ppo gathers the value model whole beside the policy's shards
-        raise UserError("06 does not write sharded checkpoints yet (its PPO checkpoint holds the value model "
-                        "whole): drop --sharded-checkpoint")
     if args.ppo_prompts % args.ppo_mini_batch or args.ppo_mini_batch % (world_size * args.ppo_micro_batch):
         raise UserError(f"--ppo-prompts {args.ppo_prompts} must be a multiple of --ppo-mini-batch "
                         f"{args.ppo_mini_batch}, itself a multiple of ranks x --ppo-micro-batch = "

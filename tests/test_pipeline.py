@@ -247,3 +247,40 @@ def test_chapter_06_runs_whole_under_fsdp_on_two_processes(smoke_run, tmp_path):
     assert set(sharded["results"]) == {"SFT", "+RS", "+PPO"}
     for key in ("helpful_offset", "safety_offset", "mean", "std"):
         assert sharded["calibration"][key] == pytest.approx(whole["calibration"][key], abs=1e-4), key
+
+
+def test_chapter_06_resumes_from_sharded_checkpoints(smoke_run, tmp_path):
+    """06 under torchrun --fsdp --sharded-checkpoint (2 processes, gloo): each rank writes its
+    shards of the policy (ppo.dcp/) and of the value model (ppo_value.dcp/), nothing gathered
+    until the finished policy's weights; a run stopped after PPO iteration 1 and resumed from the
+    shards ends where the uninterrupted run does."""
+    import subprocess
+    import sys
+
+    import torch
+    run_dir, _ = smoke_run
+    flags = dict(zip(pipeline.SMOKE["06"][::2], pipeline.SMOKE["06"][1::2]))
+    flags.update({"--micro-batch": "2", "--ppo-micro-batch": "2", "--fig-n": "0"})   # 2 ranks; no figures
+
+    def torchrun(out_dir, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(pipeline.tok.REPO / "06_rs_ppo.py"), "--fsdp", "--sharded-checkpoint", "--preset", "micro",
+               "--device", "cpu", "--run-dir", str(out_dir), "--init", str(run_dir / "sft.pt"),
+               "--tokenizer", str(run_dir / "tokenizer.model"), "--rm-helpful", str(run_dir / "rm_helpful.pt"),
+               "--rm-safety", str(run_dir / "rm_safety.pt"), *[x for kv in flags.items() for x in kv], *extra]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+    torchrun(tmp_path / "whole")
+    torchrun(tmp_path / "cut", "--stop-at", "1")
+    assert not (tmp_path / "cut" / "ppo.pt").exists()
+    for folder in ("ppo.dcp", "ppo_value.dcp"):
+        assert sum(f.suffix == ".distcp" for f in (tmp_path / "cut" / folder).iterdir()) == 2, folder
+    assert "resumed at iteration 1" in torchrun(tmp_path / "cut", "--resume")
+    whole, cut = (torch.load(tmp_path / run / "ppo.pt", weights_only=True) for run in ("whole", "cut"))
+    assert "value_model" not in cut and "optimizer" not in cut   # the finished policy's weights alone
+    for k, v in whole["model"].items():
+        assert torch.allclose(cut["model"][k], v, atol=1e-6), k
+    a, b = (json.loads((tmp_path / run / "rs_ppo.json").read_text()) for run in ("whole", "cut"))
+    assert [h["iteration"] for h in b["ppo"]] == [1, 2]
+    assert b["ppo"][-1]["reward"] == pytest.approx(a["ppo"][-1]["reward"], abs=1e-5)

@@ -127,7 +127,8 @@ def test_reducing_every_micro_step_keeps_fsdp_gradients_sharded():
 def test_a_checkpoint_gathers_12_bytes_a_parameter_on_rank_0_unless_sharded():
     """save_checkpoint gathers fp32 weights and Adam's two moments in rank 0's CPU memory; with
     --sharded-checkpoint each rank writes its own shards and only the finished weights (4 bytes a
-    parameter) are gathered. 06 also gathers its value model (the Helpfulness RM's shape)."""
+    parameter) are gathered. 06 also gathers its value model (the Helpfulness RM's shape), unless
+    sharded."""
     flags = ("--preset", "7B", "--fsdp", "--gpus", "8", "--dtype", "bf16", "--data", "unread.jsonl")
     whole, sharded = (plan("04_sft", *flags, *extra)["checkpoint_host_bytes_rank0"]
                       for extra in ((), ("--sharded-checkpoint",)))
@@ -136,6 +137,8 @@ def test_a_checkpoint_gathers_12_bytes_a_parameter_on_rank_0_unless_sharded():
     ppo = plan("06_rs_ppo", "--preset", "7B", "--fsdp", "--gpus", "8", "--dtype", "bf16")
     assert rm["checkpoint_host_bytes_rank0"] == 12 * (LLAMA2_7B_PARAMS - 32000 * 4096 + 4096)   # a scalar head
     assert ppo["checkpoint_host_bytes_rank0"] == 12 * LLAMA2_7B_PARAMS + rm["checkpoint_host_bytes_rank0"]
+    ppo = plan("06_rs_ppo", "--preset", "7B", "--fsdp", "--gpus", "8", "--dtype", "bf16", "--sharded-checkpoint")
+    assert ppo["checkpoint_host_bytes_rank0"] == 4 * LLAMA2_7B_PARAMS   # the finished policy's weights alone
 
 
 def test_ppo_shards_its_frozen_models_and_samples_in_bf16():
