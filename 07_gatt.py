@@ -78,9 +78,9 @@ UserError = tok.UserError
 # Step 1 teaches a skill the model lacks, and the skill arrives suddenly (measured from sft.pt):
 # at LR 1e-3 it came later than our step budget allows, at 2e-3 within it. What brings it is the
 # number of steps more than the tokens: four rows a step beat eight rows at half the steps, and
-# two rows at 400 steps beat four at 250 (at 250 x 4, one machine's step-1 model copied the wrong
-# figure in two answers of three; at 400 x 2 the three seeds we tried copied the right one in
-# 91-100%). So step 1 takes 500 steps of two rows (TOY_INST_BATCH_TOKENS), the tokens of 250 x 4.
+# two rows at 400 steps beat four at 250 (from one machine's 06 model: at 250 x 4 the step-1
+# model named the wrong figure in two answers of three; at 400 x 2 three seeds named the right
+# one in 91-100%; README, chapter 07). So step 1 takes 500 steps of two rows (TOY_INST_BATCH_TOKENS), the tokens of 250 x 4.
 # GAtt runs at a quarter of the LR (--gatt-lr says why).
 PAPER = S.PAPER
 TOY = dict(batch_tokens=4 * 512, seq_len=512, micro_batch=4, lr=2e-3, warmup_steps=10,
