@@ -755,7 +755,8 @@ def add_training_args(parser, paper: dict, toy: dict):
                  seq_len="tokens per sequence", micro_batch="sequences per forward, per rank",
                  lr="peak learning rate", warmup_steps="linear warm-up steps", log_every="steps per log line",
                  eval_every="steps between validations", ckpt_every="steps between checkpoints",
-                 eval_batches="fixed validation micro-batches (per source), the same on every rank")
+                 eval_batches="fixed validation micro-batches (per source), the same on every rank",
+                 sample_batch="answers generated together (the KV cache grows with it: --plan shows it)")
     for key, value in paper.items():
         kind = type(next(iter(value.values())) if isinstance(value, dict) else value)
         flag = "--" + key.replace("_", "-")
@@ -1047,10 +1048,8 @@ def checkpoint_blocks(model, on: bool):
 GB = 1e9   # bytes. --gpu-memory is in GB too: an "80 GB" card holds 80 GiB = 85.9 GB, and the CUDA
            # context and the allocator's fragmentation take a few of them, so 80 is a fair usable figure
 KINDS = ("weights", "grads", "optimizer", "activations", "kv_cache", "other_models")
-PLAN_BATCHES = dict(answer_all=64, sample_answers=64, score_rows=64, evaluate_rm=128, converse=32)   # the
-# batch sizes the chapters generate and score with (04's answer_all, 06's sample_answers, 05's score_rows and
-# evaluate_rm, 07's converse): 06's and 07's are flags (--sample-batch; these their defaults);
-# no flag shrinks the others
+PLAN_BATCHES = dict(score_rows=64, evaluate_rm=128)   # the batches 05 scores with (score_rows, evaluate_rm):
+# defaults of its code, no flag. 04-07 generate --sample-batch answers at a time (args.sample_batch).
 PLAN_NEW_TOKENS = dict(evaluate_chat=32, toy_comparisons=40, gatt=40)   # answer lengths that are no flag either:
 # 04's evaluate_chat, 05's toy sampling (its longer, safety answers), 07's MAX_NEW_TOKENS
 
@@ -1238,8 +1237,7 @@ def sft_training(args, s, m, label):
 def plan_sft(args, s: PlanSetup, models):
     m, phases = models["policy"], []
     toy_eval = not getattr(args, "data", None)   # 04 evaluates on the toy world's tasks only
-    answers = lambda: generation(m, PLAN_BATCHES["answer_all"], s.prompt, PLAN_NEW_TOKENS["evaluate_chat"],
-                                 "evaluation")
+    answers = lambda: generation(m, args.sample_batch, s.prompt, PLAN_NEW_TOKENS["evaluate_chat"], "evaluation")
     if toy_eval and getattr(args, "init", None) != "scratch":   # under FSDP sharded already (place)
         phases.append(("evaluate the start model (answer_all)", held(m, s, "model", "weights", True) + answers()))
     phases.append(("SFT: 03's loop, 04's packing mask", sft_training(args, s, m, "model")))
@@ -1258,7 +1256,7 @@ def plan_reward(args, s: PlanSetup, models):
         n = 2 if args.sample_b else 1
         phases.append(("toy comparisons: rank 0 samples answers (answer_all)",
                        [(f"{n} chat model(s), fp32, whole", "other_models", n * 4 * lm.params, False)]
-                       + generation(lm, PLAN_BATCHES["answer_all"], s.prompt, PLAN_NEW_TOKENS["toy_comparisons"],
+                       + generation(lm, args.sample_batch, s.prompt, PLAN_NEW_TOKENS["toy_comparisons"],
                                     "sampling")))
     names = [n for n, f in (("Helpfulness", args.helpful_data), ("Safety", args.safety_data)) if f or toy]
     for i, name in enumerate(names):
@@ -1296,7 +1294,7 @@ def plan_rs_ppo(args, s: PlanSetup, models):
     scoring_rms = frozen_held(rm, s, rms_label, 2, running=True)
     policy = whole(m, "policy", "weights")
     length = min(m.args.max_seq_len, s.prompt + args.max_new_tokens)   # prompt + answer (+ EOS within it)
-    rows = lambda n: max(1, min(getattr(args, "sample_batch", PLAN_BATCHES["sample_answers"]), n))
+    rows = lambda n: max(1, min(args.sample_batch, n))
     first_rows = rows(max(args.calibration_prompts, args.fig_prompts * args.fig_n,
                           args.rs_prompts // W * args.rs_k if args.rs_iterations else 0))
     # run_rlhf: the start model samples (and is evaluated) in the compute dtype, whole on every rank;
@@ -1354,8 +1352,7 @@ def plan_rs_ppo(args, s: PlanSetup, models):
                 + training_activations(rm, s, args.ppo_micro_batch, length, True, s.ckpt, "value model")),
                ("after PPO: ppo.pt alone evaluated (evaluate)",
                 rms + whole(m, "ppo.pt", "weights", e)
-                + generation(m, PLAN_BATCHES["answer_all"], s.prompt, PLAN_NEW_TOKENS["evaluate_chat"],
-                             "evaluation", e))]
+                + generation(m, args.sample_batch, s.prompt, PLAN_NEW_TOKENS["evaluate_chat"], "evaluation", e))]
     return phases
 
 
@@ -1363,7 +1360,7 @@ def plan_gatt(args, s: PlanSetup, models):
     m = models["policy"]
     a, ctx = m.args, m.args.max_seq_len
     new = PLAN_NEW_TOKENS["gatt"]
-    e, batch = s.elem, getattr(args, "sample_batch", PLAN_BATCHES["converse"])
+    e, batch = s.elem, args.sample_batch
     # under FSDP each step's model is read into host memory and reaches the GPU as shards (no build phase)
     two = whole(m, "models before and after GAtt", "other_models", e) * 2   # in the compute dtype
     # dialogues of up to 20 turns: fit() cuts them to the context less an answer's room, so the
@@ -1383,7 +1380,7 @@ def plan_gatt(args, s: PlanSetup, models):
                 ("that layer's scores while computed, fp32", "activations", 2 * a.n_heads * ctx * ctx * 4, False)]),
         ("evaluation (rank 0): 04's table, the start model loads beside the two",
          two + whole(m, "start model (--init)", "other_models", e)
-         + generation(m, PLAN_BATCHES["answer_all"], s.prompt, PLAN_NEW_TOKENS["evaluate_chat"], "evaluation", e))]
+         + generation(m, batch, s.prompt, PLAN_NEW_TOKENS["evaluate_chat"], "evaluation", e))]
 
 
 PLAN_STAGES = {"pretrain": plan_pretrain, "sft": plan_sft, "reward": plan_reward, "rs_ppo": plan_rs_ppo,

@@ -62,9 +62,13 @@ UserError = tok.UserError
 # The paper's SFT settings (Sec. 3.1) and toy values that fit a 2-core CPU. The paper
 # gives no warm-up for SFT. --help shows both.
 PAPER = dict(batch_tokens=64 * 4096, seq_len=4096, micro_batch=1, lr=2e-5, warmup_steps=0,
-             log_every=10, eval_every=200, ckpt_every=200)
+             log_every=10, eval_every=200, ckpt_every=200, sample_batch=64)
 TOY = dict(batch_tokens=16 * 256, seq_len=256, micro_batch=16, lr=1e-3, warmup_steps=10,
-           log_every=10, eval_every=50, ckpt_every=100)
+           log_every=10, eval_every=50, ckpt_every=100, sample_batch=256)
+# sample_batch: answers generated together (the evaluation here; 05-07's sampling). A toy model's
+# decoding step waits on launching its kernels more than it computes: on 2 cores a step of 256 rows
+# took ~2x as long as one of 64 for 4x the answers (README, chapter 02). At full scale the KV cache
+# grows with it, and 64 is what 03's planner counts.
 SFT_EXAMPLES = 27_540   # the paper's count of vendor-written annotations (Sec. 3.1)
 TOY_EXAMPLES = 23_000   # toy-world dialogues on the CPU presets: fewer, so the whole recipe fits its
                         # time budget; the SFT model is far above the base model either way
@@ -436,7 +440,8 @@ def answer_all(model, tokenizer, dialogs, max_new_tokens=32, batch_size=64, temp
     return answers
 
 
-def evaluate_chat(model, tokenizer, tasks, max_new_tokens=32, temperature=0.0, samples=1, seed=0, compile=False):
+def evaluate_chat(model, tokenizer, tasks, max_new_tokens=32, temperature=0.0, samples=1, seed=0, compile=False,
+                  batch_size=64):
     """-> gold helpfulness (mean over the non-harmful kinds), gold per kind, refusal rates, the
     share of careless answers, each prompt's scores (for intervals). Greedy by default; with a
     temperature, `samples` answers per task at top-p 1: the policy as it is sampled, which is what
@@ -446,7 +451,8 @@ def evaluate_chat(model, tokenizer, tasks, max_new_tokens=32, temperature=0.0, s
     tasks = [t for t in tasks for _ in range(samples)]
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     answers = answer_all(model, tokenizer, [[{"role": "user", "content": t.prompt}] for t in tasks], max_new_tokens,
-                         temperature=temperature, top_p=1.0, generator=generator, compile=compile)
+                         batch_size=batch_size, temperature=temperature, top_p=1.0, generator=generator,
+                         compile=compile)
     model.train(was_training)
     by_kind = {k: [(t, a) for t, a in zip(tasks, answers) if t.kind == k] for k in KINDS}
     mean = lambda xs: sum(xs) / max(len(xs), 1)
@@ -684,16 +690,17 @@ def main(argv=None):
     tasks = eval_tasks(world, args.eval_per_kind, args.seed)
     model = load_start(init, args.preset, tokenizer.n_words, device, args.seed, args)
     results = {}
+    evaluate = lambda m, **kw: evaluate_chat(m, tokenizer, tasks, compile=args.compile_decode,
+                                             batch_size=args.sample_batch, **kw)
     if init != "scratch" and not args.data:
-        results["pretrained"] = evaluate_chat(model, tokenizer, tasks, compile=args.compile_decode)
+        results["pretrained"] = evaluate(model)
         log(f"pretrained model, prompted with the chat template: gold {results['pretrained']['gold']:.3f}")
     ckpt_path = args.run_dir / "sft.pt"
     P.start_outputs(args.run_dir, "sft.json")
     out = run_sft(args, model, rows, val_rows, ckpt_path, rank, device)
     if not args.data:
-        results["SFT"] = evaluate_chat(model, tokenizer, tasks, compile=args.compile_decode)
-        sampled = evaluate_chat(model, tokenizer, tasks, temperature=1.0, samples=4, seed=args.seed,
-                                compile=args.compile_decode)
+        results["SFT"] = evaluate(model)
+        sampled = evaluate(model, temperature=1.0, samples=4, seed=args.seed)
         results["SFT"].update({f"sampled_{k}": v for k, v in sampled.items() if k != "examples"})
         log(f"SFT answers sampled at temperature 1: gold {sampled['gold']:.3f}, careless "
             f"{sampled['careless']:.1%} (the careless annotator wrote {CARELESS_SHARE:.0%} of the answers: "
@@ -702,7 +709,7 @@ def main(argv=None):
         scratch = load_start("scratch", args.preset, tokenizer.n_words, device, args.seed, args)
         scratch_args = argparse.Namespace(**{**vars(args), "resume": False})
         run_sft(scratch_args, scratch, rows, val_rows, args.run_dir / "sft_scratch.pt", rank, device)
-        results["SFT from scratch"] = evaluate_chat(scratch, tokenizer, tasks, compile=args.compile_decode)
+        results["SFT from scratch"] = evaluate(scratch)
 
     if rank == 0:
         if results:

@@ -75,13 +75,13 @@ UserError = tok.UserError
 # micro_batch is in rows, chosen and rejected of a pair side by side: it must be even.
 PAPER = dict(batch_tokens=512 * 2 * 4096, seq_len=4096, micro_batch=2,
              lr={"1B": 1e-5, "7B": 1e-5, "13B": 1e-5, "34B": 1e-5, "70B": 5e-6},
-             log_every=10, eval_every=100, ckpt_every=100)
+             log_every=10, eval_every=100, ckpt_every=100, sample_batch=S.PAPER["sample_batch"])
 # Toy: 32 pairs per step; rows of the toy world are < 80 tokens. The toy's small trunk needs a
 # far higher LR than 7B's to move in a few dozen steps (1e-3: the best of those tried, 3e-5 to
 # 3e-3). On a CPU, sampling a comparison costs several times more than training on it: the toy's
 # data, not its steps, is what its time budget limits.
 TOY = dict(batch_tokens=32 * 2 * 96, seq_len=96, micro_batch=64, lr=1e-3,
-           log_every=25, eval_every=1000, ckpt_every=50)
+           log_every=25, eval_every=1000, ckpt_every=50, sample_batch=S.TOY["sample_batch"])
 
 
 # ========================================================================================
@@ -379,7 +379,7 @@ def safety_score(task, answer: str) -> float:
 
 
 def collect(models, tokenizer, make_task, score, n: int, seed: int, max_new_tokens: int = 32, log=print,
-            compile=False):
+            compile=False, batch_size: int = 64):
     """n comparisons: per prompt, one answer from each of models[0] and models[1] (two model
     variants, or one twice) at TEMPERATURES, shown to the annotator (score) in random order;
     identical answers are dropped. compile: 02's compiled decoding step (--compile-decode)."""
@@ -390,8 +390,8 @@ def collect(models, tokenizer, make_task, score, n: int, seed: int, max_new_toke
         share = len(out) / n_prompts if n_prompts else 1.0
         tasks = [make_task(rng) for _ in range(max(64, math.ceil(1.05 * (n - len(out)) / max(share, 0.02))))]
         dialogs = [[{"role": "user", "content": t.prompt}] for t in tasks]
-        answers = [S.answer_all(m, tokenizer, dialogs, max_new_tokens, 64, temperature, 1.0, generator, compile)
-                   for m, temperature in zip(models, TEMPERATURES)]
+        answers = [S.answer_all(m, tokenizer, dialogs, max_new_tokens, batch_size, temperature, 1.0, generator,
+                                compile) for m, temperature in zip(models, TEMPERATURES)]
         n_prompts += len(tasks)
         for task, dialog, a, b in zip(tasks, dialogs, *answers):
             if a == b:
@@ -682,7 +682,7 @@ def write_toy_sets(run: Run, files: dict):
         for count, part_seed, evaluation in ((n, seed, False), (args.test_comparisons, seed + 1_000_003, True)):
             # answers of up to 40 tokens: the helpful ones are short (references <= 15 tokens), refusals ~30
             comparisons += collect(models, run.tokenizer, functools.partial(make, world, evaluation=evaluation),
-                                   score, count, part_seed, 40, run.log, args.compile_decode)
+                                   score, count, part_seed, 40, run.log, args.compile_decode, args.sample_batch)
         write_jsonl(files[name], comparisons)
 
 

@@ -60,6 +60,7 @@ A prompts line: {"prompt": "..." or [messages ending with the user's], "unsafe":
 """
 import argparse
 import copy
+import functools
 import importlib
 import math
 import random
@@ -82,7 +83,7 @@ UserError = tok.UserError
 # No --ckpt-every: rs.pt is written once, at the end of each round.
 PAPER = {key: value for key, value in S.PAPER.items() if key != "ckpt_every"}
 TOY = dict(batch_tokens=16 * 128, seq_len=128, micro_batch=16, lr=1e-4, warmup_steps=2,
-           log_every=10, eval_every=1000)
+           log_every=10, eval_every=1000, sample_batch=S.TOY["sample_batch"])
 # The budget of RS and PPO: flag -> (full-scale default, CPU-preset default, help). Sec. 3.2.3
 # gives PPO's numbers; where it gives none, the full-scale value is a plain choice, said so.
 BUDGET = {
@@ -670,10 +671,11 @@ def evaluate(args, run: Run, model):
     held-out red-team prompts. {} without toy prompts."""
     if not run.tasks:
         return {}
-    red_team = S.evaluate_chat(model, run.tokenizer, run.red_tasks, compile=args.compile_decode)
-    sampled = S.evaluate_chat(model, run.tokenizer, run.tasks, temperature=args.ppo_temperature,
-                              samples=EVAL_SAMPLES, seed=args.seed, compile=args.compile_decode)
-    return {**S.evaluate_chat(model, run.tokenizer, run.tasks, compile=args.compile_decode),
+    chat = functools.partial(S.evaluate_chat, model, run.tokenizer, compile=args.compile_decode,
+                             batch_size=args.sample_batch)
+    red_team = chat(run.red_tasks)
+    sampled = chat(run.tasks, temperature=args.ppo_temperature, samples=EVAL_SAMPLES, seed=args.seed)
+    return {**chat(run.tasks),
             **{f"sampled_{k}": v for k, v in sampled.items() if k != "examples"},
             **{f"red_team_{k}": v for k, v in red_team.items() if "refusal" in k or k == "per_prompt"}}
 
@@ -977,9 +979,6 @@ def parse_args(argv):
         help="clip range of the value loss")
     add("--gamma", type=tok.number_flag("--gamma", float, at_least=0, at_most=1), default=1.0, help="GAE discount")
     add("--lam", type=tok.number_flag("--lam", float, at_least=0, at_most=1), default=0.95, help="GAE lambda")
-    add("--sample-batch", type=tok.number_flag("--sample-batch", at_least=1), default=64,
-        help="answers generated together (default 64): the KV cache grows with it; a smaller one lets a "
-             "large model sample beside the PPO models (--plan shows the cache)")
     add("--calibration-prompts", type=tok.number_flag("--calibration-prompts", at_least=2), default=256,
         help="samples of the start model that calibrate the reward")
     add("--fig-n", type=tok.number_flag("--fig-n", at_least=0), default=16,

@@ -82,9 +82,9 @@ UserError = tok.UserError
 # model named the wrong figure in two answers of three; at 400 x 2 three seeds named the right
 # one in 91-100%; README, chapter 07). So step 1 takes 500 steps of two rows (TOY_INST_BATCH_TOKENS), the tokens of 250 x 4.
 # GAtt runs at a quarter of the LR (--gatt-lr says why).
-PAPER = S.PAPER
+PAPER = {**S.PAPER, "sample_batch": 32}   # dialogues up to the context: a longer KV cache a row than 04's
 TOY = dict(batch_tokens=4 * 512, seq_len=512, micro_batch=4, lr=2e-3, warmup_steps=10,
-           log_every=25, eval_every=1000, ckpt_every=50)
+           log_every=25, eval_every=1000, ckpt_every=50, sample_batch=96)   # 96: GAtt's dialogues at once
 TOY_INST_BATCH_TOKENS = 2 * 512   # step 1's batch on the CPU presets (the comment above says why)
 TASK_KINDS = ("arithmetic", "fact", "list")   # short helpful tasks: many turns fit the context
 MAX_NEW_TOKENS = 40                            # an answer: up to ~20 tokens, the rules up to ~10 more
@@ -602,8 +602,9 @@ def evaluate(args, world, tokenizer, init, before_path, gatt_path, device, log, 
                                      models["after GAtt"].args.max_seq_len)
     attention = {name: system_attention(model, tokenizer, long_dialogs) for name, model in models.items()}
     tasks = S.eval_tasks(world, args.eval_per_kind, args.seed)
-    chat = {name: S.evaluate_chat(model, tokenizer, tasks, compile=args.compile_decode) for name, model in
-            {"start (--init)": M.Transformer.from_pretrained(init, device=device, dtype=dtype), **models}.items()}
+    models = {"start (--init)": M.Transformer.from_pretrained(init, device=device, dtype=dtype), **models}
+    chat = {name: S.evaluate_chat(model, tokenizer, tasks, compile=args.compile_decode, batch_size=args.sample_batch)
+            for name, model in models.items()}
     S.print_table(chat)
     timings["chat_eval_s"] = time.time() - t0
     return adh, attention, chat, scripts, long_dialogs, tasks
@@ -708,9 +709,6 @@ def parse_args(argv):
              "in the paper: without it the toy model learns to copy its last answer rather than read the "
              "instruction, see the copy control)")
     add("--eval-dialogues", type=int, default=32, help="adherence: dialogues per model (default 32)")
-    add("--sample-batch", type=tok.number_flag("--sample-batch", at_least=1), default=32,
-        help="dialogues (or prompts) generated together when sampling GAtt's data and measuring adherence "
-             "(default 32): the KV cache grows with it (--plan shows it)")
     add("--eval-turns", type=int, default=20, help="adherence: turns per dialogue (default and paper: 20)")
     add("--attention-dialogues", type=int, default=16,
         help="attention maps: long dialogues to average over (default 16)")

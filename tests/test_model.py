@@ -40,6 +40,24 @@ def test_rope_keeps_norm():
     assert torch.allclose(M.apply_rotary_emb(x, freqs).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
 
 
+def test_rope_as_a_complex_multiply_equals_the_written_out_rotation_to_the_bit(monkeypatch):
+    """Eager mode rotates with one complex multiply, torch.compile traces the two real lines: the
+    same products and sums, so the same floats, forward and backward (bf16 input included)."""
+    freqs = M.precompute_freqs_cis(32, 4096)[:, 1000:1300]   # positions far from 0: large angles
+    torch.manual_seed(0)
+    x = (torch.randn(4, 300, 4, 32) * torch.logspace(-3, 3, 32)).requires_grad_()
+    results = []
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        out = M.apply_rotary_emb(x, freqs)
+        results.append((out, torch.autograd.grad(out.pow(2).sum(), x)[0],
+                        M.apply_rotary_emb(x.detach().bfloat16(), freqs)))
+    (eager, eager_grad, eager_bf16), (written, written_grad, written_bf16) = results
+    assert torch.equal(eager, written) and torch.equal(eager_grad, written_grad)
+    assert eager_bf16.dtype == torch.bfloat16 and torch.equal(eager_bf16, written_bf16)
+    assert not torch.equal(eager, x)   # it rotated
+
+
 def test_gqa_equals_multi_head_with_repeated_kv_heads():
     gqa = micro_model(n_heads=4, n_kv_heads=2)
     mha = M.Transformer(replace(MICRO, n_heads=4, n_kv_heads=4)).eval()

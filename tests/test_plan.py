@@ -173,17 +173,23 @@ def test_ppo_shards_its_frozen_models_and_samples_in_bf16():
 
 
 def test_batches_the_planner_assumes_are_the_chapters():
-    """The planner's generation and scoring batches are defaults in 04-07's code (06's and 07's
-    also the defaults of their --sample-batch): if one changes there, this fails."""
+    """The planner's scoring batches are defaults in 05's code (if one changes there, this fails),
+    and it generates --sample-batch answers at a time, as 04-07 do, resolved per preset as they
+    resolve it: the full-scale default at 7B, the CPU presets' on the toy."""
     S, R, PPO, G = (chapter(n) for n in ("04_sft", "05_reward", "06_rs_ppo", "07_gatt"))
     default = lambda fn, name: inspect.signature(fn).parameters[name].default
-    assert P.PLAN_BATCHES == dict(answer_all=default(S.answer_all, "batch_size"),
-                                  sample_answers=default(PPO.sample_answers, "batch_size"),
-                                  score_rows=default(R.score_rows, "batch_size"),
-                                  evaluate_rm=default(R.evaluate_rm, "batch_size"),
-                                  converse=default(G.converse, "batch_size"))
-    assert PPO.parse_args([]).sample_batch == P.PLAN_BATCHES["sample_answers"]   # 06's flag's default
-    assert G.parse_args([]).sample_batch == P.PLAN_BATCHES["converse"]   # and 07's
+    assert P.PLAN_BATCHES == dict(score_rows=default(R.score_rows, "batch_size"),
+                                  evaluate_rm=default(R.evaluate_rm, "batch_size"))
+    caches = lambda module, *flags: [c for c in (sum(i["bytes"] for i in p["items"] if i["kind"] == "kv_cache")
+                                                 for p in plan(module.__name__, *flags)["phases"]) if c]
+    for module in (S, R, PPO, G):
+        # the flag reaches the plan: every phase that generates holds that many answers' KV cache
+        halved, flagged = (caches(module, "--preset", "7B", "--sample-batch", str(n)) for n in (8, 16))
+        assert flagged and all(0 < a and b == 2 * a for a, b in zip(halved, flagged)), module.__name__
+        for preset, side in (("7B", module.PAPER), ("toy", module.TOY)):   # and its default, per preset
+            assert caches(module, "--preset", preset) == caches(module, "--preset", preset, "--sample-batch",
+                                                                 str(side["sample_batch"]))
+    assert S.TOY["sample_batch"] > S.PAPER["sample_batch"] and G.PAPER["sample_batch"] == 32
     assert P.PLAN_NEW_TOKENS["evaluate_chat"] == default(S.evaluate_chat, "max_new_tokens")
     assert P.PLAN_NEW_TOKENS["gatt"] == G.MAX_NEW_TOKENS == default(G.converse, "max_new_tokens")
 
