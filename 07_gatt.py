@@ -27,7 +27,8 @@ when the instruction is far back. The file, in order:
 Above 600 lines: the evaluation (Table 30 with a copy control, Figure 10's attention recomputed
 from the weights, the held-out check, two figures) is over a third of it.
 Outputs in RUN_DIR: gatt.pt (the GAtt model; loads like sft.pt), gatt_before.pt (step 1),
-gatt_samples.jsonl (the sampled dialogues), gatt.json, gatt_adherence.png, gatt_attention.png.
+gatt_samples.jsonl (the sampled dialogues), gatt.json, gatt_adherence.png, gatt_attention.png;
+gatt_before_2.pt and gatt_samples_2.jsonl (and _3) if step 1 needed another round (--inst-rounds).
 The toy context of 512 tokens holds about 10 of our turns: from there on the evaluation drops
 the oldest turns after the first, as 04's chat REPL drops old turns, so turn 1 and its
 instruction stay in view, ~450 tokens back (the paper's 4096 hold all 20).
@@ -86,6 +87,13 @@ PAPER = {**S.PAPER, "sample_batch": 32}   # dialogues up to the context: a longe
 TOY = dict(batch_tokens=4 * 512, seq_len=512, micro_batch=4, lr=2e-3, warmup_steps=10,
            log_every=25, eval_every=1000, ckpt_every=50, sample_batch=96)   # 96: GAtt's dialogues at once
 TOY_INST_BATCH_TOKENS = 2 * 512   # step 1's batch on the CPU presets (the comment above says why)
+# Even so, when the skill arrives varies with the seed and the starting model in no simple way (one
+# seed of three at 4cf148d: the figure followed in 46% of the sampled answers; no step count, LR or
+# data size we tried passed from every model; README, chapter 07). So step 1 is checked, not tuned:
+# while fewer than STEP1_FOLLOWING of its GAtt samples' answers follow their instruction, another
+# round of --inst-steps steps trains the step-1 model on new dialogues (from that failed model, a
+# second round brought the figure to 100%), up to --inst-rounds rounds.
+STEP1_FOLLOWING = 0.9
 TASK_KINDS = ("arithmetic", "fact", "list")   # short helpful tasks: many turns fit the context
 MAX_NEW_TOKENS = 40                            # an answer: up to ~20 tokens, the rules up to ~10 more
 PAPER_TABLE30 = {"baseline": {2: 100, 4: 10, 6: 0, 20: 0}, "GAtt": {2: 100, 4: 100, 6: 100, 20: 100}}
@@ -346,14 +354,16 @@ def train_step(args, name: str, examples, init, steps: int, lr: float, ckpt_path
     return S.run_sft(cfg, model, rows, val_rows, ckpt_path, rank, device)
 
 
-def gatt_data(args, world, tokenizer, before_path, rank, world_size, device, log):
+def gatt_data(args, world, tokenizer, before_path, rank, world_size, device, log, round_: int = 1,
+              final: bool = True):
     """Step 2's data: the step-1 model samples --dialogues dialogues with the instruction in
     every user message (each rank its share; rank 0 writes gatt_samples.jsonl, in the dialogues'
-    order; a resumed run reads it back);
+    order, gatt_samples_{round}.jsonl after a later round of step 1; a resumed run reads it back);
     gatt_examples turns them into samples, and step-1 dialogues are replayed beside them
-    (--replay). -> (sampled, examples shuffled, n_replay, the data's counts for gatt.json)"""
+    (--replay). final=False: no error if no answer follows (another round of step 1 comes).
+    -> (sampled, examples shuffled, n_replay, the data's counts for gatt.json)"""
     t0 = time.time()
-    samples_path = args.run_dir / "gatt_samples.jsonl"
+    samples_path = args.run_dir / ("gatt_samples.jsonl" if round_ == 1 else f"gatt_samples_{round_}.jsonl")
     if world_size > 1:   # rank 0 wrote the step-1 model: every rank reads it next
         dist.barrier()
     if not (args.resume and samples_path.is_file()):
@@ -379,10 +389,10 @@ def gatt_data(args, world, tokenizer, before_path, rank, world_size, device, log
     sampled = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").split("\n") if line]
     examples, dropped = gatt_examples(tokenizer, sampled, plain_history=args.plain_history, max_len=args.seq_len + 1,
                                       seed=args.seed)
-    if not examples:
+    if not examples and final:
         raise UserError(f"no sampled answer after turn 1 follows its instruction: step 1 did not teach the rules "
-                        f"({before_path}; raise --inst-steps or --lr)")
-    n_replay = round(len(examples) * args.replay / (1 - args.replay))
+                        f"({before_path}; raise --inst-steps, --inst-rounds or --lr)")
+    n_replay = round(len(examples) * args.replay / (1 - args.replay)) if examples else 0
     examples += [S.encode_dialog(tokenizer, d) for d in instruction_dialogs(world, n_replay, args.seed + 1)]
     n_followed = sum(all(follows(s["rules"], a).values()) for s in sampled for a in s["answers"])
     n_answers = sum(len(s["answers"]) for s in sampled)
@@ -556,12 +566,18 @@ def prompt_texts(dialogs) -> list:
     return [part for d in dialogs for m in d if m["role"] != "assistant" for part in m["content"].split("\n")]
 
 
-def training_texts(world, args, sampled, n_replay: int) -> list:
+def step1_seed(seed: int, round_: int) -> int:
+    """The seed of step 1's dialogues in a round: new dialogues each round (the replay takes seed + 1)."""
+    return seed if round_ == 1 else seed + 1000 * round_
+
+
+def training_texts(world, args, sampled, n_replay: int, rounds: int = 1) -> list:
     """The prompt texts of everything 07 trains on, drawn again as main() draws them: step 1's
-    dialogues, the GAtt samples (the instruction and the user's messages) and the replayed
-    step-1 dialogues."""
-    dialogs = instruction_dialogs(world, args.inst_examples, args.seed) + \
-        instruction_dialogs(world, n_replay, args.seed + 1)
+    dialogues (of every round), the GAtt samples (the instruction and the user's messages) and
+    the replayed step-1 dialogues."""
+    dialogs = [d for r in range(1, rounds + 1) for d in instruction_dialogs(world, args.inst_examples,
+                                                                            step1_seed(args.seed, r))]
+    dialogs += instruction_dialogs(world, n_replay, args.seed + 1)
     dialogs += [[{"role": "system", "content": s["instruction"]}] + [{"role": "user", "content": u} for u in s["users"]]
                 for s in sampled]
     return prompt_texts(dialogs)
@@ -688,6 +704,9 @@ def parse_args(argv):
     add("--inst-steps", type=int, default=500,
         help="step 1: optimizer steps (default 500: with fewer, a seed's step-1 model followed its instruction in "
              "too few of its sampled answers, and GAtt, trained on the rest, learned to copy)")
+    add("--inst-rounds", type=tok.number_flag("--inst-rounds", at_least=1), default=3,
+        help=f"step 1: at most this many rounds of --inst-steps; another, on new dialogues, while fewer than "
+             f"{STEP1_FOLLOWING:.0%} of the step-1 model's sampled GAtt answers follow their instruction (default 3)")
     add("--inst-batch-tokens", type=tok.number_flag("--inst-batch-tokens", at_least=1),
         help=f"step 1: tokens a step (default {TOY_INST_BATCH_TOKENS} on the CPU presets: more, smaller steps "
              "taught the toy model the rules more reliably; --batch-tokens at full scale)")
@@ -761,9 +780,30 @@ def main(argv=None):
     if args.stop_at and args.stop_at < args.inst_steps:
         return stop(f"stopped at step {args.stop_at} of step 1 (--stop-at): continue with --resume", log)
 
-    # 2. The GAtt data: sampled by the step-1 model, the instruction in every user message
+    # 2. The GAtt data: sampled by the step-1 model, the instruction in every user message. Too few
+    #    of its answers follow: step 1 has not taught the rules yet, and trains another round.
     t0 = time.time()
-    sampled, examples, n_replay, data = gatt_data(args, world, tokenizer, before_path, rank, world_size, device, log)
+    rounds, following, step1_more = 1, [], {}
+    while True:
+        final = rounds == args.inst_rounds
+        sampled, examples, n_replay, data = gatt_data(args, world, tokenizer, before_path, rank, world_size, device,
+                                                      log, rounds, final)
+        following.append(data["answers_following"])
+        if final or following[-1] >= STEP1_FOLLOWING:
+            break
+        rounds += 1
+        log(f"the step-1 model follows its instruction in {following[-1]:.1%} of its sampled answers (fewer than "
+            f"{STEP1_FOLLOWING:.0%}): step 1 again, round {rounds} of at most {args.inst_rounds}, on new dialogues")
+        t1, start = time.time(), before_path
+        before_path = args.run_dir / f"gatt_before_{rounds}.pt"
+        more = [S.encode_dialog(tokenizer, d)
+                for d in instruction_dialogs(world, args.inst_examples, step1_seed(args.seed, rounds))]
+        step1_more[f"step1_round{rounds}"] = train_step(
+            args, f"step 1, round {rounds}", more, start, args.inst_steps, args.lr, before_path, rank, device,
+            tokenizer, log, args.inst_batch_tokens)["history"]
+        timings["step1_s"] += time.time() - t1
+        t0 += time.time() - t1
+    data.update(step1_rounds=rounds, answers_following_by_round=following)
     timings["sampling_s"] = time.time() - t0
 
     # 3. Step 2: Ghost Attention
@@ -782,9 +822,9 @@ def main(argv=None):
         results = report(args, adh, attention, chat, long_dialogs, timings, log)
         tok.write_json(args.run_dir / "gatt.json", dict(
             config=vars(args), **results, gatt_data=data,
-            histories={"step1": out_before["history"], "gatt": out_gatt["history"]}, wall_s=time.time() - t_start,
-            overlap=S.overlap(evaluation_texts(scripts, long_dialogs, tasks),
-                              training_texts(world, args, sampled, n_replay))))
+            histories={"step1": out_before["history"], **step1_more, "gatt": out_gatt["history"]},
+            wall_s=time.time() - t_start, overlap=S.overlap(evaluation_texts(scripts, long_dialogs, tasks),
+                                                            training_texts(world, args, sampled, n_replay, rounds))))
     return stop(f"\nwall {P.fmt_time(time.time() - t_start)} | wrote {gatt_path.name}, gatt.json, "
                 f"gatt_adherence.png, gatt_attention.png in {args.run_dir}", log, results)
 

@@ -321,6 +321,38 @@ def following(monkeypatch):
     monkeypatch.setattr(G, "sample_gatt_dialogs", sample_following)
 
 
+def test_step1_trains_another_round_while_its_samples_do_not_follow(tokenizer, tok_file, tmp_path, monkeypatch):
+    """The micro model follows nothing: its first samples are left as they are (none follows), the
+    next ones rewritten to follow. So step 1 runs a second round, on new dialogues, from the
+    first round's model; GAtt starts from the second round's model and trains on its samples; the
+    held-out check counts the second round's dialogues too."""
+    sample, calls = G.sample_gatt_dialogs, []
+
+    def sample_following_later(model, *args, **kwargs):
+        out = sample(model, *args, **kwargs)
+        calls.append({k: v.clone() for k, v in model.state_dict().items()})
+        for s in out if len(calls) > 1 else []:
+            s["answers"] = [G.apply_rules(s["rules"], a) for a in s["answers"]]
+        return out
+    monkeypatch.setattr(G, "sample_gatt_dialogs", sample_following_later)
+    torch.manual_seed(0)
+    M.save_model(micro_model(tokenizer.n_words), tmp_path / "start.pt")
+    micro_gatt(tok_file, tmp_path / "start.pt", tmp_path / "run")
+    run = tmp_path / "run"
+    data = json.loads((run / "gatt.json").read_text())
+    assert len(calls) == 2 and data["gatt_data"]["step1_rounds"] == 2
+    assert data["gatt_data"]["answers_following_by_round"][0] < G.STEP1_FOLLOWING
+    assert data["gatt_data"]["answers_following_by_round"][1] == 1.0
+    assert {"step1", "step1_round2", "gatt"} <= set(data["histories"]) and data["histories"]["step1_round2"]
+    assert (run / "gatt_samples_2.jsonl").is_file() and data["overlap"] == 0
+    first, second = (M.load_checkpoint(run / f)["model"] for f in ("gatt_before.pt", "gatt_before_2.pt"))
+    assert all(torch.equal(first[k], calls[0][k]) for k in first)     # round 1 sampled from round 1's model
+    assert all(torch.equal(second[k], calls[1][k]) for k in second)   # round 2 from round 2's
+    assert any(not torch.equal(first[k], second[k]) for k in first)   # which trained on
+    args = argparse.Namespace(seed=0, inst_examples=60)
+    assert set(G.training_texts(P.make_world(0), args, [], 0, 2)) > set(G.training_texts(P.make_world(0), args, [], 0))
+
+
 def test_gatt_end_to_end_then_chat(tokenizer, tok_file, tmp_path, following):
     torch.manual_seed(0)
     M.save_model(micro_model(tokenizer.n_words), tmp_path / "start.pt")
