@@ -186,6 +186,19 @@ def decode_attention(q, k, v, mask, n_rep: int):
     return out.view(bsz, n_heads, 1, head_dim)
 
 
+def additive_mask(mask, dtype):
+    """A bool mask (True where attending is allowed) as SDPA applies it: 0 there, -inf elsewhere,
+    added to the scores. SDPA converts a bool mask so at every call, in the forward and again in
+    the backward; converted once, the mask serves every layer: the same numbers, so the same
+    result to the bit (a test), and a toy SFT step ~5% faster on a CPU. (Under autocast the
+    scores are in autocast's dtype, which the mask takes.)"""
+    if mask.dtype != torch.bool:
+        return mask
+    if torch.is_autocast_enabled(mask.device.type):
+        dtype = torch.get_autocast_dtype(mask.device.type)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def causal_mask(seqlen: int, start_pos: int, device):
     """(seqlen, start_pos + seqlen) bool: query i (at position start_pos + i) sees keys <= its position."""
     q_pos = torch.arange(start_pos, start_pos + seqlen, device=device)[:, None]
@@ -221,10 +234,12 @@ class Attention(nn.Module):
             # Laid out (batch, heads, position, head_dim), as attention reads it: Meta's
             # (batch, position, heads, head_dim) hands attention a strided view, which on
             # a CPU made each decoding step markedly slower (README, chapter 02).
-            if torch.is_tensor(start_pos):   # decode_step: one position, the whole cache read, the mask hides the rest
-                self.cache_k[:bsz].index_copy_(2, start_pos, k)
-                self.cache_v[:bsz].index_copy_(2, start_pos, v)
-                k, v = self.cache_k[:bsz], self.cache_v[:bsz]
+            if torch.is_tensor(start_pos):   # decode_step: one token a row, each at its own position
+                column = start_pos.view(-1, 1, 1, 1).expand(bsz, self.n_kv_heads, 1, self.head_dim)
+                self.cache_k[:bsz].scatter_(2, column, k)
+                self.cache_v[:bsz].scatter_(2, column, v)
+                width = mask.shape[-1]   # the columns the mask spans: the whole cache when compiled
+                k, v = self.cache_k[:bsz, :, :width], self.cache_v[:bsz, :, :width]
             else:
                 self.cache_k[:bsz, :, start_pos:start_pos + seqlen] = k
                 self.cache_v[:bsz, :, start_pos:start_pos + seqlen] = v
@@ -242,7 +257,8 @@ class Attention(nn.Module):
             out = plain_attention(q, k, v, mask)
         elif mask is None:                                       # plain causal: fused kernels
             out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=gqa)
-        else:
+        else:   # (an additive mask in another dtype than the scores' is cast: SDPA needs theirs)
+            mask = mask if mask.dtype in (torch.bool, q.dtype) else mask.to(q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -345,10 +361,14 @@ class Transformer(nn.Module):
             with torch.inference_mode(False):
                 self.freqs_cis = self.freqs_cis.to(tokens.device)
         h = self.tok_embeddings(tokens)
-        freqs_cis = (self.freqs_cis.index_select(1, start_pos) if torch.is_tensor(start_pos)
-                     else self.freqs_cis[:, start_pos:start_pos + seqlen])
+        if torch.is_tensor(start_pos):   # each row's own position: (2, rows, 1, 1, head_dim/2)
+            freqs_cis = self.freqs_cis.index_select(1, start_pos)[:, :, None]
+        else:
+            freqs_cis = self.freqs_cis[:, start_pos:start_pos + seqlen]
         if mask is None and (start_pos > 0 and seqlen > 1 or not self.layers[0].attention.use_sdpa):
             mask = causal_mask(seqlen, start_pos, tokens.device)
+        if mask is not None and self.layers[0].attention.use_sdpa and not torch.is_tensor(start_pos):
+            mask = additive_mask(mask, h.dtype)
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask)
         return self.norm(h)
@@ -488,13 +508,13 @@ def decode_bytes(args: ModelArgs, batch: int, positions: int, bytes_per_value: i
     return (weights + cache) * bytes_per_value
 
 
-def decode_step(model, token, pos, is_token):
-    """One decoding step at fixed shapes, the part generate(compile=True) compiles: token (batch, 1)
-    at position pos (a 1-element tensor), attending over the whole cache, masked to each row's
-    own tokens (is_token: (batch, cache length), False on padding) at or before pos.
-    -> logits (batch, vocab)."""
-    column = torch.arange(is_token.shape[1], device=is_token.device)
-    allowed = is_token & (column <= pos)
+def decode_step(model, token, pos, width: int = None):
+    """One decoding step at fixed shapes, the part generate(compile=True) compiles: token (batch, 1),
+    row i's at position pos[i] (a tensor), attending over the cache's first `width` columns (default
+    all of it, as when compiled), masked to each row's positions up to its own (a row's tokens fill
+    its positions from 0, so nothing below needs hiding). -> logits (batch, vocab)."""
+    column = torch.arange(width or model.layers[0].attention.cache_k.shape[2], device=pos.device)
+    allowed = column[None, :] <= pos[:, None]
     return model(token, pos, allowed[:, None, None, :])[:, -1]
 
 
@@ -513,86 +533,141 @@ def compiled_decode_step(device):
 COMPILED_CACHE_MULTIPLE = 64   # compile=True rounds the cache length up to this: fewer shapes, fewer compiles
 
 
+class Session:
+    """Generation that goes on over several calls with the same rows: a dialogue, turn by turn
+    (07). Each call's prompt is the whole dialogue so far, whose start the KV cache already holds
+    from the call before (its prompt and answer): generate(..., session=s) feeds each row only
+    what its cache does not hold, compared token by token, so a prompt that changed (a turn
+    dropped to fit the context, an answer that tokenises differently written back) is read again
+    from where it differs. The session keeps the cache (max_seq_len long) between calls.
+        with Session() as s:
+            for turn ...: answers = generate(model, dialogues_so_far, ..., session=s)"""
+
+    def __init__(self):
+        self.fed = None     # per row, the tokens whose keys and values the cache holds
+        self.cache = None   # per layer, (keys, values)
+
+    def keep(self, rows):
+        """Go on with these rows only (a dialogue that ended leaves the batch)."""
+        if self.fed is not None:
+            self.fed = [self.fed[i] for i in rows]
+            index = torch.tensor(rows, device=self.cache[0][0].device)
+            self.cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cache]
+
+    def close(self):
+        self.fed = self.cache = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def common_start(a, b) -> int:
+    """How many tokens two lists share from their start."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @torch.inference_mode()
 def generate(model, prompt_tokens, max_gen_len: int, temperature: float = 0.6,
-             top_p: float = 0.9, eos_id: Optional[int] = None, generator=None, compile: bool = False):
+             top_p: float = 0.9, eos_id: Optional[int] = None, generator=None, compile: bool = False,
+             session: Optional[Session] = None):
     """prompt_tokens: list of token-id lists. Returns the generated ids of each
     prompt (prompt excluded), at most max_gen_len of them and cut before the first
     eos_id. temperature 0 = greedy. Every answer has the same room: max_gen_len, or
     less where the longest prompt leaves less of the model's context.
     compile: the steps after the prefill run decode_step compiled (the first call of a shape
-    compiles it: seconds to a minute); the same tokens, up to floating-point rounding."""
+    compiles it: seconds to a minute); the same tokens, up to floating-point rounding.
+    session: a Session: the cache is kept for the next call on the same rows (see Session)."""
     if max_gen_len < 1:   # else total_len falls to the prompt's length and the error below blames the prompts
         raise UserError(f"max_gen_len {max_gen_len}: must be >= 1 (the number of tokens to generate)")
     bsz = len(prompt_tokens)
     device = model.output.weight.device
-    min_len = min(len(t) for t in prompt_tokens)
-    max_len = max(len(t) for t in prompt_tokens)
+    lengths = [len(t) for t in prompt_tokens]
+    max_len = max(lengths)
     total_len = min(model.args.max_seq_len, max_len + max_gen_len)
-    if min_len == 0 or max_len >= total_len:
-        raise UserError(f"prompts must hold 1 to {model.args.max_seq_len - 1} tokens (got {min_len}-{max_len})")
-    # Prompts are padded on the left, so that all of them end at column max_len: one forward
-    # reads every prompt whole (the prefill) and each later step adds one token to every row.
-    # (Meta's generate pads on the right and feeds the longer prompts one token a step from
-    # the shortest one's end; with 07's multi-turn histories, most steps did only that.)
-    # A row's tokens sit at positions shifted by its padding. That changes no attention
-    # score: after RoPE, q.k depends only on the offset between two positions.
+    if min(lengths) == 0 or max_len >= total_len:
+        raise UserError(f"prompts must hold 1 to {model.args.max_seq_len - 1} tokens (got {min(lengths)}-{max_len})")
+    # Each prompt is written from column 0 of its row, padded on the right, and each row then
+    # decodes at its own position: a row's tokens sit at positions 0, 1, 2, ... as if it were alone
+    # in the batch. One forward reads every prompt (the prefill): padding comes after a row's prompt,
+    # so plain causal attention never lets a prompt token see it, and the logits are taken at each
+    # row's last prompt token. Each later step adds one token a row, at the row's own position;
+    # a row's padding is overwritten by its answer before any query of the row can see it.
+    # (Meta's generate pads on the right too, but feeds the longer prompts one token a step from the
+    # shortest one's end; with 07's multi-turn histories, most steps did only that.)
     cache_len = total_len
     if compile:   # one compiled graph serves every call whose cache rounds to the same length
         cache_len = min(-(-total_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE,
                         model.freqs_cis.shape[1])
-        step = compiled_decode_step(device)
-    tokens = torch.zeros((bsz, cache_len), dtype=torch.long, device=device)
-    for i, t in enumerate(prompt_tokens):
-        tokens[i, max_len - len(t):max_len] = torch.tensor(t, dtype=torch.long, device=device)
-    pad = torch.tensor([max_len - len(t) for t in prompt_tokens], device=device)
-    column = torch.arange(cache_len, device=device)
-    is_token = column[None, :] >= pad[:, None]                     # (bsz, cache_len): False on padding
-
-    eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
-    model.setup_cache(bsz, cache_len)
+    held = [0] * bsz   # per row, the prompt's tokens the cache already holds (a session's earlier calls)
+    if session is not None and session.fed is not None:
+        if len(session.fed) != bsz:
+            raise UserError(f"the session holds {len(session.fed)} rows, this call {bsz}: Session.keep(rows) first")
+        held = [min(common_start(f, t), len(t) - 1) for f, t in zip(session.fed, prompt_tokens)]
+        for layer, (k, v) in zip(model.layers, session.cache):
+            layer.attention.cache_k, layer.attention.cache_v = k, v
+    else:
+        if session is not None:   # a session's prompts grow: its cache spans the whole context
+            cache_len = max(cache_len, model.args.max_seq_len)
+        model.setup_cache(bsz, cache_len)
+    cache_len = model.layers[0].attention.cache_k.shape[2]
     if compile:   # the cache is written inside the graph: tell torch.compile it stays where it is, as
         for layer in model.layers:   # transformers' StaticCache does, so CUDA graphs can keep it
             torch._dynamo.mark_static_address(layer.attention.cache_k)
             torch._dynamo.mark_static_address(layer.attention.cache_v)
+    step = compiled_decode_step(device) if compile else decode_step
+
+    tokens = torch.zeros((bsz, cache_len), dtype=torch.long, device=device)
+    for i, t in enumerate(prompt_tokens):
+        tokens[i, :len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+    rows = torch.arange(bsz, device=device)
+    pos = torch.tensor(lengths, device=device)   # each row's next column
+    start = min(held)   # the prefill reads columns start..max_len-1 (0 without a session)
+    last = torch.zeros(bsz, max_len - start, dtype=torch.bool, device=device)
+    last[rows, pos - 1 - start] = True   # only each row's last prompt token's logits are read
+    eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
+    n_new = total_len - max_len
     try:
-        prev_pos = 0
-        for cur_pos in range(max_len, total_len):
-            if compile and prev_pos > 0:   # after the prefill: the compiled step, the position as a tensor
-                pos = torch.tensor([prev_pos], device=device)
-                # torch.compile checks its guards (shapes, dtypes, the model's weights...) before each
-                # call, which took ~10% of a small model's step. They held at this call's first step,
-                # and every later step passes the same model and tensors of the same shapes: so skip
-                # all but those that tell its compiled graphs apart.
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=prev_pos > max_len):
-                    logits = step(model, tokens[:, prev_pos:cur_pos], pos, is_token)
-            else:
-                # a query sees the tokens at or before it, never padding; a padding query sees
-                # itself only, which keeps its softmax finite (its output is never read). Prompts
-                # of one length need no mask: plain causal attention, the fused kernel.
-                mask = None
-                if min_len < max_len:
-                    q_pos, k_pos = column[prev_pos:cur_pos, None], column[None, :cur_pos]
-                    allowed = (k_pos <= q_pos) & is_token[:, None, :cur_pos] | (k_pos == q_pos)
-                    mask = allowed[:, None]   # (bsz, 1, seq, cur_pos)
-                last = torch.zeros(bsz, cur_pos - prev_pos, dtype=torch.bool, device=device)
-                last[:, -1] = True   # only the last position's logits are read: the prefill skips the rest
-                logits = model(tokens[:, prev_pos:cur_pos], prev_pos, mask, logits_at=last)
+        logits = model(tokens[:, start:max_len], start, logits_at=last)
+        for k in range(n_new):
             if temperature > 0:
                 next_token = sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
             else:
                 next_token = logits.argmax(dim=-1)
-            tokens[:, cur_pos] = next_token
+            tokens[rows, pos] = next_token
             if eos_id is not None:
                 eos_reached |= next_token == eos_id
                 if eos_reached.all():
                     break
-            prev_pos = cur_pos
+            if k == n_new - 1:   # the last token is not fed: no step after it reads it
+                break
+            # torch.compile checks its guards (shapes, dtypes, the model's weights...) before each call,
+            # which took ~10% of a small model's step. They held at this call's first step, and every
+            # later step passes the same model and tensors of the same shapes: so skip all but those
+            # that tell its compiled graphs apart.
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=compile and k > 0):
+                logits = step(model, next_token[:, None], pos, None if compile else max_len + k + 1)
+            pos = pos + 1
+        if session is not None:   # a row's cache holds its tokens before `pos`: the last one drawn was not fed
+            session.fed = [row[:p] for row, p in zip(tokens.tolist(), pos.tolist())]
+            session.cache = [(layer.attention.cache_k, layer.attention.cache_v) for layer in model.layers]
+    except BaseException:
+        if session is not None:   # half a step: start again from nothing
+            session.close()
+        raise
     finally:
         model.clear_cache()
 
     out = []
-    for gen in tokens[:, max_len:cur_pos + 1].tolist():
+    for row, n, p in zip(tokens.tolist(), lengths, pos.tolist()):
+        gen = row[n:p + 1]
         if eos_id is not None and eos_id in gen:
             gen = gen[:gen.index(eos_id)]
         out.append(gen)

@@ -775,6 +775,7 @@ def chat(argv, input_fn=input):
     found = [f / "tokenizer.model" for f in (folder, folder.parent) if (f / "tokenizer.model").is_file()]
     tokenizer = tok.Tokenizer(args.tokenizer or (found + [tok.DEFAULT_RUN_DIR / "tokenizer.model"])[0])
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    session = M.Session()   # the KV cache kept from turn to turn: a reply reads only the new message
     system = [{"role": "system", "content": args.system}] if args.system else []
     if system:   # a system prompt holding the template's markers: say so now, not at every message
         check_dialog(system + [{"role": "user", "content": "-"}], "--system")
@@ -813,7 +814,7 @@ def chat(argv, input_fn=input):
             continue
         dialog = asked
         reply_ids = M.generate(model, [ids], args.max_new_tokens, args.temperature, args.top_p,
-                               tokenizer.eos_id, generator, args.compile_decode)[0]
+                               tokenizer.eos_id, generator, args.compile_decode, session)[0]
         reply = tokenizer.decode(reply_ids).strip()
         print(f"model> {reply}")
         dialog.append({"role": "assistant", "content": reply})

@@ -277,26 +277,39 @@ def fit(tokenizer, dialog, budget: int):
 
 
 def converse(model, tokenizer, instructions, users, every_turn: bool, temperature=0.0, generator=None,
-             max_new_tokens=MAX_NEW_TOKENS, batch_size=32, compile=False):
-    """The dialogues, whole, the model answering users[i][t] turn by turn. every_turn=False:
-    the instruction is a system message in turn 1 only (the evaluation); True: it is
-    concatenated to every user message (the GAtt sampling of Sec. 3.3). compile: 02's compiled
-    decoding step (--compile-decode)."""
+             max_new_tokens=MAX_NEW_TOKENS, batch_size=32, compile=False, written=None):
+    """The model answers users[i][t] turn by turn -> (dialogues, whole; the model's answers,
+    per dialogue). every_turn=False: the instruction is a system message in turn 1 only (the
+    evaluation); True: it is concatenated to every user message (the GAtt sampling of Sec. 3.3).
+    written: per dialogue, the answers written back into it in place of the model's own (the copy
+    control below). compile: 02's compiled decoding step (--compile-decode)."""
     was_training = model.training
     model.eval()
     dialogs = [[] if every_turn else [{"role": "system", "content": inst}] for inst in instructions]
-    for t in range(max(map(len, users))):
-        active = [i for i, u in enumerate(users) if t < len(u)]
-        for i in active:
-            user = with_instruction(instructions[i], users[i][t]) if every_turn else users[i][t]
-            dialogs[i].append({"role": "user", "content": user})
-        prompts = {i: fit(tokenizer, dialogs[i], model.args.max_seq_len - max_new_tokens) for i in active}
-        answers = S.answer_all(model, tokenizer, [prompts[i] for i in active], max_new_tokens, batch_size,
-                               temperature, 0.9, generator, compile)
-        for i, answer in zip(active, answers):
-            dialogs[i].append({"role": "assistant", "content": answer})
+    answers = [[] for _ in dialogs]
+    budget = model.args.max_seq_len - max_new_tokens
+    for first in range(0, len(dialogs), batch_size):   # a batch of dialogues, turn by turn
+        batch = range(first, min(first + batch_size, len(dialogs)))
+        # each turn's prompt is the dialogue so far; 02's Session keeps the KV cache from the turn
+        # before, so only the new turn (and what changed, e.g. turns dropped by fit) is read again
+        with M.Session() as session:
+            active = list(batch)
+            for t in range(max(len(users[i]) for i in batch)):
+                still = [j for j, i in enumerate(active) if t < len(users[i])]
+                if len(still) < len(active):
+                    session.keep(still)
+                    active = [active[j] for j in still]
+                for i in active:
+                    user = with_instruction(instructions[i], users[i][t]) if every_turn else users[i][t]
+                    dialogs[i].append({"role": "user", "content": user})
+                prompts = [S.encode_dialog(tokenizer, fit(tokenizer, dialogs[i], budget))[0] for i in active]
+                outs = M.generate(model, prompts, max_new_tokens, temperature, 0.9, tokenizer.eos_id, generator,
+                                  compile, session=session)
+                for i, out in zip(active, outs):
+                    answers[i].append(tokenizer.decode(out).strip())
+                    dialogs[i].append({"role": "assistant", "content": written[i][t] if written else answers[i][t]})
     model.train(was_training)
-    return dialogs
+    return dialogs, answers
 
 
 def answers_of(dialog):
@@ -319,10 +332,10 @@ def sample_gatt_dialogs(model, tokenizer, world, n: int, turns: int, seed: int, 
     rank, ranks = part
     mine = range(rank, n, ranks)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed + rank)
-    dialogs = converse(model, tokenizer, [instructions[i][0] for i in mine], [users[i] for i in mine], True,
-                       temperature, generator, batch_size=batch_size, compile=compile)
-    return [dict(instruction=instructions[i][0], rules=instructions[i][1], users=users[i], answers=answers_of(d))
-            for i, d in zip(mine, dialogs)]
+    _, answers = converse(model, tokenizer, [instructions[i][0] for i in mine], [users[i] for i in mine], True,
+                          temperature, generator, batch_size=batch_size, compile=compile)
+    return [dict(instruction=instructions[i][0], rules=instructions[i][1], users=users[i], answers=a)
+            for i, a in zip(mine, answers)]
 
 
 def train_step(args, name: str, examples, init, steps: int, lr: float, ckpt_path, rank, device, tokenizer, log,
@@ -431,9 +444,9 @@ def adherence(model, tokenizer, scripts, compile=False, batch_size: int = 32) ->
     """The model plays each script (eval_dialogs) -> share of dialogues following the instruction
     at each turn (all rules, and per family), the gold score of the answers' plain part, the
     first turn at which some dialogue had to drop turns to fit the context, and examples."""
-    talks = converse(model, tokenizer, [sc[0] for sc in scripts], [[t.prompt for t in sc[2]] for sc in scripts], False,
-                     batch_size=batch_size, compile=compile)
-    answers, turns = [answers_of(talk) for talk in talks], len(scripts[0][2])
+    talks, answers = converse(model, tokenizer, [sc[0] for sc in scripts], [[t.prompt for t in sc[2]] for sc in scripts],
+                              False, batch_size=batch_size, compile=compile)
+    turns = len(scripts[0][2])
     budget = model.args.max_seq_len - MAX_NEW_TOKENS   # the prompt of turn t is talk[:2 + 2t]
     window_from = next((t + 1 for t in range(turns)
                         if any(len(S.encode_dialog(tokenizer, talk[:2 + 2 * t])[0]) > budget for talk in talks)), None)
@@ -455,23 +468,11 @@ def adherence_given_plain_history(model, tokenizer, scripts, compile=False, batc
     reference answers as 04 wrote them, which follow no rule (teacher-forced), and each turn is
     answered once: an answer that follows the rule at turn t read it in the system message, ~t
     turns back. -> the share following it by turn, and per dialogue (for intervals)."""
-    budget = model.args.max_seq_len - MAX_NEW_TOKENS
-    prompts, where = [], []
-    for i, (text, _, tasks) in enumerate(scripts):
-        dialog = [{"role": "system", "content": text}]
-        for t, task in enumerate(tasks):
-            prompts.append(fit(tokenizer, dialog + [{"role": "user", "content": task.prompt}], budget))
-            where.append((i, t))
-            dialog += [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": task.answer}]
-    order = sorted(range(len(prompts)), key=lambda j: len(S.encode_dialog(tokenizer, prompts[j])[0]))
-    was_training = model.training
-    answers = dict(zip(order, S.answer_all(model.eval(), tokenizer, [prompts[j] for j in order], MAX_NEW_TOKENS,
-                                           batch_size, compile=compile)))
-    model.train(was_training)
+    _, answers = converse(model, tokenizer, [sc[0] for sc in scripts], [[t.prompt for t in sc[2]] for sc in scripts],
+                          False, batch_size=batch_size, compile=compile,
+                          written=[[t.answer for t in sc[2]] for sc in scripts])
     turns = len(scripts[0][2])
-    followed = [[False] * turns for _ in scripts]
-    for j, (i, t) in enumerate(where):
-        followed[i][t] = all(follows(scripts[i][1], answers[j]).values())
+    followed = [[all(follows(rules, a[t]).values()) for t in range(turns)] for (_, rules, _), a in zip(scripts, answers)]
     return {"by_turn": [mean([f[t] for f in followed]) for t in range(turns)], "followed": followed}
 
 

@@ -106,12 +106,19 @@ def test_a_long_gatt_sample_loses_its_middle_turns_but_not_the_instruction_or_th
 def test_copy_control_teacher_forces_plain_answers_and_scores_each_turn(tokenizer, monkeypatch):
     tasks = [S.Task("arithmetic", f"What is {i} + 1?", f"{i} + 1 = {i + 1}.", str(i + 1)) for i in range(3)]
     dialogs = [("Figure: King", {"figure": "King"}, tasks), ("Hobby: wine", {"hobby": "wine"}, tasks)]
-    seen = []
+    seen, turn, fit = [], [], G.fit
 
-    def fake_answer_all(model, tok_, prompts, *args, **kwargs):   # follows the rule in its first two turns
-        seen.extend(prompts)
-        return [("King: I enjoy wine. " if sum(m["role"] == "user" for m in p) <= 2 else "") + "3." for p in prompts]
-    monkeypatch.setattr(S, "answer_all", fake_answer_all)
+    def spy_fit(tok_, dialog, budget):   # each prompt, as a dialogue, before it is answered
+        turn.append(list(dialog))
+        return fit(tok_, dialog, budget)
+
+    def fake_generate(model, prompts, *args, **kwargs):   # follows the rule in its first two turns
+        seen.extend(turn)
+        answers = [("King: I enjoy wine. " if sum(m["role"] == "user" for m in p) <= 2 else "") + "3." for p in turn]
+        turn.clear()
+        return [tokenizer.encode(a, bos=False, eos=False) for a in answers]
+    monkeypatch.setattr(G, "fit", spy_fit)
+    monkeypatch.setattr(M, "generate", fake_generate)
     r = G.adherence_given_plain_history(micro_model(tokenizer.n_words), tokenizer, dialogs)
     assert r["by_turn"] == [1.0, 1.0, 0.0] and r["followed"] == [[True, True, False]] * 2
     assert len(seen) == 6
@@ -146,7 +153,7 @@ def test_adherence_by_turn_on_hand_made_answers(tokenizer, monkeypatch):
         assert not every_turn and instructions == [d[0] for d in dialogs]
         return [[{"role": "system", "content": inst}] + [{"role": r, "content": c} for u, a in zip(us, answers)
                                                          for r, c in (("user", u), ("assistant", a))]
-                for inst, us, answers in zip(instructions, users, scripted)]
+                for inst, us, answers in zip(instructions, users, scripted)], scripted
     monkeypatch.setattr(G, "converse", fake_converse)
     r = G.adherence(micro_model(tokenizer.n_words), tokenizer, dialogs)
     assert r["by_turn"] == [1.0, 0.5, 0.0]
@@ -204,8 +211,8 @@ def test_no_evaluation_prompt_occurs_in_the_training_dialogues(tokenizer, monkey
     16 attention dialogues and 04's 40 prompts a kind, against step 1's 4,000 dialogues, the 96
     GAtt dialogues of 8 turns and the replayed step-1 dialogues (one per GAtt sample: 672)."""
     world = P.make_world(0)
-    monkeypatch.setattr(G, "converse", lambda model, tok_, instructions, users, *a, **k: [
-        [{"role": "user", "content": u} for u in us] for us in users])   # the prompts, without a model
+    monkeypatch.setattr(G, "converse", lambda model, tok_, instructions, users, *a, **k: (
+        [[{"role": "user", "content": u} for u in us] for us in users], [[] for _ in users]))   # no model
     sampled = G.sample_gatt_dialogs(torch.nn.Linear(1, 1), tokenizer, world, 96, 8, 0, 0.7)
     args = argparse.Namespace(seed=0, inst_examples=4000)
     dialogs = G.eval_dialogs(world, 32, 20, 0)
@@ -218,24 +225,51 @@ def test_no_evaluation_prompt_occurs_in_the_training_dialogues(tokenizer, monkey
 # --- talking to the model turn by turn ----------------------------------------------------------
 
 def test_converse_places_the_instruction_as_sec_3_3_says(tokenizer, monkeypatch):
-    seen = []
+    seen, turn, fit = [], [], G.fit
 
-    def fake_answer_all(model, tok_, dialogs, *args, **kwargs):
-        seen.append([list(d) for d in dialogs])
-        return [f"answer {len(d)}" for d in dialogs]
-    monkeypatch.setattr(S, "answer_all", fake_answer_all)
+    def spy_fit(tok_, dialog, budget):   # each prompt of a turn, as a dialogue, before it is answered
+        turn.append(list(dialog))
+        return fit(tok_, dialog, budget)
+
+    def fake_generate(model, prompts, *args, session=None, **kwargs):
+        seen.append(list(turn))
+        turn.clear()
+        return [tokenizer.encode(f"answer {len(d)}", bos=False, eos=False) for d in seen[-1]]
+    monkeypatch.setattr(G, "fit", spy_fit)
+    monkeypatch.setattr(M, "generate", fake_generate)
     model = micro_model(tokenizer.n_words)
     users = [["u1", "u2", "u3"], ["v1", "v2"]]
-    talks = G.converse(model, tokenizer, ["INST A", "INST B"], users, every_turn=True)
-    assert [G.answers_of(t) for t in talks] == [["answer 1", "answer 3", "answer 5"], ["answer 1", "answer 3"]]
+    talks, answers = G.converse(model, tokenizer, ["INST A", "INST B"], users, every_turn=True)
+    assert answers == [["answer 1", "answer 3", "answer 5"], ["answer 1", "answer 3"]]
+    assert [G.answers_of(t) for t in talks] == answers
     assert len(seen) == 3 and [len(batch) for batch in seen] == [2, 2, 1]
-    last = {d[-1]["content"]: d for d in seen[-1]}["INST A\nu3"]   # sampling: in every user message
+    last = seen[-1][0]                                             # sampling: in every user message
     assert [m["content"] for m in last if m["role"] == "user"] == ["INST A\nu1", "INST A\nu2", "INST A\nu3"]
     seen.clear()
-    G.converse(model, tokenizer, ["INST A", "INST B"], users, every_turn=False)
+    talks, answers = G.converse(model, tokenizer, ["INST A", "INST B"], users, every_turn=False,
+                                written=[["w1", "w2", "w3"], ["x1", "x2"]])
     last = seen[-1][0]                                             # evaluation: a system message, turn 1
     assert last[0] == {"role": "system", "content": "INST A"}
     assert [m["content"] for m in last if m["role"] == "user"] == ["u1", "u2", "u3"]
+    # the copy control: the given answers written back, the model's returned
+    assert [m["content"] for m in last if m["role"] == "assistant"] == ["w1", "w2"]
+    assert G.answers_of(talks[1]) == ["x1", "x2"] and answers[1] == ["answer 2", "answer 4"]
+
+
+def test_converse_keeps_the_cache_yet_answers_as_fresh_generation(tokenizer):
+    """converse reads each turn through 02's Session, dropping finished dialogues from the batch:
+    the same answers as generating each turn's fitted dialogue afresh (a context of 128 tokens,
+    so later turns drop earlier ones; float64, so rounding cannot flip a greedy token)."""
+    model = M.Transformer(replace(M.PRESETS["micro"], vocab_size=tokenizer.n_words, max_seq_len=128)).double().eval()
+    users = [[f"What is {i} + {t}?" for t in range(n)] for i, n in enumerate((7, 4, 7))]
+    talks, answers = G.converse(model, tokenizer, ["Hobby: music", "Figure: King", "Language: bard"], users,
+                                every_turn=False, max_new_tokens=12, batch_size=2)
+    for talk, own in zip(talks, answers):
+        for t in range(len(own)):
+            prompt = G.fit(tokenizer, talk[:2 + 2 * t], 128 - 12)
+            fresh = M.generate(model, [S.encode_dialog(tokenizer, prompt)[0]], 12, 0.0, eos_id=tokenizer.eos_id)[0]
+            assert own[t] == tokenizer.decode(fresh).strip()
+    assert len(S.encode_dialog(tokenizer, talks[0][:-1])[0]) > 128   # some turns were dropped
 
 
 def test_fit_drops_the_oldest_turns_but_keeps_the_first(tokenizer):

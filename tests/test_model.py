@@ -95,18 +95,86 @@ def test_kv_cache_decoding_equals_full_forward(attention):
 
 
 def test_decode_step_reads_the_static_cache_as_generation_does():
-    """decode_step (uncompiled): the whole cache, masked to each row's tokens up to pos, gives the
-    logits of a full forward over the real tokens; rows of different padding included."""
+    """decode_step (uncompiled): each row's token at its own position, the cache read under a mask
+    up to that position, gives the logits of a full forward over the row's tokens; the columns
+    after a shorter row's prompt (written by the prefill, not yet by its answer) are not read."""
     model = micro_model()
     tokens = torch.randint(3, MICRO.vocab_size, (2, 9))
-    is_token = torch.ones(2, 16, dtype=torch.bool)
-    is_token[1, :3] = False                       # row 1: 3 padding columns, then 6 tokens
     model.setup_cache(2, 16)
-    model(tokens[:, :8], 0, mask=M.causal_mask(8, 0, "cpu") & is_token[:, None, None, :8] | torch.eye(8, dtype=torch.bool))
-    logits = M.decode_step(model, tokens[:, 8:], torch.tensor([8]), is_token)
+    model(tokens[:, :8], 0)                        # the prefill writes columns 0-7 of both rows
+    pos = torch.tensor([8, 5])                     # row 1's prompt is 5 tokens: its step overwrites column 5
+    step = torch.stack([tokens[0, 8], tokens[1, 5]])[:, None]
+    logits, narrow = M.decode_step(model, step, pos), M.decode_step(model, step, pos, width=9)
     model.clear_cache()
     assert torch.allclose(logits[0], model(tokens[:1])[0, -1], atol=1e-5)
-    assert torch.allclose(logits[1], model(tokens[1:, 3:])[0, -1], atol=1e-5)
+    assert torch.allclose(logits[1], model(tokens[1:, :6])[0, -1], atol=1e-5)
+    assert torch.allclose(narrow, logits, atol=1e-6)
+
+
+def test_an_additive_mask_gives_the_bool_masks_result_to_the_bit(monkeypatch):
+    """features() hands SDPA the mask already converted (0 / -inf, once for every layer), as SDPA
+    would convert a bool mask itself: the same logits and gradients, bit for bit."""
+    model = micro_model().train()
+    tokens = torch.randint(3, MICRO.vocab_size, (3, 40))
+    doc = torch.cumsum(torch.rand(3, 40, generator=torch.Generator().manual_seed(1)) < 0.1, 1)
+    mask = (torch.ones(40, 40, dtype=torch.bool).tril() & (doc[:, :, None] == doc[:, None, :]))[:, None]
+    results, additive_mask = [], M.additive_mask
+    for convert in (True, False):
+        if not convert:
+            monkeypatch.setattr(M, "additive_mask", lambda mask, dtype: mask)
+        model.zero_grad()
+        logits = model(tokens, 0, mask)
+        logits.logsumexp(-1).mean().backward()
+        results.append((logits, [p.grad.clone() for p in model.parameters()]))
+    (converted, grads), (as_bool, bool_grads) = results
+    assert torch.equal(converted, as_bool) and all(torch.equal(a, b) for a, b in zip(grads, bool_grads))
+    assert not torch.equal(converted, model(tokens, 0))   # the mask mattered
+    additive = additive_mask(mask, torch.float32)
+    assert additive.dtype == torch.float32 and torch.equal(additive == 0, mask)
+
+
+def test_a_session_feeds_only_what_the_cache_does_not_hold():
+    """generate(session=...) over four turns gives fresh generate's greedy tokens, while each
+    turn's prefill reads only the columns from the first token some row's cache lacks: rows that
+    add a turn, one whose earlier text changed (as when a turn is dropped to fit the context), one
+    whose answer came back tokenised otherwise; a row that leaves (Session.keep)."""
+    model = micro_model().double()   # float64: the two paths' rounding cannot flip a greedy token
+    g = torch.Generator().manual_seed(0)
+    new = lambda n: torch.randint(3, MICRO.vocab_size, (n,), generator=g).tolist()
+    other = lambda t: 3 + (t - 2) % (MICRO.vocab_size - 3)   # another token than t
+    prefills = []   # (first column, columns) of each forward that is not a decoding step
+    forward = model.forward
+    def spy(tokens, start_pos=0, mask=None, logits_at=None):
+        if not torch.is_tensor(start_pos):
+            prefills.append((start_pos, tokens.shape[1]))
+        return forward(tokens, start_pos, mask, logits_at)
+    model.forward = spy
+
+    def turn(prompts, session):
+        fresh = M.generate(model, prompts, 6, temperature=0.0)
+        prefills.clear()
+        assert M.generate(model, prompts, 6, temperature=0.0, session=session) == fresh
+        assert all(len(a) == 6 for a in fresh)
+        return fresh, list(prefills)
+
+    with M.Session() as session:
+        p = [new(5), new(9), new(3)]
+        a, read = turn(p, session)
+        assert read == [(0, 9)]   # nothing held: every prompt from column 0
+        # each row's cache holds its prompt and its answer but the last token (never fed)
+        q = [p[i] + a[i] + new(4) for i in range(3)]   # 15, 19 and 13 tokens
+        q[1][4] = other(q[1][4])                       # row 1's text changed at token 4
+        b, read = turn(q, session)
+        assert read == [(4, 15)]   # from row 1's change to the longest prompt's end (rows 0, 2 held 10, 8)
+        session.keep([0, 2])       # row 1 leaves
+        r = [q[0] + b[0][:1] + [other(b[0][1])] + b[0][2:] + new(2),   # row 0's answer's token 1 differs
+             q[2] + b[2] + new(3)]                                     # 23 and 22 tokens
+        c, read = turn(r, session)
+        assert read == [(16, 7)]   # from row 0's column 16 (row 2 held 18)
+        _, read = turn([r[i] + c[i] + new(2) for i in range(2)], session)   # 31 and 30 tokens
+        assert read == [(27, 4)]   # from row 1's answer's last token, drawn but never fed (row 0 held 28)
+        assert session.cache[0][0].shape[:3] == (2, MICRO.n_kv_heads, MICRO.max_seq_len)
+    assert session.cache is None and model.layers[0].attention.cache_k is None
 
 
 def test_compiled_decoding_gives_the_same_greedy_tokens():
