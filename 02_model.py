@@ -375,8 +375,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, start_pos: int = 0, mask=None, logits_at=None):
         """tokens (batch, seq) -> logits (batch, seq, vocab), float32.
-        start_pos: position of tokens[:, 0] (with the KV cache, the tokens already seen); a 1-element
-        tensor in decode_step, which then reads the whole cache under `mask`.
+        start_pos: position of tokens[:, 0] (with the KV cache, the tokens already seen); in
+        decode_step a tensor of each row's position (one token a row), the cache read under `mask`.
         mask: optional bool (seq, start_pos + seq) or (batch, 1, seq, start_pos + seq),
         True where attending is allowed; default causal.
         logits_at: optional bool (batch, seq): logits only where True, as (n_true, vocab) in
@@ -406,14 +406,31 @@ class Transformer(nn.Module):
             layer.attention.use_sdpa = impl == "sdpa"
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
-        """Load Meta's folder, a Hugging Face folder, or our own .pt checkpoint."""
-        args, state = load_weights(path)
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, lazy: bool = False):
+        """Load Meta's folder, a Hugging Face folder, or our own .pt checkpoint.
+        lazy: the model stays on the meta device, its weights in their files (`pending`), until
+        fill_from_state reads them a block at a time: what 03's shard_model does under --fsdp, so
+        no rank ever holds the whole model in CPU memory (Meta's 70B: 8 shard files, joined)."""
+        args, state = load_weights(path, lazy=lazy)
         with torch.device("meta"):
             model = cls(args)
         check_state_dict(model, state, path)
+        if lazy:
+            model.pending = (state, dtype)
+            return model.eval()
         model.load_state_dict(state, assign=True)
         return model.to(device=device, dtype=dtype).eval()
+
+
+def fill_from_state(module, state, dtype, prefix: str = ""):
+    """The module's parameters still on the meta device, read from `state` (a checkpoint's, keys
+    under `prefix`) in `dtype`: a lazily loaded model (from_pretrained(lazy=True)), a part at a time."""
+    for name, p in list(module.named_parameters()):
+        if p.is_meta:
+            value = state[prefix + name]
+            value = value.tensor() if isinstance(value, Concat) else value
+            owner, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(owner), leaf, nn.Parameter(value.to(dtype), requires_grad=p.requires_grad))
 
 
 # ----------------------------------------------------------------------------
@@ -448,7 +465,8 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
 # autoregressive decoding is to cache the key (K) and value (V) pairs for the previous
 # tokens in the sequence, speeding up attention computation." The prompts are read in
 # one forward (the prefill), then each step adds one token to every row, and the KV
-# cache makes that step cheap: it reads the cached keys and values, not the prefix.
+# cache makes that step cheap: it reads the cached keys and values, not the prefix. A
+# Session keeps the cache from one call to the next, for a dialogue that goes on.
 
 def sample_categorical(probs, generator=None):
     """One draw per row from probs (rows need not sum to 1), by inverting the cumulative
@@ -783,7 +801,25 @@ def meta_shard_dim(key: str):
     return META_SHARD_DIM.get(key.split(".")[-2])   # None: a norm, the same in every shard
 
 
-def load_meta(folder: Path):
+class Concat:
+    """A weight that Meta's model-parallel shards split, joined only when read (tensor()): its shape
+    is known before, for check_state_dict."""
+
+    def __init__(self, parts, dim: int):
+        self.parts, self.dim = parts, dim
+
+    @property
+    def shape(self):
+        shape = list(self.parts[0].shape)
+        shape[self.dim] = sum(p.shape[self.dim] for p in self.parts)
+        return torch.Size(shape)
+
+    def tensor(self):
+        return torch.cat(self.parts, dim=self.dim)
+
+
+def load_meta(folder: Path, lazy: bool = False):
+    """lazy: split weights as Concat, joined when read; else joined now (the whole model in memory)."""
     params = read_config(folder / "params.json")
     shard_paths = sorted(folder.glob("consolidated.*.pth"))
     if not shard_paths:
@@ -797,8 +833,11 @@ def load_meta(folder: Path):
         if key == "rope.freqs":                 # Meta stores its RoPE table; we recompute ours
             continue
         shard_dim = meta_shard_dim(key)
-        state[key] = shards[0][key] if shard_dim is None or len(shards) == 1 else \
-            torch.cat([s[key] for s in shards], dim=shard_dim)
+        if shard_dim is None or len(shards) == 1:
+            state[key] = shards[0][key]
+        else:
+            parts = Concat([s[key] for s in shards], shard_dim)
+            state[key] = parts if lazy else parts.tensor()
     if params.get("vocab_size", -1) == -1:       # Meta's params.json says -1; the embedding knows
         params["vocab_size"] = state["tok_embeddings.weight"].shape[0]
     return args_from_dict(params), state
@@ -1086,16 +1125,20 @@ def hf_tokenizer_files(tokenizer, max_seq_len: int) -> dict:
 # Any of the three formats in (load_weights, read_model_args): what Transformer.from_pretrained and
 # the later chapters read.
 
-def load_weights(path):
-    """(ModelArgs, state dict with Meta's key names) from any of the three formats."""
+def load_weights(path, lazy: bool = False):
+    """(ModelArgs, state dict with Meta's key names) from any of the three formats. lazy: Meta's
+    split weights are joined only when read (load_meta)."""
     path = Path(path)
     if path.is_dir():
         if (path / "params.json").is_file():
-            return load_meta(path)
+            return load_meta(path, lazy)
         if (path / "config.json").is_file():
             return load_hf(path)
         raise UserError(f"{path} holds neither params.json (Meta) nor config.json (Hugging Face)")
-    ckpt = load_checkpoint(path)
+    # memory-mapped: a weight is read from the file's pages when used, and processes that load the
+    # same file share one copy of them (under FSDP, every rank of a node: each rank had read a whole
+    # fp32 copy of its own first, 276 GB a rank at 70B, before fully_shard moved its shards away)
+    ckpt = load_checkpoint(path, mmap=True)
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
         raise UserError(f"{path} is not a model checkpoint of this project (no model_args/model)")
     return args_from_dict(ckpt["model_args"]), ckpt["model"]

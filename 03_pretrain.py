@@ -998,8 +998,15 @@ def shard_model(model):
     if not dist.is_initialized():   # fully_shard would look for torchrun's RANK itself, in a traceback
         raise UserError("--fsdp shards over the processes torchrun starts: run under torchrun "
                         "(torchrun --nproc_per_node=N ...)")
-    for block in [m for m in model.modules() if isinstance(m, M.TransformerBlock)]:
+    # a model loaded lazily (02's from_pretrained(lazy=True)) is read from its files a block at a
+    # time, each block sharded (onto the GPU) before the next is read: no rank holds it whole
+    pending = model.__dict__.pop("pending", None)
+    for name, block in [(n, m) for n, m in model.named_modules() if isinstance(m, M.TransformerBlock)]:
+        if pending:
+            M.fill_from_state(block, *pending, prefix=name + ".")
         fully_shard(block)
+    if pending:   # the rest: embedding, final norm, head
+        M.fill_from_state(model, *pending)
     fully_shard(model)
     return model
 
@@ -1028,8 +1035,9 @@ def checkpoint_blocks(model, on: bool):
 #   * a trained model is fp32 (weights, gradients and AdamW's two moments: 16 bytes a
 #     parameter), sharded 1/N by FSDP, whole under DDP (which adds its gradient buckets, a
 #     second copy of the gradients) or on one GPU,
-#   * under FSDP a model is built or read whole in host memory and reaches the GPU as shards
-#     (build_device, place: fully_shard moves them a block at a time); 06's and 07's samplers
+#   * under FSDP a model is built or read in host memory (whole, memory-mapped, or for 04's
+#     start model a block at a time: host_memory) and reaches the GPU as shards (build_device,
+#     place: fully_shard moves them a block at a time); 06's and 07's samplers
 #     and the models they evaluate are whole on the GPU, in the compute dtype,
 #   * under bf16 autocast the residual stream and the norms stay fp32, and each matmul saves a
 #     bf16 copy of its weight for backward: a whole bf16 copy of the model, even under FSDP
@@ -1509,6 +1517,26 @@ def cheapest_fix(stage: str, args, s: PlanSetup, models):
     return None, last
 
 
+def host_memory(args, stage: str, models, s: PlanSetup):
+    """-> (bytes, what): the CPU memory each rank fills with weights while it builds its models,
+    beyond the pages of memory-mapped checkpoints (ours are read so: 02's load_weights; a node's
+    ranks share those pages, which the OS can drop and read again)."""
+    init = str(getattr(args, "init", None) or "")
+    ours = init.endswith(".pt")   # else a Meta or Hugging Face folder (the planner reads no files)
+    m = models["policy"]
+    if stage == "pretrain" or init == "scratch":
+        return 4 * m.params, "each rank builds the whole model, fp32, before FSDP shards it"
+    if stage == "sft" and s.fsdp and not ours:   # 04's load_start: from_pretrained(lazy=True)
+        return 4 * max(m.block, m.root), ("the start model is read a block at a time as FSDP shards it "
+                                          "(the largest part, fp32)")
+    if stage == "rs_ppo" and s.fsdp:   # frozen copies in the compute dtype, cast in CPU memory before sharding
+        return s.elem * (m.params + 2 * models["reward"].params), \
+            "PPO's reference and both RMs, cast to the compute dtype whole before FSDP shards them"
+    if not ours:
+        return 4 * m.params, "the start model is read whole from its folder and cast to fp32"
+    return 0, "our checkpoints are memory-mapped, nothing copied whole"
+
+
 def plan_stage(args, stage: str, budget=None, reward_model=None):
     """--plan: print the stage's memory per rank, phase by phase, its verdict on --gpus x
     --gpu-memory, the cheapest change that would fit, FLOPs and time at --mfu; write --plan-json.
@@ -1594,11 +1622,7 @@ def plan_stage(args, stage: str, budget=None, reward_model=None):
               + (" (a lower bound: decoding runs far below a training MFU)" if stage == "rs_ppo" else ""))
     else:
         print(f"the stage: {counted}")
-    host = 4 * max(mm.params for mm in models.values())
-    what = "each rank builds or reads a whole model in CPU memory first"
-    if stage == "rs_ppo" and s.fsdp:   # run_rlhf reads PPO's policy and value model there together
-        host, what = 4 * (models["policy"].params + models["reward"].params), \
-            "each rank reads PPO's policy and value model into CPU memory, fp32, before FSDP shards them"
+    host, what = host_memory(args, stage, models, s)
     print(f"host memory: {what}: {host / GB:.1f} GB a rank, "
           f"{min(s.gpus, 8) * host / GB:.0f} GB for {min(s.gpus, 8)} ranks on a node")
     # a checkpoint: the trained model (05: an RM; 06: PPO's policy and value model), fp32 weights

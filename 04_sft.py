@@ -393,11 +393,13 @@ def read_chat_jsonl(path):
 
 def load_start(init, preset: str, vocab_size: int, device, seed: int, cfg=None):
     """The model SFT starts from: a checkpoint (ours, Meta's, HF's), or random weights. Read in
-    host memory, then on the device: whole, or under cfg's --fsdp sharded (03's place)."""
+    host memory, then on the device: whole; or under cfg's --fsdp sharded (03's place), a
+    checkpoint read a block at a time as it is sharded."""
     if init == "scratch":
         torch.manual_seed(seed)
         return P.place(M.Transformer(replace(M.PRESETS[preset], vocab_size=vocab_size)), cfg, device)
-    model = M.Transformer.from_pretrained(init).train()
+    # under --fsdp read lazily: 03's shard_model reads it a block at a time, each rank its shards
+    model = M.Transformer.from_pretrained(init, lazy=bool(getattr(cfg, "fsdp", False))).train()
     if model.args.vocab_size != vocab_size:
         raise UserError(f"{init} has a vocabulary of {model.args.vocab_size}, the tokenizer {vocab_size}")
     return P.place(model, cfg, device)

@@ -186,7 +186,7 @@ class RewardModel(M.Transformer):
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
         """Load an RM trained by this chapter (rm_helpful.pt, rm_safety.pt), in eval mode."""
-        ckpt = M.load_checkpoint(path)
+        ckpt = M.load_checkpoint(path, mmap=True)   # memory-mapped, as 02's load_weights says why
         state = ckpt.get("model") if isinstance(ckpt, dict) else None
         if not isinstance(state, dict) or "model_args" not in ckpt:
             raise UserError(f"{path} is not a model checkpoint of this project")

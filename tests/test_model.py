@@ -2,6 +2,7 @@
 import importlib
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -341,6 +342,56 @@ def test_our_checkpoint_round_trip(tmp_path):
     tokens = torch.randint(0, MICRO.vocab_size, (2, 16))
     assert torch.equal(model(tokens), loaded(tokens))
     assert not (tmp_path / "m.pt.tmp").exists()
+
+
+def mapped_from(path, tensor) -> bool:
+    """Whether the tensor's memory lies in a mapping of the file (Linux's /proc/self/maps)."""
+    ptr, target = tensor.data_ptr(), str(Path(path).resolve())
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *rest = line.split()
+        start, end = (int(x, 16) for x in span.split("-"))
+        if rest and rest[-1] == target and start <= ptr < end:
+            return True
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_our_checkpoints_load_memory_mapped(tmp_path):
+    """A .pt model is read from the file's pages (shared by every process that loads it: FSDP's ranks),
+    not copied whole into each process; a copy in another dtype is the model's own memory; training
+    it leaves the file as it was."""
+    model = micro_model()
+    M.save_model(model, tmp_path / "m.pt", step=3)
+    saved = (tmp_path / "m.pt").read_bytes()
+    loaded = M.Transformer.from_pretrained(tmp_path / "m.pt")
+    assert mapped_from(tmp_path / "m.pt", loaded.layers[0].attention.wq.weight)
+    assert not mapped_from(tmp_path / "m.pt", M.Transformer.from_pretrained(tmp_path / "m.pt", dtype=torch.bfloat16)
+                           .layers[0].attention.wq.weight)
+    loaded.train()
+    loaded(torch.randint(0, MICRO.vocab_size, (2, 8))).sum().backward()
+    torch.optim.SGD(loaded.parameters(), lr=1.0).step()
+    assert (tmp_path / "m.pt").read_bytes() == saved
+    assert not torch.equal(loaded.layers[0].attention.wq.weight, model.layers[0].attention.wq.weight)
+
+
+def test_a_lazy_load_reads_the_weights_a_part_at_a_time(tmp_path):
+    """from_pretrained(lazy=True) leaves the model on the meta device, the weights in their files
+    (Meta's split ones joined only when read); fill_from_state reads one block, then the rest, and
+    the model is the one an eager load gives."""
+    model = micro_model()
+    M.save_meta(model, tmp_path, num_shards=2)
+    lazy = M.Transformer.from_pretrained(tmp_path, lazy=True)
+    state, dtype = lazy.pending
+    assert all(p.is_meta for p in lazy.parameters()) and dtype == torch.float32
+    assert isinstance(state["layers.0.attention.wq.weight"], M.Concat)
+    assert state["layers.0.attention.wq.weight"].shape == model.layers[0].attention.wq.weight.shape
+    M.fill_from_state(lazy.layers[1], *lazy.pending, prefix="layers.1.")
+    assert not any(p.is_meta for p in lazy.layers[1].parameters())
+    assert all(p.is_meta for p in lazy.layers[0].parameters()) and lazy.output.weight.is_meta
+    M.fill_from_state(lazy, *lazy.pending)
+    tokens = torch.randint(0, MICRO.vocab_size, (2, 16))
+    assert torch.equal(lazy(tokens), M.Transformer.from_pretrained(tmp_path)(tokens))
+    assert torch.equal(lazy(tokens), model(tokens))
 
 
 @pytest.mark.parametrize("num_shards", [1, 2])

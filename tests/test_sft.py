@@ -523,19 +523,23 @@ def test_template_with_a_tokenizer_that_merges_across_the_turn_is_one_line_even_
 
 
 def test_fsdp_shards_the_start_model_from_host_memory_and_matches_one_process(tokenizer, tmp_path):
-    """04 under torchrun --fsdp (2 processes, gloo): the start model is read into host memory and
-    sharded before its evaluation (03's place: no whole copy on a GPU), then trained sharded. Its
-    evaluation, losses and weights are one process's."""
+    """04 under torchrun --fsdp (2 processes, gloo) from Meta's format in 2 model-parallel shards:
+    the start model is read a block at a time and sharded before its evaluation (03's place: no
+    whole copy in host memory or on a GPU), then trained sharded. Its evaluation, losses and
+    weights are those of one process started from the same weights in our format."""
     import subprocess
     import sys
     torch.manual_seed(0)
-    M.save_model(M.Transformer(replace(M.PRESETS["micro"], vocab_size=tokenizer.n_words)), tmp_path / "init.pt")
+    start = M.Transformer(replace(M.PRESETS["micro"], vocab_size=tokenizer.n_words))
+    M.save_model(start, tmp_path / "init.pt")
+    M.save_meta(start, tmp_path / "meta", num_shards=2)
     tok_file = tmp_path / "tok.model"
     tok_file.write_bytes(tokenizer.sp_model.serialized_model_proto())
     flags = ["--preset", "micro", "--init", str(tmp_path / "init.pt"), "--tokenizer", str(tok_file), "--device", "cpu",
              "--examples", "300", "--seq-len", "64", "--micro-batch", "2", "--batch-tokens", "256", "--steps", "4",
              "--warmup-steps", "1", "--eval-per-kind", "2", "--log-every", "1", "--eval-every", "2"]
     S.main(flags + ["--run-dir", str(tmp_path / "one")])                  # 1 rank x 2 rows x 2 micro-steps
+    flags[flags.index("--init") + 1] = str(tmp_path / "meta")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(tok.REPO / "04_sft.py"), *flags, "--run-dir", str(tmp_path / "two"), "--fsdp"],
                          capture_output=True, text=True, timeout=300)
