@@ -1529,9 +1529,11 @@ def host_memory(args, stage: str, models, s: PlanSetup):
     if stage == "sft" and s.fsdp and not ours:   # 04's load_start: from_pretrained(lazy=True)
         return 4 * max(m.block, m.root), ("the start model is read a block at a time as FSDP shards it "
                                           "(the largest part, fp32)")
-    if stage == "rs_ppo" and s.fsdp:   # frozen copies in the compute dtype, cast in CPU memory before sharding
-        return s.elem * (m.params + 2 * models["reward"].params), \
-            "PPO's reference and both RMs, cast to the compute dtype whole before FSDP shards them"
+    if stage == "rs_ppo" and s.fsdp:   # 06: the frozen models lazily, in the compute dtype; the rest mapped
+        rm = models["reward"]
+        return s.elem * max(m.block, m.root, rm.block, rm.root), ("PPO's reference and both RMs are read a "
+                                                                  "block at a time as FSDP shards them (the "
+                                                                  "largest part, in the compute dtype)")
     if not ours:
         return 4 * m.params, "the start model is read whole from its folder and cast to fp32"
     return 0, "our checkpoints are memory-mapped, nothing copied whole"

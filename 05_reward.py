@@ -184,8 +184,9 @@ class RewardModel(M.Transformer):
         return cls._build(args, state, path, device, torch.float32).train()
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
-        """Load an RM trained by this chapter (rm_helpful.pt, rm_safety.pt), in eval mode."""
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, lazy: bool = False):
+        """Load an RM trained by this chapter (rm_helpful.pt, rm_safety.pt), in eval mode. lazy: as
+        02's from_pretrained, left on the meta device until 03's shard_model reads it (--fsdp)."""
         ckpt = M.load_checkpoint(path, mmap=True)   # memory-mapped, as 02's load_weights says why
         state = ckpt.get("model") if isinstance(ckpt, dict) else None
         if not isinstance(state, dict) or "model_args" not in ckpt:
@@ -193,13 +194,16 @@ class RewardModel(M.Transformer):
         if "reward_head.weight" not in state:
             raise UserError(f"{path} is a language model, not a reward model (it has no reward head): "
                             "train one with 05_reward.py, or pass it as --init")
-        return cls._build(M.args_from_dict(ckpt["model_args"]), state, path, device, dtype).eval()
+        return cls._build(M.args_from_dict(ckpt["model_args"]), state, path, device, dtype, lazy).eval()
 
     @classmethod
-    def _build(cls, args, state, path, device, dtype):
+    def _build(cls, args, state, path, device, dtype, lazy=False):
         with torch.device("meta"):
             model = cls(args)
         M.check_state_dict(model, state, path)
+        if lazy:
+            model.pending = (state, dtype)
+            return model
         model.load_state_dict(state, assign=True)
         return model.to(device=device, dtype=dtype)
 

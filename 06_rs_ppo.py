@@ -640,7 +640,7 @@ def run_rlhf(args, run: Run, state: dict):
         # under FSDP the models are read into host memory and fully_shard moves each rank's shards
         # to the device: no whole model on a GPU (run_ppo shards the policy and the value model)
         build = P.build_device(args, device)
-        ref = M.Transformer.from_pretrained(ppo_init, device=build, dtype=run.frozen_dtype)
+        ref = M.Transformer.from_pretrained(ppo_init, device=build, dtype=run.frozen_dtype, lazy=args.fsdp)
         if args.fsdp:   # frozen, it only runs forward: 1/world_size of it a rank, as the policy
             P.shard_model(ref)
         policy = M.Transformer.from_pretrained(ppo_init, device=build).train()
@@ -1041,10 +1041,10 @@ def main(argv=None):
     world = P.make_world(args.world_seed)
     source = read_prompts(args.prompts) if args.prompts else world
     frozen_dtype = M.pick_dtype(args.dtype, device)   # frozen models compute as the autocast does
-    rms = [R.RewardModel.from_pretrained(paths[k], P.build_device(args, device), frozen_dtype)
+    rms = [R.RewardModel.from_pretrained(paths[k], P.build_device(args, device), frozen_dtype, lazy=args.fsdp)
            for k in ("rm_helpful", "rm_safety")]
-    if args.fsdp:   # sharded, not whole on every rank (fully_shard moves each rank's shards to the
-        # device); every rank then scores the same number of batches, together
+    if args.fsdp:   # sharded, not whole on every rank (read a block at a time, each rank's shards
+        # moved to the device); every rank then scores the same number of batches, together
         rms = [P.shard_model(rm) for rm in rms]
     reward = Reward(*rms, pad_id, tokenizer.eos_id, combine=args.reward == "combined")
     tasks = S.eval_tasks(world, args.eval_per_kind, args.seed) if not args.prompts else []
