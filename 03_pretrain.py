@@ -1526,7 +1526,8 @@ def host_memory(args, stage: str, models, s: PlanSetup):
     m = models["policy"]
     if stage == "pretrain" or init == "scratch":
         return 4 * m.params, "each rank builds the whole model, fp32, before FSDP shards it"
-    if stage == "sft" and s.fsdp and not ours:   # 04's load_start: from_pretrained(lazy=True)
+    if stage in ("sft", "reward") and s.fsdp and not ours:   # 04's load_start, 05's from_lm: lazy=True
+        m = models["reward"] if stage == "reward" else m
         return 4 * max(m.block, m.root), ("the start model is read a block at a time as FSDP shards it "
                                           "(the largest part, fp32)")
     if stage == "rs_ppo" and s.fsdp:   # 06: the frozen models lazily, in the compute dtype; the rest mapped

@@ -172,16 +172,16 @@ class RewardModel(M.Transformer):
         return self.reward_head(h[torch.arange(len(h), device=h.device), last]).squeeze(-1).float()
 
     @classmethod
-    def from_lm(cls, path, device="cpu", seed: int = 0):
+    def from_lm(cls, path, device="cpu", seed: int = 0, lazy: bool = False):
         """Sec. 3.2.2: "We initialize our reward models from pretrained chat model checkpoints": the
         trunk's weights, a fresh head. Any of 02's formats (ours, Meta's, Hugging Face's), or an RM
-        checkpoint (kept whole)."""
-        args, state = M.load_weights(path)
+        checkpoint (kept whole). lazy: as 02's from_pretrained (--fsdp: read as it is sharded)."""
+        args, state = M.load_weights(path, lazy=lazy)
         state = {k: v for k, v in state.items() if k != "output.weight"}
         if "reward_head.weight" not in state:
             g = torch.Generator().manual_seed(seed)
             state["reward_head.weight"] = torch.randn(1, args.dim, generator=g) / math.sqrt(args.dim)
-        return cls._build(args, state, path, device, torch.float32).train()
+        return cls._build(args, state, path, device, torch.float32, lazy).train()
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, lazy: bool = False):
@@ -456,7 +456,8 @@ def train_rm(run: Run, title: str, pairs, scheme: str, tests, own: str, ckpt_pat
     run.log(f"\n== {title}: {len(pairs):,} comparisons, margin {scheme} | {cfg.steps} steps of {per_step} pairs | "
             f"peak LR {cfg.lr:g}, warm-up {cfg.warmup_steps} steps ==")
     torch.manual_seed(args.seed)
-    model = RewardModel.from_lm(run.init, P.build_device(args, device), args.seed)   # under --fsdp, train() shards it
+    model = RewardModel.from_lm(run.init, P.build_device(args, device), args.seed,
+                                lazy=args.fsdp)   # under --fsdp, train() shards it, reading a block at a time
     orders = {}   # a fresh shuffle per epoch, a pure function of (seed, epoch)
     order = lambda epoch: torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
 

@@ -286,6 +286,27 @@ def test_init_from_lm_and_clear_errors(tokenizer, tmp_path):
         R.RewardModel.from_pretrained(tmp_path / "junk.pt")
 
 
+def test_a_lazy_rm_is_read_as_it_is_sharded_and_equals_an_eager_one(tokenizer, tmp_path):
+    """--fsdp: from_lm and from_pretrained(lazy=True) leave the RM on the meta device, its trunk in
+    the files (here Meta's format in 2 shards), its fresh head drawn already; filled (as 03's
+    shard_model fills it, a part at a time), it scores as the eagerly built RM."""
+    torch.manual_seed(0)
+    lm = M.Transformer(replace(M.PRESETS["micro"], vocab_size=tokenizer.n_words))
+    M.save_meta(lm, tmp_path / "meta", num_shards=2)
+    lazy, eager = (R.RewardModel.from_lm(tmp_path / "meta", seed=3, lazy=flag) for flag in (True, False))
+    assert all(p.is_meta for p in lazy.parameters()) and lazy.training
+    for name, block in lazy.layers.named_children():
+        M.fill_from_state(block, *lazy.pending, prefix=f"layers.{name}.")
+    M.fill_from_state(lazy, *lazy.pending)
+    tokens, real = torch.randint(3, tokenizer.n_words, (2, 12)), torch.ones(2, 12, dtype=torch.bool)
+    assert torch.equal(lazy(tokens, real), eager(tokens, real))
+    M.save_model(eager, tmp_path / "rm.pt")
+    frozen = R.RewardModel.from_pretrained(tmp_path / "rm.pt", dtype=torch.bfloat16, lazy=True)
+    M.fill_from_state(frozen, *frozen.pending)
+    assert frozen.reward_head.weight.dtype == torch.bfloat16
+    assert torch.equal(frozen.reward_head.weight, eager.reward_head.weight.bfloat16())
+
+
 def separable(path, n, seed):
     """Comparisons a reward model learns in a few steps: the answer the prompt asks for wins.
     Each answer wins half the time, so no fixed preference (an untrained model's) gets them right."""
