@@ -422,6 +422,40 @@ class Transformer(nn.Module):
         return model.to(device=device, dtype=dtype).eval()
 
 
+def on_meta(cls, args):
+    """A new model on the meta device, its weights drawn later, a part at a time, exactly as
+    __init__ would draw them now (draw_weights: 03's shard_model under --fsdp), so that no process
+    holds the whole model in CPU memory."""
+    with torch.device("meta"):
+        model = cls(args)
+    model.pending = ("draw", torch.get_rng_state())
+    return model
+
+
+def replay_default_draws(model):
+    """What building the model on a real device draws before __init__'s own initialisation: each
+    nn.Linear and nn.Embedding draws its PyTorch default as it is made, in the order they are made
+    (the order of modules()). Made anew one at a time, on the CPU, and dropped, they move the RNG
+    as building the model whole did, so draw_weights then draws __init__'s very weights."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        elif isinstance(module, nn.Embedding):
+            nn.Embedding(module.num_embeddings, module.embedding_dim)
+
+
+def draw_weights(model, part):
+    """Make the part of an on_meta model on the CPU (fp32) and draw its weights as __init__ does.
+    After replay_default_draws, parts drawn in __init__'s order (embedding, each block, final norm,
+    head) are __init__'s weights."""
+    part.to_empty(device="cpu")
+    with torch.no_grad():
+        for module in part.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+    part.apply(model._init_weights)
+
+
 def fill_from_state(module, state, dtype, prefix: str = ""):
     """The module's parameters still on the meta device, read from `state` (a checkpoint's, keys
     under `prefix`) in `dtype`: a lazily loaded model (from_pretrained(lazy=True)), a part at a time."""

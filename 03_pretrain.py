@@ -999,13 +999,24 @@ def shard_model(model):
         raise UserError("--fsdp shards over the processes torchrun starts: run under torchrun "
                         "(torchrun --nproc_per_node=N ...)")
     # a model loaded lazily (02's from_pretrained(lazy=True)) is read from its files a block at a
-    # time, each block sharded (onto the GPU) before the next is read: no rank holds it whole
+    # time, a new one (02's on_meta) drawn so; each block is sharded (onto the GPU) before the next
+    # is made: no rank holds the whole model
     pending = model.__dict__.pop("pending", None)
+    drawing = pending is not None and pending[0] == "draw"
+    if drawing:   # from the RNG state on_meta saved, as __init__ draws: the defaults, the embedding
+        torch.set_rng_state(pending[1])
+        M.replay_default_draws(model)
+        M.draw_weights(model, model.tok_embeddings)
     for name, block in [(n, m) for n, m in model.named_modules() if isinstance(m, M.TransformerBlock)]:
-        if pending:
+        if drawing:
+            M.draw_weights(model, block)
+        elif pending:
             M.fill_from_state(block, *pending, prefix=name + ".")
         fully_shard(block)
-    if pending:   # the rest: embedding, final norm, head
+    if drawing:
+        M.draw_weights(model, model.norm)
+        M.draw_weights(model, model.output)
+    elif pending:   # the rest: embedding, final norm, head
         M.fill_from_state(model, *pending)
     fully_shard(model)
     return model
@@ -1035,8 +1046,8 @@ def checkpoint_blocks(model, on: bool):
 #   * a trained model is fp32 (weights, gradients and AdamW's two moments: 16 bytes a
 #     parameter), sharded 1/N by FSDP, whole under DDP (which adds its gradient buckets, a
 #     second copy of the gradients) or on one GPU,
-#   * under FSDP a model is built or read in host memory (whole, memory-mapped, or for 04's
-#     start model a block at a time: host_memory) and reaches the GPU as shards (build_device,
+#   * under FSDP a model is built or read in host memory (memory-mapped, or a block at a
+#     time: host_memory) and reaches the GPU as shards (build_device,
 #     place: fully_shard moves them a block at a time); 06's and 07's samplers
 #     and the models they evaluate are whole on the GPU, in the compute dtype,
 #   * under bf16 autocast the residual stream and the norms stay fp32, and each matmul saves a
@@ -1524,8 +1535,11 @@ def host_memory(args, stage: str, models, s: PlanSetup):
     init = str(getattr(args, "init", None) or "")
     ours = init.endswith(".pt")   # else a Meta or Hugging Face folder (the planner reads no files)
     m = models["policy"]
-    if stage == "pretrain" or init == "scratch":
-        return 4 * m.params, "each rank builds the whole model, fp32, before FSDP shards it"
+    fresh = stage == "pretrain" or init == "scratch"
+    if fresh and s.fsdp:   # 02's on_meta: drawn as shard_model shards it
+        return 4 * max(m.block, m.root), "the model is drawn a block at a time as FSDP shards it (the largest part, fp32)"
+    if fresh:
+        return 4 * m.params, "the model is built whole, fp32"
     if stage in ("sft", "reward") and s.fsdp and not ours:   # 04's load_start, 05's from_lm: lazy=True
         m = models["reward"] if stage == "reward" else m
         return 4 * max(m.block, m.root), ("the start model is read a block at a time as FSDP shards it "
@@ -1722,7 +1736,8 @@ def main(argv=None):
     if args.seq_len > model_args.max_seq_len:
         raise UserError(f"--seq-len {args.seq_len} exceeds preset {args.preset}'s context {model_args.max_seq_len}")
     torch.manual_seed(args.seed)
-    model = M.Transformer(model_args).to(build_device(args, device))   # under --fsdp, train() shards it
+    # under --fsdp on the meta device, drawn a block at a time as train() shards it (02's on_meta)
+    model = M.on_meta(M.Transformer, model_args) if args.fsdp else M.Transformer(model_args).to(device)
     n_params = M.count_params(model_args)
     log(f"model {args.preset}: {n_params:,} parameters | {world_size} process(es) on {device} | batch "
         f"{args.batch_tokens:,} tokens = {world_size} ranks x {args.micro_batch} x {args.seq_len} tokens x "

@@ -397,7 +397,9 @@ def load_start(init, preset: str, vocab_size: int, device, seed: int, cfg=None):
     checkpoint read a block at a time as it is sharded."""
     if init == "scratch":
         torch.manual_seed(seed)
-        return P.place(M.Transformer(replace(M.PRESETS[preset], vocab_size=vocab_size)), cfg, device)
+        args = replace(M.PRESETS[preset], vocab_size=vocab_size)   # under --fsdp drawn as it is sharded
+        return P.place(M.on_meta(M.Transformer, args) if getattr(cfg, "fsdp", False) else M.Transformer(args),
+                       cfg, device)
     # under --fsdp read lazily: 03's shard_model reads it a block at a time, each rank its shards
     model = M.Transformer.from_pretrained(init, lazy=bool(getattr(cfg, "fsdp", False))).train()
     if model.args.vocab_size != vocab_size:

@@ -394,6 +394,27 @@ def test_a_lazy_load_reads_the_weights_a_part_at_a_time(tmp_path):
     assert torch.equal(lazy(tokens), model(tokens))
 
 
+def test_a_new_model_drawn_part_by_part_has_inits_weights():
+    """on_meta leaves the weights undrawn; from the RNG state it saved, the default draws replayed
+    and the parts drawn in the model's order (as 03's shard_model does under --fsdp), they are the
+    weights __init__ draws from the same seed, whatever the RNG did in between."""
+    torch.manual_seed(5)
+    lazy = M.on_meta(M.Transformer, MICRO)
+    torch.rand(100)   # the RNG moves on before the parts are drawn
+    assert all(p.is_meta for p in lazy.parameters()) and lazy.pending[0] == "draw"
+    torch.set_rng_state(lazy.pending[1])
+    M.replay_default_draws(lazy)
+    for part in [lazy.tok_embeddings, *lazy.layers, lazy.norm, lazy.output]:
+        M.draw_weights(lazy, part)
+        assert not any(p.is_meta for p in part.parameters())
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    eager = M.Transformer(MICRO)
+    assert lazy.state_dict().keys() == eager.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(lazy.state_dict().values(), eager.state_dict().values()))
+    assert torch.equal(torch.rand(3), after)   # the RNG left where building the model whole leaves it
+
+
 @pytest.mark.parametrize("num_shards", [1, 2])
 def test_meta_format_round_trip(tmp_path, num_shards):
     model = micro_model()

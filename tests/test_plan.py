@@ -142,14 +142,16 @@ def test_a_checkpoint_gathers_12_bytes_a_parameter_on_rank_0_unless_sharded():
 
 
 def test_host_memory_a_rank_holds_while_it_builds_its_models():
-    """Under --fsdp: 03 builds its model whole (fp32: 4 bytes a parameter); 04 reads Meta's
-    70B a block at a time (one block, fp32: 4 x 856M), 05 Meta's 7B chat model so; a start model in our format is memory-mapped,
-    nothing copied; 06 reads its reference and both RMs a block at a time too, in bf16 (the largest
-    part: the embedding and head)."""
+    """Under --fsdp: 03 draws its model a block at a time (without FSDP, whole: 4 bytes a
+    parameter, fp32); 04 reads Meta's 70B a block at a time (one block, fp32: 4 x 856M), 05 Meta's
+    7B chat model so; a start model in our format is memory-mapped, nothing copied; 06 reads its
+    reference and both RMs a block at a time too, in bf16 (the largest part: embedding and head)."""
     seventy_block = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192   # wq wo, wk wv (GQA), SwiGLU, norms
     host = lambda module, *flags: plan(module, "--fsdp", "--gpus", "8", "--dtype", "bf16", *flags)[
         "host_bytes_per_rank"]
-    assert host("03_pretrain", "--preset", "7B") == 4 * LLAMA2_7B_PARAMS
+    seven_root = 2 * 32000 * 4096 + 4096   # embedding, head, final norm: 7B's largest part
+    assert host("03_pretrain", "--preset", "7B") == 4 * seven_root
+    assert plan("03_pretrain", "--preset", "7B", "--gpus", "1")["host_bytes_per_rank"] == 4 * LLAMA2_7B_PARAMS
     assert host("04_sft", "--preset", "70B", "--init", "llama-2-70b") == 4 * seventy_block
     assert host("04_sft", "--preset", "7B", "--init", "runs/7b/sft.pt") == 0
     seven_block = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
