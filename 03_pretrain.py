@@ -802,6 +802,16 @@ def setup_distributed(device_name: str = "auto"):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def gather_shares(mine: list, n: int) -> list:
+    """Item i of n made on rank i % world_size (rank r made items r, r + world_size, ...): every
+    rank gets all n back, in order. One process: its own list."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return mine
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, mine)
+    return [shares[i % len(shares)][i // len(shares)] for i in range(n)]
+
+
 def end_distributed():
     """Leave together: rank 0 still writes files when the others are done, and a gloo rank that
     tears its process group down while a peer is still connected can abort at exit."""

@@ -445,18 +445,22 @@ def answer_all(model, tokenizer, dialogs, max_new_tokens=32, batch_size=64, temp
 
 
 def evaluate_chat(model, tokenizer, tasks, max_new_tokens=32, temperature=0.0, samples=1, seed=0, compile=False,
-                  batch_size=64):
+                  batch_size=64, part=(0, 1)):
     """-> gold helpfulness (mean over the non-harmful kinds), gold per kind, refusal rates, the
     share of careless answers, each prompt's scores (for intervals). Greedy by default; with a
     temperature, `samples` answers per task at top-p 1: the policy as it is sampled, which is what
-    RLHF optimises (chapter 06)."""
+    RLHF optimises (chapter 06). part=(rank, ranks), under torchrun with a whole model on every
+    rank: each answers its share (answer i on rank i % ranks, with its own random numbers), and
+    every rank gets all the answers back (03's gather_shares) and the same figures."""
     was_training = model.training
     model.eval()
     tasks = [t for t in tasks for _ in range(samples)]
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    answers = answer_all(model, tokenizer, [[{"role": "user", "content": t.prompt}] for t in tasks], max_new_tokens,
-                         batch_size=batch_size, temperature=temperature, top_p=1.0, generator=generator,
-                         compile=compile)
+    rank, ranks = part
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed + rank)
+    mine = answer_all(model, tokenizer, [[{"role": "user", "content": t.prompt}] for t in tasks[rank::ranks]],
+                      max_new_tokens, batch_size=batch_size, temperature=temperature, top_p=1.0, generator=generator,
+                      compile=compile)
+    answers = P.gather_shares(mine, len(tasks)) if ranks > 1 else mine
     model.train(was_training)
     by_kind = {k: [(t, a) for t, a in zip(tasks, answers) if t.kind == k] for k in KINDS}
     mean = lambda xs: sum(xs) / max(len(xs), 1)

@@ -671,8 +671,9 @@ def evaluate(args, run: Run, model):
     held-out red-team prompts. {} without toy prompts."""
     if not run.tasks:
         return {}
+    # the model is whole on every rank (a sampler copy): each rank answers a share of the prompts
     chat = functools.partial(S.evaluate_chat, model, run.tokenizer, compile=args.compile_decode,
-                             batch_size=args.sample_batch)
+                             batch_size=args.sample_batch, part=(run.rank, args.world_size))
     red_team = chat(run.red_tasks)
     sampled = chat(run.tasks, temperature=args.ppo_temperature, samples=EVAL_SAMPLES, seed=args.seed)
     return {**chat(run.tasks),

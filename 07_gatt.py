@@ -391,9 +391,7 @@ def gatt_data(args, world, tokenizer, before_path, rank, world_size, device, log
             for s in sampled:
                 s["answers"] = [apply_rules(s["rules"], a) for a in s["answers"]]
         if world_size > 1:   # the shares back in the dialogues' order: dialogue i came from rank i % ranks
-            shares = [None] * world_size
-            dist.all_gather_object(shares, sampled)
-            sampled = [shares[i % world_size][i // world_size] for i in range(args.dialogues)]
+            sampled = P.gather_shares(sampled, args.dialogues)
         if rank == 0:
             tok.atomic_write_text(samples_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in sampled))
         del sampler

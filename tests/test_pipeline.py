@@ -226,7 +226,8 @@ def test_chapter_06_runs_whole_under_fsdp_on_two_processes(smoke_run, tmp_path):
     --activation-checkpointing): the RMs and the reference sharded (every rank joins each of their
     forwards, Figures 7-8 included), the policy and the value model sharded from host memory, the
     empty sampler copy refreshed before each rollout. It finishes, writes its outputs, and its
-    calibration (both sharded RMs scoring the start model's samples) is the one-process run's."""
+    calibration (both sharded RMs scoring the start model's samples) and its greedy held-out
+    evaluation of the start model (spread over the ranks) are the one-process run's."""
     import subprocess
     import sys
     run_dir, _ = smoke_run
@@ -247,6 +248,10 @@ def test_chapter_06_runs_whole_under_fsdp_on_two_processes(smoke_run, tmp_path):
     assert set(sharded["results"]) == {"SFT", "+RS", "+PPO"}
     for key in ("helpful_offset", "safety_offset", "mean", "std"):
         assert sharded["calibration"][key] == pytest.approx(whole["calibration"][key], abs=1e-4), key
+    # the held-out evaluation of the start model, spread over the two ranks (greedy): one process's
+    for figure in ("gold", "refusal_harmful", "red_team_refusal_harmful"):
+        assert sharded["results"]["SFT"][figure] == whole["results"]["SFT"][figure], figure
+    assert sharded["results"]["SFT"]["per_prompt"] == whole["results"]["SFT"]["per_prompt"]
 
 
 def test_chapter_06_resumes_from_sharded_checkpoints(smoke_run, tmp_path):
