@@ -1401,13 +1401,13 @@ def plan_gatt(args, s: PlanSetup, models):
         ("GAtt sampling (every rank, a share): the step-1 model, whole; converse, dialogues up to the context",
          whole(m, "step-1 model", "weights", e) + sampling),
         ("step 2: Ghost Attention (03's loop)", sft_training(args, s, m, "model")),
-        ("evaluation (rank 0): adherence, before and after GAtt whole, dialogues up to the context",
+        ("evaluation (every rank, a share of the dialogues): adherence, before and after GAtt whole, dialogues up to the context",
          two + generation(m, min(batch, args.eval_dialogues), ctx - new, new, "adherence", e)),
-        ("evaluation (rank 0): attention maps of a dialogue the length of the context (Figure 10)",
+        ("evaluation (every rank): attention maps of a dialogue the length of the context (Figure 10)",
          two + [("one layer's attention probabilities, fp32, until reduced", "activations", a.n_heads * ctx * ctx * 4,
                  False),
                 ("that layer's scores while computed, fp32", "activations", 2 * a.n_heads * ctx * ctx * 4, False)]),
-        ("evaluation (rank 0): 04's table, the start model loads beside the two",
+        ("evaluation (every rank, a share of the prompts): 04's table, the start model loads beside the two",
          two + whole(m, "start model (--init)", "other_models", e)
          + generation(m, batch, s.prompt, PLAN_NEW_TOKENS["evaluate_chat"], "evaluation", e))]
 

@@ -438,12 +438,27 @@ def eval_dialogs(world, n: int, turns: int, seed: int):
     return out
 
 
-def adherence(model, tokenizer, scripts, compile=False, batch_size: int = 32) -> dict:
+def play(model, tokenizer, scripts, compile, batch_size, part, written=None):
+    """converse on the scripts (eval_dialogs), the instruction as the system message. part=(rank,
+    ranks): each rank plays its share (script i on rank i % ranks), all get every dialogue back.
+    -> (dialogues, the model's answers)"""
+    rank, ranks = part
+    mine = range(rank, len(scripts), ranks)
+    talks, answers = converse(model, tokenizer, [scripts[i][0] for i in mine], [[t.prompt for t in scripts[i][2]]
+                                                                               for i in mine],
+                              False, batch_size=batch_size, compile=compile,
+                              written=[written[i] for i in mine] if written else None)
+    if ranks > 1:
+        talks, answers = zip(*P.gather_shares(list(zip(talks, answers)), len(scripts)))
+    return list(talks), list(answers)
+
+
+def adherence(model, tokenizer, scripts, compile=False, batch_size: int = 32, part=(0, 1)) -> dict:
     """The model plays each script (eval_dialogs) -> share of dialogues following the instruction
     at each turn (all rules, and per family), the gold score of the answers' plain part, the
-    first turn at which some dialogue had to drop turns to fit the context, and examples."""
-    talks, answers = converse(model, tokenizer, [sc[0] for sc in scripts], [[t.prompt for t in sc[2]] for sc in scripts],
-                              False, batch_size=batch_size, compile=compile)
+    first turn at which some dialogue had to drop turns to fit the context, and examples.
+    part: as play's (every rank then returns the same)."""
+    talks, answers = play(model, tokenizer, scripts, compile, batch_size, part)
     turns = len(scripts[0][2])
     budget = model.args.max_seq_len - MAX_NEW_TOKENS   # the prompt of turn t is talk[:2 + 2t]
     window_from = next((t + 1 for t in range(turns)
@@ -459,16 +474,16 @@ def adherence(model, tokenizer, scripts, compile=False, batch_size: int = 32) ->
                          for i, sc in enumerate(scripts[:3])]}
 
 
-def adherence_given_plain_history(model, tokenizer, scripts, compile=False, batch_size: int = 32) -> dict:
+def adherence_given_plain_history(model, tokenizer, scripts, compile=False, batch_size: int = 32,
+                                  part=(0, 1)) -> dict:
     """The copy control. Fed its own answers, a model that followed the rule in turn 1 can keep
     following it by copying the opening of its last answer, without reading the instruction
     again: the free-running test above cannot tell the two apart. Here the earlier turns hold the
     reference answers as 04 wrote them, which follow no rule (teacher-forced), and each turn is
     answered once: an answer that follows the rule at turn t read it in the system message, ~t
     turns back. -> the share following it by turn, and per dialogue (for intervals)."""
-    _, answers = converse(model, tokenizer, [sc[0] for sc in scripts], [[t.prompt for t in sc[2]] for sc in scripts],
-                          False, batch_size=batch_size, compile=compile,
-                          written=[[t.answer for t in sc[2]] for sc in scripts])
+    _, answers = play(model, tokenizer, scripts, compile, batch_size, part,
+                      written=[[t.answer for t in sc[2]] for sc in scripts])
     turns = len(scripts[0][2])
     followed = [[all(follows(rules, a[t]).values()) for t in range(turns)] for (_, rules, _), a in zip(scripts, answers)]
     return {"by_turn": [mean([f[t] for f in followed]) for t in range(turns)], "followed": followed}
@@ -593,10 +608,11 @@ def evaluation_texts(scripts, long_dialogs, tasks) -> list:
 # ----------------------------------------------------------------------------------------
 # The evaluations of a run, its tables and figures.
 
-def evaluate(args, world, tokenizer, init, before_path, gatt_path, device, log, timings):
-    """On rank 0, with the models as saved: adherence by turn, own answers and the copy control
-    (Table 30); the attention on the system message (Figure 10); 04's table for the start model,
-    before and after GAtt. -> (adherence, attention, chat, scripts, long_dialogs, tasks)"""
+def evaluate(args, world, tokenizer, init, before_path, gatt_path, device, log, timings, part=(0, 1)):
+    """With the models as saved, whole on every rank: adherence by turn, own answers and the copy
+    control (Table 30); the attention on the system message (Figure 10); 04's table for the start
+    model, before and after GAtt. part=(rank, ranks): each rank plays and answers its share, and
+    all get the same results. -> (adherence, attention, chat, scripts, long_dialogs, tasks)"""
     t0 = time.time()
     dtype = M.pick_dtype(args.dtype, device)   # evaluated in the compute dtype, as they were sampled
     models = {"before GAtt": M.Transformer.from_pretrained(before_path, device=device, dtype=dtype),
@@ -604,9 +620,9 @@ def evaluate(args, world, tokenizer, init, before_path, gatt_path, device, log, 
     scripts = eval_dialogs(world, args.eval_dialogues, args.eval_turns, args.seed)
     adh = {}
     for name, model in models.items():
-        adh[name] = adherence(model, tokenizer, scripts, args.compile_decode, args.sample_batch)
+        adh[name] = adherence(model, tokenizer, scripts, args.compile_decode, args.sample_batch, part)
         adh[name]["control"] = adherence_given_plain_history(model, tokenizer, scripts, args.compile_decode,
-                                                             args.sample_batch)
+                                                             args.sample_batch, part)
         log(f"{name}: turns following the instruction, by turn: "
             + " ".join(f"{100 * x:.0f}" for x in adh[name]["by_turn"]) + f" (%) | gold of the plain part "
             f"{adh[name]['gold']:.3f}\n{'':>{len(name) + 2}}the same, earlier answers given plain (copy control): "
@@ -618,9 +634,10 @@ def evaluate(args, world, tokenizer, init, before_path, gatt_path, device, log, 
     attention = {name: system_attention(model, tokenizer, long_dialogs) for name, model in models.items()}
     tasks = S.eval_tasks(world, args.eval_per_kind, args.seed)
     models = {"start (--init)": M.Transformer.from_pretrained(init, device=device, dtype=dtype), **models}
-    chat = {name: S.evaluate_chat(model, tokenizer, tasks, compile=args.compile_decode, batch_size=args.sample_batch)
-            for name, model in models.items()}
-    S.print_table(chat)
+    chat = {name: S.evaluate_chat(model, tokenizer, tasks, compile=args.compile_decode, batch_size=args.sample_batch,
+                                  part=part) for name, model in models.items()}
+    if part[0] == 0:
+        S.print_table(chat)
     timings["chat_eval_s"] = time.time() - t0
     return adh, attention, chat, scripts, long_dialogs, tasks
 
@@ -813,11 +830,11 @@ def main(argv=None):
     if args.stop_at and args.stop_at < args.steps:
         return stop(f"stopped at step {args.stop_at} of GAtt (--stop-at): continue with --resume", log)
 
-    # 4. Evaluations, on rank 0, with the models as saved
+    # 4. Evaluations, with the models as saved, whole on every rank, each playing a share; rank 0 reports
     results = None
+    adh, attention, chat, scripts, long_dialogs, tasks = evaluate(args, world, tokenizer, init, before_path,
+                                                                   gatt_path, device, log, timings, (rank, world_size))
     if rank == 0:
-        adh, attention, chat, scripts, long_dialogs, tasks = evaluate(args, world, tokenizer, init, before_path,
-                                                                       gatt_path, device, log, timings)
         results = report(args, adh, attention, chat, long_dialogs, timings, log)
         tok.write_json(args.run_dir / "gatt.json", dict(
             config=vars(args), **results, gatt_data=data,

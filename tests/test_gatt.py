@@ -4,6 +4,7 @@ import argparse
 import importlib
 import json
 import random
+import re
 from dataclasses import replace
 
 import pytest
@@ -459,4 +460,12 @@ def test_every_rank_samples_its_share_of_the_gatt_dialogues(tokenizer, tok_file,
     drawn = lambda run: [(s["instruction"], s["users"]) for s in map(
         json.loads, (tmp_path / run / "gatt_samples.jsonl").read_text().splitlines())]
     assert len(drawn("two")) == 6 and drawn("two") == drawn("one")
-    assert json.loads((tmp_path / "two" / "gatt.json").read_text())["gatt_data"]["dialogues"] == 6
+    two = json.loads((tmp_path / "two" / "gatt.json").read_text())
+    assert two["gatt_data"]["dialogues"] == 6
+    # the evaluation played a share of the 3 dialogues on each rank (2 and 1): all of them came back
+    for model in ("before GAtt", "after GAtt"):
+        for result in (two["adherence"][model], two["adherence"][model]["control"]):
+            assert len(result["followed"]) == 3 and all(len(f) == 3 for f in result["followed"])
+    assert len(two["chat"]["after GAtt"]["per_prompt"]["gold"]) == len(
+        json.loads((tmp_path / "one" / "gatt.json").read_text())["chat"]["after GAtt"]["per_prompt"]["gold"])
+    assert len(re.findall(r"^model +gold", out.stdout, flags=re.M)) == 1   # 04's table printed once, by rank 0
