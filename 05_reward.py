@@ -223,14 +223,18 @@ def collate(rows, pad_id: int, device):
 
 
 @torch.no_grad()
-def score_rows(model, rows, pad_id: int, batch_size: int = 64):
+def score_rows(model, rows, pad_id: int, batch_size: int = 64, batches: int = 0):
     """The reward of each row, in the rows' order. Batches hold rows of similar length (sorted),
-    so little of a batch is padding: a short answer and a refusal differ several-fold in length."""
+    so little of a batch is padding: a short answer and a refusal differ several-fold in length.
+    batches: at least this many forwards, the extra ones on a row of padding (under FSDP each
+    forward is a collective: every rank must run as many)."""
     device, out = next(model.parameters()).device, torch.zeros(len(rows))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     for i in range(0, len(rows), batch_size):
         idx = order[i:i + batch_size]
         out[idx] = model(*collate([rows[j] for j in idx], pad_id, device)).cpu()
+    for _ in range(-(-len(rows) // batch_size), batches):
+        model(*collate([[pad_id]], pad_id, device))
     return out
 
 
@@ -478,27 +482,37 @@ def train_rm(run: Run, title: str, pairs, scheme: str, tests, own: str, ckpt_pat
 
     val, last = tests[own][:VAL_PAIRS], {}
 
+    part = (rank, args.world_size)   # each rank scores a share of the pairs
+
     def evaluate(model):   # train() calls it after the last step too: a whole test set is not scored twice
-        last[own] = evaluate_rm(model, val, pad_id)
+        last[own] = evaluate_rm(model, val, pad_id, part=part)
         return {"val_acc": last[own]["avg"]}
 
     out = P.train(cfg, model, get_batch, compute_loss, evaluate, ckpt_path,
                   extra={"kind": "reward_model", "margin": scheme, "init": str(run.init)})
     whole = {own: last[own]} if own in last and len(val) == len(tests[own]) else {}
-    return model, {k: whole.get(k) or evaluate_rm(model, t, pad_id) for k, t in tests.items()}, out
+    return model, {k: whole.get(k) or evaluate_rm(model, t, pad_id, part=part) for k, t in tests.items()}, out
 
 
 # ----------------------------------------------------------------------------------------
 # Evaluation: an RM's accuracy on a test set, and what it tells apart.
 
-def evaluate_rm(model, test, pad_id: int, batch_size: int = 128) -> dict:
+def evaluate_rm(model, test, pad_id: int, batch_size: int = 128, part=(0, 1)) -> dict:
     """An RM on encoded test pairs (Table 7's cell, Table 8's row): accuracy_by_rating, and the
-    rewards' mean and spread."""
+    rewards' mean and spread. part=(rank, ranks), under torchrun: each rank scores its share of the
+    pairs (pair i on rank i % ranks) in as many batches as the others, and all get every score
+    back (03's gather_shares) and the same figures."""
     if not test:
         return {}
     was_training = model.training
     model.eval()
-    r_chosen, r_rejected = (score_rows(model, [t[k] for t in test], pad_id, batch_size) for k in (0, 1))
+    rank, ranks = part
+    batches = -(-(-(-len(test) // ranks)) // batch_size)   # the largest share's
+    r_chosen, r_rejected = (score_rows(model, [t[k] for t in test[rank::ranks]], pad_id, batch_size, batches)
+                            for k in (0, 1))
+    if ranks > 1:
+        scores = P.gather_shares(list(zip(r_chosen.tolist(), r_rejected.tolist())), len(test))
+        r_chosen, r_rejected = (torch.tensor(s) for s in zip(*scores))
     model.train(was_training)
     rewards = torch.cat([r_chosen, r_rejected])   # the scale is arbitrary (only differences are
     # trained): chapter 06 whitens rewards with statistics like these

@@ -307,6 +307,50 @@ def test_a_lazy_rm_is_read_as_it_is_sharded_and_equals_an_eager_one(tokenizer, t
     assert torch.equal(frozen.reward_head.weight, eager.reward_head.weight.bfloat16())
 
 
+def test_every_rank_scores_a_share_of_the_test_pairs_under_fsdp(tmp_path):
+    """evaluate_rm under torchrun --fsdp (2 processes, gloo): each rank scores its share of 5 test
+    pairs (3 and 2, 2 a batch), rank 1 adding a forward on padding so that both run as many (each
+    is a collective), and both get the one-process figures."""
+    import subprocess
+    import sys
+    import textwrap
+    torch.manual_seed(0)
+    rm = R.RewardModel(replace(M.PRESETS["micro"]))
+    M.save_model(rm, tmp_path / "rm.pt")
+    g = torch.Generator().manual_seed(1)
+    draw = lambda: torch.randint(3, 200, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+    test = [(draw(), draw(), R.RATINGS[i % len(R.RATINGS)]) for i in range(5)]
+    (tmp_path / "test.json").write_text(json.dumps(test))
+    script = tmp_path / "score.py"
+    script.write_text(textwrap.dedent(f"""
+        import importlib, json, sys
+        import torch, torch.distributed as dist
+        sys.path.insert(0, {str(tok.REPO)!r})
+        P, R = (importlib.import_module(m) for m in ("03_pretrain", "05_reward"))
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        rm = P.shard_model(R.RewardModel.from_pretrained({str(tmp_path / "rm.pt")!r}))
+        forwards = []
+        rm.register_forward_hook(lambda *a: forwards.append(1))
+        test = [tuple(t) for t in json.load(open({str(tmp_path / "test.json")!r}))]
+        result = R.evaluate_rm(rm, test, 0, batch_size=2, part=(rank, 2))
+        json.dump(dict(result=result, forwards=len(forwards)), open({str(tmp_path)!r} + f"/rank{{rank}}.json", "w"))
+        dist.barrier()
+        dist.destroy_process_group()
+        """))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    one = json.loads(json.dumps(R.evaluate_rm(R.RewardModel.from_pretrained(tmp_path / "rm.pt"), test, 0,
+                                              batch_size=2)))
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["forwards"] == 4   # chosen and rejected, 2 batches each (rank 1: one of them padding)
+        assert got["result"].keys() == one.keys()
+        for key, value in one.items():
+            assert got["result"][key] == pytest.approx(value, abs=1e-5), key
+
+
 def separable(path, n, seed):
     """Comparisons a reward model learns in a few steps: the answer the prompt asks for wins.
     Each answer wins half the time, so no fixed preference (an untrained model's) gets them right."""
