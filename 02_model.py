@@ -190,8 +190,8 @@ def additive_mask(mask, dtype):
     """A bool mask (True where attending is allowed) as SDPA applies it: 0 there, -inf elsewhere,
     added to the scores. SDPA converts a bool mask so at every call, in the forward and again in
     the backward; converted once, the mask serves every layer: the same numbers, so the same
-    result to the bit (a test), and a toy SFT step ~5% faster on a CPU. (Under autocast the
-    scores are in autocast's dtype, which the mask takes.)"""
+    result to the bit (a test), and a toy SFT step 3-6% faster on a CPU (README, how long the
+    recipe takes). Under autocast the scores are in autocast's dtype, which the mask takes."""
     if mask.dtype != torch.bool:
         return mask
     if torch.is_autocast_enabled(mask.device.type):
@@ -420,51 +420,6 @@ class Transformer(nn.Module):
             return model.eval()
         model.load_state_dict(state, assign=True)
         return model.to(device=device, dtype=dtype).eval()
-
-
-def on_meta(cls, args):
-    """A new model on the meta device, its weights drawn later, a part at a time, exactly as
-    __init__ would draw them now (draw_weights: 03's shard_model under --fsdp), so that no process
-    holds the whole model in CPU memory."""
-    with torch.device("meta"):
-        model = cls(args)
-    model.pending = ("draw", torch.get_rng_state())
-    return model
-
-
-def replay_default_draws(model):
-    """What building the model on a real device draws before __init__'s own initialisation: each
-    nn.Linear and nn.Embedding draws its PyTorch default as it is made, in the order they are made
-    (the order of modules()). Made anew one at a time, on the CPU, and dropped, they move the RNG
-    as building the model whole did, so draw_weights then draws __init__'s very weights."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        elif isinstance(module, nn.Embedding):
-            nn.Embedding(module.num_embeddings, module.embedding_dim)
-
-
-def draw_weights(model, part):
-    """Make the part of an on_meta model on the CPU (fp32) and draw its weights as __init__ does.
-    After replay_default_draws, parts drawn in __init__'s order (embedding, each block, final norm,
-    head) are __init__'s weights."""
-    part.to_empty(device="cpu")
-    with torch.no_grad():
-        for module in part.modules():
-            if isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-    part.apply(model._init_weights)
-
-
-def fill_from_state(module, state, dtype, prefix: str = ""):
-    """The module's parameters still on the meta device, read from `state` (a checkpoint's, keys
-    under `prefix`) in `dtype`: a lazily loaded model (from_pretrained(lazy=True)), a part at a time."""
-    for name, p in list(module.named_parameters()):
-        if p.is_meta:
-            value = state[prefix + name]
-            value = value.tensor() if isinstance(value, Concat) else value
-            owner, _, leaf = name.rpartition(".")
-            setattr(module.get_submodule(owner), leaf, nn.Parameter(value.to(dtype), requires_grad=p.requires_grad))
 
 
 # ----------------------------------------------------------------------------
@@ -1176,6 +1131,55 @@ def load_weights(path, lazy: bool = False):
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
         raise UserError(f"{path} is not a model checkpoint of this project (no model_args/model)")
     return args_from_dict(ckpt["model_args"]), ckpt["model"]
+
+
+# Building under FSDP without a whole model in host memory: a model is made on the meta
+# device (shapes only) and its parts are filled, read from a checkpoint or drawn, one block at a
+# time as 03's shard_model shards it (from_pretrained(lazy=True), on_meta).
+
+def on_meta(cls, args):
+    """A new model on the meta device, its weights drawn later, a part at a time, exactly as
+    __init__ would draw them now (draw_weights: 03's shard_model under --fsdp), so that no process
+    holds the whole model in CPU memory."""
+    with torch.device("meta"):
+        model = cls(args)
+    model.pending = ("draw", torch.get_rng_state())
+    return model
+
+
+def replay_default_draws(model):
+    """What building the model on a real device draws before __init__'s own initialisation: each
+    nn.Linear and nn.Embedding draws its PyTorch default as it is made, in the order they are made
+    (the order of modules()). Made anew one at a time, on the CPU, and dropped, they move the RNG
+    as building the model whole did, so draw_weights then draws __init__'s very weights."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        elif isinstance(module, nn.Embedding):
+            nn.Embedding(module.num_embeddings, module.embedding_dim)
+
+
+def draw_weights(model, part):
+    """Make the part of an on_meta model on the CPU (fp32) and draw its weights as __init__ does.
+    After replay_default_draws, parts drawn in __init__'s order (embedding, each block, final norm,
+    head) are __init__'s weights."""
+    part.to_empty(device="cpu")
+    with torch.no_grad():
+        for module in part.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+    part.apply(model._init_weights)
+
+
+def fill_from_state(module, state, dtype, prefix: str = ""):
+    """The module's parameters still on the meta device, read from `state` (a checkpoint's, keys
+    under `prefix`) in `dtype`: a lazily loaded model (from_pretrained(lazy=True)), a part at a time."""
+    for name, p in list(module.named_parameters()):
+        if p.is_meta:
+            value = state[prefix + name]
+            value = value.tensor() if isinstance(value, Concat) else value
+            owner, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(owner), leaf, nn.Parameter(value.to(dtype), requires_grad=p.requires_grad))
 
 
 def read_model_args(path) -> ModelArgs:

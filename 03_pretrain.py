@@ -1401,7 +1401,8 @@ def plan_gatt(args, s: PlanSetup, models):
         ("GAtt sampling (every rank, a share): the step-1 model, whole; converse, dialogues up to the context",
          whole(m, "step-1 model", "weights", e) + sampling),
         ("step 2: Ghost Attention (03's loop)", sft_training(args, s, m, "model")),
-        ("evaluation (every rank, a share of the dialogues): adherence, before and after GAtt whole, dialogues up to the context",
+        ("evaluation (every rank, a share of the dialogues): adherence, before and after GAtt whole, "
+         "dialogues up to the context",
          two + generation(m, min(batch, args.eval_dialogues), ctx - new, new, "adherence", e)),
         ("evaluation (every rank): attention maps of a dialogue the length of the context (Figure 10)",
          two + [("one layer's attention probabilities, fp32, until reduced", "activations", a.n_heads * ctx * ctx * 4,
@@ -1547,7 +1548,8 @@ def host_memory(args, stage: str, models, s: PlanSetup):
     m = models["policy"]
     fresh = stage == "pretrain" or init == "scratch"
     if fresh and s.fsdp:   # 02's on_meta: drawn as shard_model shards it
-        return 4 * max(m.block, m.root), "the model is drawn a block at a time as FSDP shards it (the largest part, fp32)"
+        return 4 * max(m.block, m.root), ("the model is drawn a block at a time as FSDP shards it "
+                                          "(the largest part, fp32)")
     if fresh:
         return 4 * m.params, "the model is built whole, fp32"
     if stage in ("sft", "reward") and s.fsdp and not ours:   # 04's load_start, 05's from_lm: lazy=True

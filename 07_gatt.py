@@ -312,10 +312,6 @@ def converse(model, tokenizer, instructions, users, every_turn: bool, temperatur
     return dialogs, answers
 
 
-def answers_of(dialog):
-    return [m["content"] for m in dialog if m["role"] == "assistant"]
-
-
 # ========================================================================================
 # 3. The loop: step 1 and step 2 are 04's SFT through 03's loop (train_step); between them, the
 #    step-1 model samples GAtt's dialogues and gatt_examples rebuilds them (gatt_data).
@@ -444,10 +440,9 @@ def play(model, tokenizer, scripts, compile, batch_size, part, written=None):
     -> (dialogues, the model's answers)"""
     rank, ranks = part
     mine = range(rank, len(scripts), ranks)
-    talks, answers = converse(model, tokenizer, [scripts[i][0] for i in mine], [[t.prompt for t in scripts[i][2]]
-                                                                               for i in mine],
-                              False, batch_size=batch_size, compile=compile,
-                              written=[written[i] for i in mine] if written else None)
+    talks, answers = converse(model, tokenizer, [scripts[i][0] for i in mine],
+                              [[t.prompt for t in scripts[i][2]] for i in mine], False, batch_size=batch_size,
+                              compile=compile, written=[written[i] for i in mine] if written else None)
     if ranks > 1:
         talks, answers = zip(*P.gather_shares(list(zip(talks, answers)), len(scripts)))
     return list(talks), list(answers)
@@ -485,7 +480,8 @@ def adherence_given_plain_history(model, tokenizer, scripts, compile=False, batc
     _, answers = play(model, tokenizer, scripts, compile, batch_size, part,
                       written=[[t.answer for t in sc[2]] for sc in scripts])
     turns = len(scripts[0][2])
-    followed = [[all(follows(rules, a[t]).values()) for t in range(turns)] for (_, rules, _), a in zip(scripts, answers)]
+    followed = [[all(follows(rules, a[t]).values()) for t in range(turns)]
+                for (_, rules, _), a in zip(scripts, answers)]
     return {"by_turn": [mean([f[t] for f in followed]) for t in range(turns)], "followed": followed}
 
 
