@@ -222,8 +222,11 @@ def collate(rows, pad_id: int, device):
     return tokens, torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows], device=device)
 
 
+SCORE_BATCH = 64   # rows a scoring forward reads (score_rows)
+
+
 @torch.no_grad()
-def score_rows(model, rows, pad_id: int, batch_size: int = 64, batches: int = 0):
+def score_rows(model, rows, pad_id: int, batch_size: int = SCORE_BATCH, batches: int = 0):
     """The reward of each row, in the rows' order. Batches hold rows of similar length (sorted),
     so little of a batch is padding: a short answer and a refusal differ several-fold in length.
     batches: at least this many forwards, the extra ones on a row of padding (under FSDP each

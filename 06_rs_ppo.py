@@ -301,15 +301,16 @@ class Reward:
         self.rms, self.pad_id, self.eos_id, self.combine = (helpful_rm, safety_rm), pad_id, eos_id, combine
         self.calibration = dict(helpful_offset=0.0, safety_offset=0.0, mean=0.0, std=1.0)
 
-    def raw(self, samples):
-        """Both RMs' raw outputs. They read the EOS, as in training: a cut-off answer gets one."""
+    def raw(self, samples, batches: int = 0):
+        """Both RMs' raw outputs. They read the EOS, as in training: a cut-off answer gets one.
+        batches: at least this many forwards of each (05's score_rows: FSDP's ranks run as many)."""
         rows = [p + a + [self.eos_id] * (not finished) for p, a, finished in samples]
-        return [R.score_rows(rm, rows, self.pad_id).float() for rm in self.rms]
+        return [R.score_rows(rm, rows, self.pad_id, batches=batches).float() for rm in self.rms]
 
-    def __call__(self, samples, prompts):
+    def __call__(self, samples, prompts, batches: int = 0):
         """samples [(prompt ids, answer ids, finished)] for prompts [Prompt] -> dict of (n,) tensors."""
         c = self.calibration
-        raw_h, raw_s = self.raw(samples)
+        raw_h, raw_s = self.raw(samples, batches)
         helpful, safety = torch.sigmoid(raw_h + c["helpful_offset"]), torch.sigmoid(raw_s + c["safety_offset"])
         is_safety = torch.tensor([p.is_safety for p in prompts])
         logit_rc, rc = combined_reward(helpful, safety, is_safety) if self.combine else (logit(helpful), helpful)
@@ -610,11 +611,12 @@ def run_rlhf(args, run: Run, state: dict):
     run.reward.calibration = state["calibration"]
 
     # Figures 7 and 8 (best of N samples of the start model), then the rejection sampling rounds.
-    # Rank 0 draws them; under FSDP every rank draws the same, since each call of the sharded RMs
-    # is a collective that all ranks join
-    if args.fig_n and (run.rank == 0 or args.fsdp) and not state["figures"]:
+    # Every rank draws a share of the prompts (under FSDP each call of the sharded RMs is a
+    # collective that all ranks join)
+    if args.fig_n and not state["figures"]:
         t0 = time.time()
-        state["figures"] = best_of_n_figures(args, model, run.tokenizer, run.reward, run.source, device)
+        state["figures"] = best_of_n_figures(args, model, run.tokenizer, run.reward, run.source, device,
+                                             (run.rank, args.world_size))
         log(f"Figures 7 and 8: {args.fig_prompts} prompts x {args.fig_n} samples at each of "
             f"{len(state['figures']['temperature'])} temperatures in {time.time() - t0:.0f}s")
     done = len(state["rs"])
@@ -720,19 +722,30 @@ def best_of_n_curves(scores, gold=None, orders: int = 20, seed: int = 0):
     return out
 
 
-def best_of_n_figures(args, model, tokenizer, reward, source, device):
+def best_of_n_figures(args, model, tokenizer, reward, source, device, part=(0, 1)):
     """Figures 7 and 8 from real samples of the start model: --fig-n answers to each of
-    --fig-prompts prompts at each temperature (the same random numbers at each)."""
-    prompts = draw_prompts(source, args.fig_prompts, args.seed * 1000 + 999, args.safety_share)
+    --fig-prompts prompts at each temperature (the same random numbers at each). part=(rank,
+    ranks): each rank samples and scores its share of the prompts (prompt i on rank i % ranks,
+    with its own random numbers; the sharded RMs as many batches on every rank), and every rank
+    gets every prompt's scores back (03's gather_shares) and the same curves."""
+    rank, ranks = part
+    drawn = draw_prompts(source, args.fig_prompts, args.seed * 1000 + 999, args.safety_share)
+    prompts = drawn[rank::ranks]
     repeated = [p for p in prompts for _ in range(args.fig_n)]
+    batches = -(-(-(-len(drawn) // ranks) * args.fig_n) // R.SCORE_BATCH)   # the largest share's
     temperatures = {float(t) for t in args.fig_temperatures.split(",") if t.strip()} | {args.rs_temperature}
     by_temperature = {}
     for t in sorted(temperatures):
         samples = sample_answers(model, tokenizer, prompts, args.fig_n, args.max_new_tokens, t,
-                                 torch.Generator(device=device).manual_seed(args.seed), args.sample_batch,
+                                 torch.Generator(device=device).manual_seed(args.seed + rank), args.sample_batch,
                                  args.compile_decode)
-        scores = reward(samples, repeated)["score"].view(len(prompts), args.fig_n)
-        gold = gold_of(tokenizer, repeated, samples).view(len(prompts), args.fig_n) if prompts[0].task else None
+        scores = reward(samples, repeated, batches)["score"].view(len(prompts), args.fig_n)
+        gold = gold_of(tokenizer, repeated, samples).view(len(prompts), args.fig_n) if drawn[0].task else None
+        if ranks > 1:   # each prompt's row of scores (and gold) back, in the prompts' order
+            gold_rows = gold.tolist() if gold is not None else [None] * len(prompts)
+            rows = P.gather_shares(list(zip(scores.tolist(), gold_rows)), len(drawn))
+            scores = torch.tensor([r for r, _ in rows])
+            gold = torch.tensor([g for _, g in rows]) if gold is not None else None
         by_temperature[f"{t:g}"] = best_of_n_curves(scores, gold)
     return dict(best_of_n=by_temperature[f"{args.rs_temperature:g}"], temperature=by_temperature)
 

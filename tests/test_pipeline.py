@@ -252,6 +252,10 @@ def test_chapter_06_runs_whole_under_fsdp_on_two_processes(smoke_run, tmp_path):
     for figure in ("gold", "refusal_harmful", "red_team_refusal_harmful"):
         assert sharded["results"]["SFT"][figure] == whole["results"]["SFT"][figure], figure
     assert sharded["results"]["SFT"]["per_prompt"] == whole["results"]["SFT"]["per_prompt"]
+    # Figures 7-8 drawn a share of the prompts a rank (other random numbers): every temperature, every N
+    assert sharded["figures"]["temperature"].keys() == whole["figures"]["temperature"].keys()
+    for t, curves in sharded["figures"]["temperature"].items():
+        assert curves["n"] == whole["figures"]["temperature"][t]["n"] and len(curves["max"]) == len(curves["n"])
 
 
 def test_chapter_06_resumes_from_sharded_checkpoints(smoke_run, tmp_path):
