@@ -641,6 +641,7 @@ def generate(model, prompt_tokens, max_gen_len: int, temperature: float = 0.6,
     last[rows, pos - 1 - start] = True   # only each row's last prompt token's logits are read
     eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
     n_new = total_len - max_len
+    same = min(lengths) == max_len   # prompts of one length: the rows decode at one position
     try:
         logits = model(tokens[:, start:max_len], start, logits_at=last)
         for k in range(n_new):
@@ -659,8 +660,11 @@ def generate(model, prompt_tokens, max_gen_len: int, temperature: float = 0.6,
             # which took ~10% of a small model's step. They held at this call's first step, and every
             # later step passes the same model and tensors of the same shapes: so skip all but those
             # that tell its compiled graphs apart.
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=compile and k > 0):
-                logits = step(model, next_token[:, None], pos, None if compile else max_len + k + 1)
+            if same and not compile:   # every row at one position: no mask, SDPA's fused kernel
+                logits = model(next_token[:, None], max_len + k)[:, -1]
+            else:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=compile and k > 0):
+                    logits = step(model, next_token[:, None], pos, None if compile else max_len + k + 1)
             pos = pos + 1
         if session is not None:   # a row's cache holds its tokens before `pos`: the last one drawn was not fed
             session.fed = [row[:p] for row, p in zip(tokens.tolist(), pos.tolist())]
