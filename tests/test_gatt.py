@@ -439,12 +439,10 @@ def test_missing_start_model_and_bad_flags_are_one_line_errors(tokenizer, tok_fi
         micro_gatt(tok_file, tmp_path / "start.pt", tmp_path / "run")
 
 
-def test_every_rank_samples_its_share_of_the_gatt_dialogues(tokenizer, tok_file, tmp_path):
+def test_every_rank_samples_its_share_of_the_gatt_dialogues(tokenizer, tok_file, tmp_path, torchrun):
     """07 under torchrun --fsdp (2 processes, gloo): each rank samples its share of GAtt's
     dialogues and rank 0 writes them back in the dialogues' order, the same instructions and users
     as one process draws; the chapter then runs to its end."""
-    import subprocess
-    import sys
     torch.manual_seed(0)
     M.save_model(micro_model(tokenizer.n_words), tmp_path / "start.pt")
     flags = ["--preset", "micro", "--init", str(tmp_path / "start.pt"), "--tokenizer", str(tok_file),
@@ -453,10 +451,7 @@ def test_every_rank_samples_its_share_of_the_gatt_dialogues(tokenizer, tok_file,
              "--seq-len", "256", "--micro-batch", "1", "--batch-tokens", "512", "--warmup-steps", "1",
              "--rules-by-program"]
     G.main(flags + ["--run-dir", str(tmp_path / "one")])
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(tok.REPO / "07_gatt.py"), *flags, "--run-dir", str(tmp_path / "two"), "--fsdp"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = torchrun(tok.REPO / "07_gatt.py", *flags, "--run-dir", tmp_path / "two", "--fsdp", timeout=300)
     assert "2 ranks a share each" in out.stdout
     drawn = lambda run: [(s["instruction"], s["users"]) for s in map(
         json.loads, (tmp_path / run / "gatt_samples.jsonl").read_text().splitlines())]

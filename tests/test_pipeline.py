@@ -221,25 +221,20 @@ def test_the_reward_switch_effects_read_refusals_the_right_way(smoke_run, tmp_pa
     assert pipeline.effects_helpful_only(tmp_path)[1]["side"] == "other way"
 
 
-def test_chapter_06_runs_whole_under_fsdp_on_two_processes(smoke_run, tmp_path):
+def test_chapter_06_runs_whole_under_fsdp_on_two_processes(smoke_run, tmp_path, torchrun):
     """06 end to end under torchrun --fsdp (2 processes, gloo, the smoke run's micro models, with
     --activation-checkpointing): the RMs and the reference sharded (every rank joins each of their
     forwards, Figures 7-8 included), the policy and the value model sharded from host memory, the
     empty sampler copy refreshed before each rollout. It finishes, writes its outputs, and its
     calibration (both sharded RMs scoring the start model's samples) and its greedy held-out
     evaluation of the start model (spread over the ranks) are the one-process run's."""
-    import subprocess
-    import sys
     run_dir, _ = smoke_run
     flags = dict(zip(pipeline.SMOKE["06"][::2], pipeline.SMOKE["06"][1::2]))
     flags.update({"--micro-batch": "2", "--ppo-micro-batch": "2"})   # the batches tile 2 ranks
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(pipeline.tok.REPO / "06_rs_ppo.py"), "--fsdp", "--activation-checkpointing", "--preset", "micro",
-           "--device", "cpu", "--run-dir", str(tmp_path), "--init", str(run_dir / "sft.pt"),
-           "--tokenizer", str(run_dir / "tokenizer.model"), "--rm-helpful", str(run_dir / "rm_helpful.pt"),
-           "--rm-safety", str(run_dir / "rm_safety.pt"), *[x for kv in flags.items() for x in kv]]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    torchrun(pipeline.tok.REPO / "06_rs_ppo.py", "--fsdp", "--activation-checkpointing", "--preset", "micro",
+             "--device", "cpu", "--run-dir", tmp_path, "--init", run_dir / "sft.pt",
+             "--tokenizer", run_dir / "tokenizer.model", "--rm-helpful", run_dir / "rm_helpful.pt",
+             "--rm-safety", run_dir / "rm_safety.pt", *[x for kv in flags.items() for x in kv], timeout=600)
     for f in ("rs.pt", "ppo.pt", "rs_ppo.json", "rs_best_of_n.png", "ppo_curves.png"):
         assert (tmp_path / f).is_file(), f
     sharded = json.loads((tmp_path / "rs_ppo.json").read_text())
@@ -258,34 +253,28 @@ def test_chapter_06_runs_whole_under_fsdp_on_two_processes(smoke_run, tmp_path):
         assert curves["n"] == whole["figures"]["temperature"][t]["n"] and len(curves["max"]) == len(curves["n"])
 
 
-def test_chapter_06_resumes_from_sharded_checkpoints(smoke_run, tmp_path):
+def test_chapter_06_resumes_from_sharded_checkpoints(smoke_run, tmp_path, torchrun):
     """06 under torchrun --fsdp --sharded-checkpoint (2 processes, gloo): each rank writes its
     shards of the policy (ppo.dcp/) and of the value model (ppo_value.dcp/), nothing gathered
     until the finished policy's weights; a run stopped after PPO iteration 1 and resumed from the
     shards ends where the uninterrupted run does."""
-    import subprocess
-    import sys
-
     import torch
     run_dir, _ = smoke_run
     flags = dict(zip(pipeline.SMOKE["06"][::2], pipeline.SMOKE["06"][1::2]))
     flags.update({"--micro-batch": "2", "--ppo-micro-batch": "2", "--fig-n": "0"})   # 2 ranks; no figures
 
-    def torchrun(out_dir, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(pipeline.tok.REPO / "06_rs_ppo.py"), "--fsdp", "--sharded-checkpoint", "--preset", "micro",
-               "--device", "cpu", "--run-dir", str(out_dir), "--init", str(run_dir / "sft.pt"),
-               "--tokenizer", str(run_dir / "tokenizer.model"), "--rm-helpful", str(run_dir / "rm_helpful.pt"),
-               "--rm-safety", str(run_dir / "rm_safety.pt"), *[x for kv in flags.items() for x in kv], *extra]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return out.stdout
-    torchrun(tmp_path / "whole")
-    torchrun(tmp_path / "cut", "--stop-at", "1")
+    def sharded(out_dir, *extra):
+        return torchrun(pipeline.tok.REPO / "06_rs_ppo.py", "--fsdp", "--sharded-checkpoint", "--preset", "micro",
+                        "--device", "cpu", "--run-dir", out_dir, "--init", run_dir / "sft.pt",
+                        "--tokenizer", run_dir / "tokenizer.model", "--rm-helpful", run_dir / "rm_helpful.pt",
+                        "--rm-safety", run_dir / "rm_safety.pt", *[x for kv in flags.items() for x in kv], *extra,
+                        timeout=600).stdout
+    sharded(tmp_path / "whole")
+    sharded(tmp_path / "cut", "--stop-at", "1")
     assert not (tmp_path / "cut" / "ppo.pt").exists()
     for folder in ("ppo.dcp", "ppo_value.dcp"):
         assert sum(f.suffix == ".distcp" for f in (tmp_path / "cut" / folder).iterdir()) == 2, folder
-    assert "resumed at iteration 1" in torchrun(tmp_path / "cut", "--resume")
+    assert "resumed at iteration 1" in sharded(tmp_path / "cut", "--resume")
     whole, cut = (torch.load(tmp_path / run / "ppo.pt", weights_only=True) for run in ("whole", "cut"))
     assert "value_model" not in cut and "optimizer" not in cut   # the finished policy's weights alone
     for k, v in whole["model"].items():

@@ -427,14 +427,11 @@ FSDP_PROBE = textwrap.dedent("""
 """)
 
 
-def test_fsdp_with_autocast_saves_whole_bf16_weights_and_keeps_unsharded_gradients(tmp_path):
+def test_fsdp_with_autocast_saves_whole_bf16_weights_and_keeps_unsharded_gradients(tmp_path, torchrun):
     """Two claims the planner makes of today's code, checked on CPU with two gloo processes: the
     bf16 copies autocast saves for backward are of the whole (gathered) weights, and a backward
     without gradient sync leaves the whole fp32 gradient on every rank."""
     probe = tmp_path / "probe.py"
     probe.write_text(FSDP_PROBE)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(probe),
-                           str(tok.REPO)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = torchrun(probe, tok.REPO, timeout=300, env={"OMP_NUM_THREADS": "1"}, standalone=False)
     assert "bf16 weights saved: True" in done.stdout and "unsharded gradient kept: True" in done.stdout

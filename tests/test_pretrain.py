@@ -244,7 +244,7 @@ def test_exact_resume(corpus, tmp_path, capsys):
         P.main(micro_args(corpus, tmp_path / "whole", "--resume") + ["--preset", "toy"])
 
 
-def test_ddp_and_fsdp_match_one_process(corpus, tmp_path):
+def test_ddp_and_fsdp_match_one_process(corpus, tmp_path, torchrun):
     single = P.main(micro_args(corpus, tmp_path / "one", "--steps", "4"))   # 1 rank x 4 seqs x 2 micro-steps
     assert single["config"]["grad_accum"] == 2
     ref = torch.load(tmp_path / "one" / "pretrain.pt", weights_only=True)["model"]
@@ -253,10 +253,7 @@ def test_ddp_and_fsdp_match_one_process(corpus, tmp_path):
     for mode, accum in (([], 1), (["--fsdp"], 1), (["--fsdp", "--micro-batch", "2"], 2),
                         (["--fsdp", "--micro-batch", "2", "--reduce-every-micro-step"], 2)):
         run_dir = tmp_path / f"two{''.join(mode)}"
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              str(tok.REPO / "03_pretrain.py"), *micro_args(corpus, run_dir, "--steps", "4"), *mode],
-                             capture_output=True, text=True, timeout=240)
-        assert out.returncode == 0, out.stderr[-3000:]
+        out = torchrun(tok.REPO / "03_pretrain.py", *micro_args(corpus, run_dir, "--steps", "4"), *mode, timeout=240)
         assert "2 process(es)" in out.stdout and f"x {accum} micro-steps" in out.stdout
         two = P.json.loads((run_dir / "pretrain.json").read_text())
         assert two["history"][-1]["step"] == 4
@@ -267,21 +264,41 @@ def test_ddp_and_fsdp_match_one_process(corpus, tmp_path):
             assert torch.allclose(state[k], v, atol=1e-5), k
 
 
-def test_sharded_checkpoints_resume_exactly(corpus, tmp_path):
+def test_torchrun_runs_again_after_a_teardown_abort_only(tmp_path, torchrun):
+    """The fixture behind the two-process tests: a run whose rank aborts with the C++ runtime's
+    teardown line is run once more (a rank here fakes that abort on the first run only); one that
+    aborts every time, or fails any other way, fails the test."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "mark = Path(sys.argv[1]) / f'ran{os.environ[\"RANK\"]}'\n"
+        "first = not mark.exists()\n"
+        "mark.write_text('')\n"
+        "if os.environ['RANK'] == '1' and (sys.argv[2] == 'always' or sys.argv[2] == 'once' and first):\n"
+        "    sys.stderr.write('terminate called without an active exception\\n'); sys.stderr.flush(); os.abort()\n"
+        "sys.exit(int(sys.argv[2] == 'fail'))\n")
+    (tmp_path / "once").mkdir(), (tmp_path / "always").mkdir(), (tmp_path / "fail").mkdir()
+    with pytest.warns(UserWarning, match="aborted at teardown"):
+        torchrun(script, tmp_path / "once", "once", timeout=120)
+    for how in ("always", "fail"):
+        with pytest.raises(AssertionError):
+            torchrun(script, tmp_path / how, how, timeout=120)
+
+
+def test_sharded_checkpoints_resume_exactly(corpus, tmp_path, torchrun):
     """--fsdp --sharded-checkpoint (2 processes, gloo): each rank writes its own shards into
     pretrain.dcp/ and nothing gathers the training state; a run stopped there and resumed from them
     ends with the uninterrupted run's weights, written whole (weights only) for the next chapter."""
-    def torchrun(run_dir, *extra):
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              str(tok.REPO / "03_pretrain.py"), *micro_args(corpus, run_dir, "--steps", "4"),
-                              "--fsdp", "--sharded-checkpoint", *extra], capture_output=True, text=True, timeout=240)
-        assert out.returncode == 0, out.stderr[-3000:]
-    torchrun(tmp_path / "whole")
-    torchrun(tmp_path / "cut", "--stop-at", "2")
+    def sharded(run_dir, *extra):
+        torchrun(tok.REPO / "03_pretrain.py", *micro_args(corpus, run_dir, "--steps", "4"), "--fsdp",
+                 "--sharded-checkpoint", *extra, timeout=240)
+    sharded(tmp_path / "whole")
+    sharded(tmp_path / "cut", "--stop-at", "2")
     assert not (tmp_path / "cut" / "pretrain.pt").exists()      # stopped: the shards alone
     files = [f.name for f in (tmp_path / "cut" / "pretrain.dcp").iterdir()]
     assert "meta.pt" in files and sum(f.endswith(".distcp") for f in files) == 2, files   # one a rank
-    torchrun(tmp_path / "cut", "--resume")
+    sharded(tmp_path / "cut", "--resume")
     whole, cut = (torch.load(tmp_path / run / "pretrain.pt", weights_only=True) for run in ("whole", "cut"))
     assert "optimizer" not in cut and cut["step"] == 4
     for k, v in whole["model"].items():

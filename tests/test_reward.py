@@ -307,12 +307,10 @@ def test_a_lazy_rm_is_read_as_it_is_sharded_and_equals_an_eager_one(tokenizer, t
     assert torch.equal(frozen.reward_head.weight, eager.reward_head.weight.bfloat16())
 
 
-def test_every_rank_scores_a_share_of_the_test_pairs_under_fsdp(tmp_path):
+def test_every_rank_scores_a_share_of_the_test_pairs_under_fsdp(tmp_path, torchrun):
     """evaluate_rm under torchrun --fsdp (2 processes, gloo): each rank scores its share of 5 test
     pairs (3 and 2, 2 a batch), rank 1 adding a forward on padding so that both run as many (each
     is a collective), and both get the one-process figures."""
-    import subprocess
-    import sys
     import textwrap
     torch.manual_seed(0)
     rm = R.RewardModel(replace(M.PRESETS["micro"]))
@@ -338,9 +336,7 @@ def test_every_rank_scores_a_share_of_the_test_pairs_under_fsdp(tmp_path):
         dist.barrier()
         dist.destroy_process_group()
         """))
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script)], capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stderr[-3000:]
+    torchrun(script, timeout=240)
     one = json.loads(json.dumps(R.evaluate_rm(R.RewardModel.from_pretrained(tmp_path / "rm.pt"), test, 0,
                                               batch_size=2)))
     for rank in (0, 1):

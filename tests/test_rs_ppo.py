@@ -345,12 +345,10 @@ def test_numeric_flags_of_05_and_06_are_checked_where_parsed(tmp_path, main, fla
     assert not (tmp_path / "nowhere").exists()
 
 
-def test_fsdp_sampler_copy_is_refreshed_weight_by_weight(tmp_path):
+def test_fsdp_sampler_copy_is_refreshed_weight_by_weight(tmp_path, torchrun):
     """Under FSDP (2 processes, gloo on the CPU), the rollout copy is made in the compute dtype and
     refresh_rollout_policy gives it the sharded policy's trained weights, gathered one at a time:
     equal to the full state dict, cast."""
-    import subprocess
-    import sys
     import textwrap
     script = tmp_path / "refresh.py"
     script.write_text(textwrap.dedent(f"""
@@ -380,9 +378,7 @@ def test_fsdp_sampler_copy_is_refreshed_weight_by_weight(tmp_path):
         dist.barrier()   # a gloo rank leaving while its peer is connected can abort at exit
         dist.destroy_process_group()
         """))
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script)], capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stderr[-3000:]
+    torchrun(script, timeout=240)
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result == dict(sharded=True, bf16=True, refreshed=True, changed=True), (rank, result)

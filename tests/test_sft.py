@@ -522,13 +522,11 @@ def test_template_with_a_tokenizer_that_merges_across_the_turn_is_one_line_even_
     assert out.stdout.strip() == "UserError", out.stderr[-1000:]
 
 
-def test_fsdp_shards_the_start_model_from_host_memory_and_matches_one_process(tokenizer, tmp_path):
+def test_fsdp_shards_the_start_model_from_host_memory_and_matches_one_process(tokenizer, tmp_path, torchrun):
     """04 under torchrun --fsdp (2 processes, gloo) from Meta's format in 2 model-parallel shards:
     the start model is read a block at a time and sharded before its evaluation (03's place: no
     whole copy in host memory or on a GPU), then trained sharded. Its evaluation, losses and
     weights are those of one process started from the same weights in our format."""
-    import subprocess
-    import sys
     torch.manual_seed(0)
     start = M.Transformer(replace(M.PRESETS["micro"], vocab_size=tokenizer.n_words))
     M.save_model(start, tmp_path / "init.pt")
@@ -540,10 +538,7 @@ def test_fsdp_shards_the_start_model_from_host_memory_and_matches_one_process(to
              "--warmup-steps", "1", "--eval-per-kind", "2", "--log-every", "1", "--eval-every", "2"]
     S.main(flags + ["--run-dir", str(tmp_path / "one")])                  # 1 rank x 2 rows x 2 micro-steps
     flags[flags.index("--init") + 1] = str(tmp_path / "meta")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(tok.REPO / "04_sft.py"), *flags, "--run-dir", str(tmp_path / "two"), "--fsdp"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = torchrun(tok.REPO / "04_sft.py", *flags, "--run-dir", tmp_path / "two", "--fsdp", timeout=300)
     one, two = (json.loads((tmp_path / run / "sft.json").read_text()) for run in ("one", "two"))
     assert two["results"]["pretrained"]["gold"] == one["results"]["pretrained"]["gold"]
     losses = lambda m: {h["step"]: h["loss"] for h in m["history"] if "loss" in h}
