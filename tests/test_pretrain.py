@@ -281,9 +281,10 @@ def test_torchrun_runs_again_after_a_teardown_abort_only(tmp_path, torchrun):
     (tmp_path / "once").mkdir(), (tmp_path / "always").mkdir(), (tmp_path / "fail").mkdir()
     with pytest.warns(UserWarning, match="aborted at teardown"):
         torchrun(script, tmp_path / "once", "once", timeout=120)
-    for how in ("always", "fail"):
-        with pytest.raises(AssertionError):
-            torchrun(script, tmp_path / how, how, timeout=120)
+    with pytest.raises(AssertionError), pytest.warns(UserWarning, match="aborted at teardown"):
+        torchrun(script, tmp_path / "always", "always", timeout=120)
+    with pytest.raises(AssertionError):
+        torchrun(script, tmp_path / "fail", "fail", timeout=120)
 
 
 def test_sharded_checkpoints_resume_exactly(corpus, tmp_path, torchrun):
