@@ -175,6 +175,28 @@ def test_rules_applied_then_stripped_give_back_the_answer_and_its_gold():
         assert G.strip_rules(answer) == task.answer and S.gold_score(task, G.strip_rules(answer)) == 1.0
 
 
+def test_gatts_instructions_take_every_training_rule_set_as_often_as_the_others():
+    """balanced_instructions: half of one family, half of two; within each half every rule set of
+    the training part comes as often as the others, to one; no held-out pair; both forms."""
+    singles, pairs = G.rule_sets()
+    held = G.rule_sets(evaluation=True)[1]
+    assert len(singles) == 11 and len(pairs) == 30 and len(held) == 10
+    assert not {tuple(r.items()) for r in pairs} & {tuple(r.items()) for r in held}
+    rng = random.Random(0)
+    drawn_pairs = {tuple(r.items()) for r in (G.random_instruction(rng)[1] for _ in range(1000)) if len(r) == 2}
+    assert drawn_pairs == {tuple(r.items()) for r in pairs}      # random_instruction's training part
+    for n in (96, 7):
+        drawn = G.balanced_instructions(random.Random(n), n)
+        assert len(drawn) == n and sum(len(r) == 2 for _, r in drawn) == n // 2
+        for group in (singles, pairs):
+            counts = [sum(r == g for _, r in drawn) for g in group]
+            assert max(counts) - min(counts) <= 1, counts
+        for text, rules in drawn:
+            assert all(v in text for v in rules.values())
+    short = sum(t.startswith(("Language:", "Figure:", "Hobby:")) for t, _ in G.balanced_instructions(random.Random(0), 400))
+    assert 150 < short < 250
+
+
 def test_instructions_come_in_long_and_short_forms():
     rng = random.Random(0)
     texts = [G.random_instruction(rng)[0] for _ in range(400)]
