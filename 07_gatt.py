@@ -226,8 +226,8 @@ def balanced_instructions(rng: random.Random, n: int):
     """n instructions of the training part for GAtt's sampled dialogues, as random_instruction
     draws them (half of one family, half of two; half in the short form) but with every rule set
     as often as the others, to one. GAtt's data holds only ~100 instructions, each repeated in a
-    sample per turn; drawn at random, a few of the 30 pairs came 4-5 times and a third of them not
-    at all (a figure might meet no language), and after GAtt the model gave a held-out pair's
+    sample per turn; drawn at random, 6-10 of the 30 pairs never came in three seeds and a few
+    came 4-5 times (a figure might meet no language), and after GAtt the model gave a held-out pair's
     figure the one its language had come with: "Queen: Arr!" for a pirate King, which the step-1
     model had answered "King: Arr!" (README, chapter 07)."""
     out = []
