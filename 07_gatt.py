@@ -227,9 +227,9 @@ def balanced_instructions(rng: random.Random, n: int):
     draws them (half of one family, half of two; half in the short form) but with every rule set
     as often as the others, to one. GAtt's data holds only ~100 instructions, each repeated in a
     sample per turn; drawn at random, 6-10 of the 30 pairs never came in three seeds and a few
-    came 4-5 times (a figure might meet no language), and after GAtt the model gave a held-out pair's
-    figure the one its language had come with: "Queen: Arr!" for a pirate King, which the step-1
-    model had answered "King: Arr!" (README, chapter 07)."""
+    came 4-5 times (a figure might meet no language), and after GAtt the model named, for a
+    held-out pair, a figure that its language had come with: "Queen: Arr!" for a pirate King,
+    which the step-1 model had answered "King: Arr!" (README, chapter 07)."""
     out = []
     for group, k in zip(rule_sets(), ((n + 1) // 2, n // 2)):
         order = []
