@@ -278,7 +278,8 @@ def test_torchrun_runs_again_after_a_teardown_abort_only(tmp_path, torchrun):
         "if os.environ['RANK'] == '1' and (sys.argv[2] == 'always' or sys.argv[2] == 'once' and first):\n"
         "    sys.stderr.write('terminate called without an active exception\\n'); sys.stderr.flush(); os.abort()\n"
         "sys.exit(int(sys.argv[2] == 'fail'))\n")
-    (tmp_path / "once").mkdir(), (tmp_path / "always").mkdir(), (tmp_path / "fail").mkdir()
+    for how in ("once", "always", "fail"):
+        (tmp_path / how).mkdir()
     with pytest.warns(UserWarning, match="aborted at teardown"):
         torchrun(script, tmp_path / "once", "once", timeout=120)
     with pytest.raises(AssertionError), pytest.warns(UserWarning, match="aborted at teardown"):
