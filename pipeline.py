@@ -10,7 +10,8 @@ stages are not rerun unless named: say `--rerun 04 05 06 07` to redo everything 
 
 report.md shows each figure of ours with its 95% interval (a bootstrap over the evaluation
 prompts, within this run) and says, in words worked out from the intervals, whether each of the
-paper's effects is clear of its noise. How much another training seed moves a figure is another
+paper's effects is clear of its noise, and names the CPU, the kernels torch ran on it and the
+commit that made each stage. How much another training seed moves a figure is another
 question: --seeds N reruns the stochastic stages 04-07 with --seed 0 .. N-1 (seed 0 is the run
 itself, the chapters' default seed; seed K goes to RUN_DIR/seed-K, with links to the run's
 tokenizer and pretrained model: 01-03 are shared) and writes seeds.json and seeds.md: each
@@ -26,6 +27,7 @@ Run:
 (`bash run.sh` sets up the environment, then runs this.)
 """
 import argparse
+import functools
 import importlib
 import json
 import math
@@ -152,6 +154,51 @@ def run_stage(name, args, log):
         raise UserError(f"stage {name} ({script}) failed with exit code {code}; fix it and run again "
                         f"(finished stages are skipped)")
     return time.time() - t0
+
+
+@functools.lru_cache(maxsize=None)
+def machine(device: str = "auto") -> dict:
+    """What the stages run on, recorded beside each stage's wall time in pipeline.json and shown
+    in report.md. Another CPU sums floating-point numbers in another order (torch picks its kernels
+    by the CPU's instruction set, AVX2 or AVX-512), and every figure after 03 moves as with another
+    seed: a figure is read with the machine, the kernels and the commit that made it. device: the
+    pipeline's --device (a GPU is named if the stages use one)."""
+    import platform
+    import torch   # here, not at the top: the pipeline itself computes nothing
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    def git(*words):
+        try:
+            return subprocess.run(["git", *words], cwd=tok.REPO, capture_output=True, text=True,
+                                  timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    commit = git("rev-parse", "--short", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += " with local changes"
+    return dict(cpu=cpu, cpu_kernels=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads(),
+                gpu=torch.cuda.get_device_name(0) if (device == "auto" or device.startswith("cuda"))
+                and torch.cuda.is_available() else None, torch=torch.__version__, commit=commit)
+
+
+def machine_line(timings: dict) -> str:
+    """report.md's line on where the stages ran: each machine (pipeline.json's "machine") with its
+    stages; '' if pipeline.json records none (a run from before it did)."""
+    groups = {}
+    for name in sorted(timings):
+        m = timings[name].get("machine")
+        if m:
+            groups.setdefault(json.dumps(m, sort_keys=True), []).append(name)
+    def words(m):
+        return ", ".join([m["cpu"], f"{m['threads']} threads", f"CPU kernels {m['cpu_kernels']}"]
+                         + ([f"GPU {m['gpu']}"] if m.get("gpu") else []) + [f"torch {m['torch']}"]
+                         + ([f"commit {m['commit']}"] if m.get("commit") else []))
+    return "; ".join(f"{words(json.loads(m))} (stages {', '.join(names)})" for m, names in groups.items())
+
 
 # ----------------------------------------------------------------------------------------
 # report.md: one section per chapter, ours beside the paper's. Every number of ours is read
@@ -658,6 +705,8 @@ def write_report(run_dir: Path, timings: dict) -> Path:
            "## The paper's effects, seen here?", "", effects(run_dir), ""]
     if (run_dir / "seeds.md").is_file():
         out += ["The same effects in other training seeds: [seeds.md](seeds.md).", ""]
+    if machine_line(timings):
+        out += ["Ran on: " + machine_line(timings) + ".", ""]
     if timings:
         out += ["Stage wall times (this machine): " + ", ".join(
             f"{n} {t['wall_s']:.0f}s" for n, t in sorted(timings.items())) +
@@ -718,7 +767,8 @@ def run_seeds(args, rerun, log):
             if is_done(name, folder) and name not in rerun:
                 log(f"seed {seed}: {name} {STAGES[name][1]}: outputs present, skipped (--rerun {name} to redo it)")
                 continue
-            timings[name] = {"wall_s": run_stage(name, seed_args, log), "args": stage_args(name, seed_args)}
+            timings[name] = {"wall_s": run_stage(name, seed_args, log), "args": stage_args(name, seed_args),
+                             "machine": machine(args.device)}
             tok.write_json(timings_path, timings)
         write_report(folder, timings)
 
@@ -859,7 +909,8 @@ def main(argv=None):
             if is_done(name, args.run_dir) and name not in rerun:
                 log(f"{name} {STAGES[name][1]}: outputs present, skipped (--rerun {name} to redo it)")
                 continue
-            timings[name] = {"wall_s": run_stage(name, args, log), "args": stage_args(name, args)}
+            timings[name] = {"wall_s": run_stage(name, args, log), "args": stage_args(name, args),
+                             "machine": machine(args.device)}
             tok.write_json(timings_path, timings)
     if args.seeds:
         run_seeds(args, rerun, log)

@@ -2,6 +2,9 @@
 code path as `bash run.sh` (each chapter a subprocess, as a reader runs it), then report.md."""
 import importlib
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -38,6 +41,42 @@ def test_report_has_every_chapter_filled_in(smoke_run):
     assert "not run yet" not in report and "could not read" not in report
     for png in [f for _, _, outputs in pipeline.STAGES.values() for f in outputs if f.endswith(".png")]:
         assert f"({png})" in report, png   # every figure is shown
+
+
+def test_the_report_says_which_machine_kernels_and_commit_ran_each_stage(smoke_run):
+    run_dir, _ = smoke_run
+    import torch
+    recorded = json.loads((run_dir / "pipeline.json").read_text())
+    for name in pipeline.STAGES:
+        m = recorded[name]["machine"]
+        assert m["cpu_kernels"] == torch.backends.cpu.get_cpu_capability() and m["torch"] == torch.__version__
+        assert m["threads"] == torch.get_num_threads() and m["cpu"]
+    line = pipeline.machine_line(recorded)
+    assert line.endswith(f"(stages {', '.join(sorted(pipeline.STAGES))})")   # one machine ran them all
+    assert f"Ran on: {line}." in (run_dir / "report.md").read_text()
+
+
+def test_the_machine_line_groups_stages_by_machine_and_skips_older_runs():
+    a = dict(cpu="X", cpu_kernels="AVX512", threads=2, gpu=None, torch="2.13.0", commit="abc1234")
+    b = dict(a, cpu_kernels="AVX2")
+    line = pipeline.machine_line({"03": {"wall_s": 1, "machine": a}, "05": {"wall_s": 1, "machine": b},
+                                  "04": {"wall_s": 1, "machine": a}, "06": {"wall_s": 1}})
+    assert line == ("X, 2 threads, CPU kernels AVX512, torch 2.13.0, commit abc1234 (stages 03, 04); "
+                    "X, 2 threads, CPU kernels AVX2, torch 2.13.0, commit abc1234 (stages 05)")
+    assert pipeline.machine_line({"03": {"wall_s": 1}}) == ""   # pipeline.json from before it recorded machines
+
+
+def test_the_recorded_kernels_follow_what_torch_was_told_to_use():
+    """ATEN_CPU_CAPABILITY=avx2 makes torch run an AVX2-only CPU's kernels (README: another machine's
+    arithmetic on this one); the record must say so."""
+    import torch
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("not an x86 CPU with AVX2")
+    code = "import pipeline; print(pipeline.machine('cpu')['cpu_kernels'])"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=pipeline.tok.REPO, env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[-1] == "AVX2"
 
 
 def test_table30_rows_quote_the_paper_at_its_own_turns(smoke_run, tmp_path):
