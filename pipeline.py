@@ -820,14 +820,20 @@ def write_seeds(run_dir: Path, n: int) -> Path:
                  if j and isinstance(j.get("config"), dict)} for k in range(n)]
     odd = [f"{folders[k]}'s JSON files record --seed {', '.join(map(str, sorted(r, key=str)))}"
            for k, r in enumerate(recorded) if r - {k}]
+    # where each seed's stages ran (pipeline.json): another machine moves the figures as another seed does
+    ran = [machine_line({s: t for s, t in (load(seed_dir(run_dir, k), "pipeline.json") or {}).items()
+                         if s in SEEDED}) for k in range(n)]
+    where = ("" if not any(ran) else f" Stages 04-07 of every seed ran on: {ran[0]}." if len(set(ran)) == 1 else
+             " Where each seed's stages ran: "
+             + "; ".join(f"seed {k}: {r or 'not recorded'}" for k, r in enumerate(ran)) + ".")
     tok.write_json(run_dir / "seeds.json", dict(seeds=list(range(n)), folders=folders, effects=effects_out,
-                                                figures=figures_out))
+                                                figures=figures_out, machines=ran))
     text = [f"# Llama 2 from scratch: {n} training seeds of `{run_dir}`", "",
             f"Stages 04-07 with --seed 0 to {n - 1} (seed 0 is this folder, seed K is seed-K/); 01-03's "
             "tokenizer and pretrained model are shared. Each seed's figure comes with its 95% interval within "
             "that run (a bootstrap over its evaluation prompts, as in report.md); the mean and the range are "
             "over the seeds. An effect held in a seed when its difference's interval is clear of 0 on the "
-            "paper's side." + (f" **Note**: {'; '.join(odd)}." if odd else ""), "",
+            "paper's side." + where + (f" **Note**: {'; '.join(odd)}." if odd else ""), "",
             "## The paper's effects, seed by seed", "",
             table(["stage", "the paper's effect", *seeds, "mean", "range", "held in every seed?"], effect_rows)
             if effect_rows else "(no seed has run stages 04-07 yet)", "",

@@ -157,6 +157,10 @@ def test_seeds_rerun_the_stochastic_stages_and_tell_the_spread(smoke_run):
     ppo = next(e for e in seeds["effects"] if e["stage"] == "06")
     assert ppo["values"][1] is None and not ppo["held_in_every_seed"]   # seed 1 has not run 06
     assert "| seed 0 | seed 1 | mean | range | held in every seed? |" in (run_dir / "seeds.md").read_text()
+    # seed 1 ran 04 alone: its machine line names that stage, and the run's names every stochastic stage
+    assert seeds["machines"][1].endswith("(stages 04)")
+    assert seeds["machines"][0].endswith("(stages 04, 05, 06, 06h, 07)")
+    assert f"seed 1: {seeds['machines'][1]}" in (run_dir / "seeds.md").read_text()
     assert "seeds.md" in (run_dir / "report.md").read_text()
     assert "## 04 Supervised fine-tuning" in (folder / "report.md").read_text()
 
